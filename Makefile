@@ -1,0 +1,45 @@
+# Two commands do everything: `make reproduce` and `make test`.
+# Each creates the virtual environment in .venv when it is missing (every extra, so the smp adapters and the
+# notebooks are tested too), then runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gmmseg-installed
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+PROFILE ?= cpu
+
+.PHONY: env test lint pytest reproduce bench fashion-data clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[notebooks,zoo,dev]"
+	@touch $(STAMP)
+
+# Real Fashion-MNIST IDX files from Debian, when apt is there and the files are not.
+fashion-data:
+	@if [ ! -e "$(FASHION_DIR)" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+			|| echo "could not install dataset-fashion-mnist; the fashion tests will be skipped"; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gmmseg_core tests benchmarks
+
+pytest: $(STAMP) fashion-data
+	$(PY) -m pytest -q
+
+test: lint pytest
+
+reproduce: $(STAMP)
+	$(VENV)/bin/gmmseg reproduce --profile $(PROFILE)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
