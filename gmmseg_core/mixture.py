@@ -1,0 +1,808 @@
+r"""Diagonal-Gaussian mixture math on torch tensors.
+
+Everything here is plain ``torch`` (no ``torch.nn``), runs on any device and in float32 or float64.
+
+Log-likelihoods as matrix products
+----------------------------------
+For a component with mean :math:`\mu` and diagonal variance :math:`\sigma^2`,
+
+.. math::
+
+    \log \mathcal N(x; \mu, \sigma^2) = -\tfrac12 \Big[ D \log 2\pi + \sum_d \log \sigma_d^2
+        + \sum_d \frac{x_d^2}{\sigma_d^2} - 2 \sum_d \frac{x_d \mu_d}{\sigma_d^2}
+        + \sum_d \frac{\mu_d^2}{\sigma_d^2} \Big].
+
+Expanding the quadratic turns the ``(N, M)`` table of all samples against all components into two matrix
+products, ``x @ (mu / var)^T - x^2 @ (1 / (2 var))^T``, plus a per-component constant, so no ``(N, M, D)``
+tensor is ever formed (the cost is about twice that of one ``(N, D) @ (D, M)`` product). The expansion
+subtracts large, nearly equal numbers when the data sit far from the origin (``x^2 / var`` and
+``2 x mu / var`` are both huge when ``x`` is near ``mu`` and ``|mu|`` is large), which in float32 destroys
+the result. Both the data and the means are therefore shifted by the mean of the means first; the
+log-density is invariant to a common shift, and after it the cancelling terms are of the size of the spread
+of the components rather than their distance to the origin.
+
+Sinkhorn E-step
+---------------
+Sinkhorn EM replaces the E-step posterior by the solution of an entropic optimal-transport problem with
+equipartition: the responsibilities ``Q`` (``N x K``) maximise ``<Q, S> + epsilon * H(Q)`` for the scores
+``S = log N(x_i; mu_k, var_k)``, subject to every row summing to 1 (each sample is one unit of mass) and every
+column to ``N / K`` (each component receives an equal share). The solution has the form
+``Q = diag(u) exp(S / epsilon) diag(v)``, and the Sinkhorn-Knopp iterations alternate column and row
+rescaling. :func:`sinkhorn` keeps ``log u`` and ``log v`` and only exponentiates shifted quantities (a row
+softmax of ``S / epsilon + log v``), so any finite score is safe; the released GMMSeg code exponentiates
+``S / 0.05`` directly, which overflows for large scores. It ends every iteration with the row step, so the
+returned rows are exact distributions (responsibilities) and the columns carry the remaining error.
+With ``epsilon = 1`` and uniform weights this is the E-step of Sinkhorn EM (Mena et al., 2020); GMMSeg uses
+``epsilon = 0.05`` on normalised scores, which is close to a balanced hard assignment.
+
+M-step
+------
+:func:`estimate_diag_gaussian_parameters` computes the weighted counts, means and variances from
+responsibilities. The variances are computed about the means (``sum r (x - mu)^2 / n_k``), not as
+``E[x^2] - mu^2``, which would cancel catastrophically for components far from the origin. To keep this to
+matrix products, every sample is expressed about the centre of its most responsible component and the
+offsets between centres and means are added exactly (``_centred_moments``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+
+__all__ = [
+    "diag_gaussian_log_prob",
+    "sinkhorn",
+    "estimate_diag_gaussian_parameters",
+    "GaussianMixture",
+    "ConvergenceWarning",
+]
+
+try:  # scikit-learn is a dependency; keep the same warning class so filters written for it apply here
+    from sklearn.exceptions import ConvergenceWarning
+except ImportError:  # pragma: no cover - scikit-learn is installed with the package
+
+    class ConvergenceWarning(UserWarning):
+        """Raised when an iterative fit stops before its tolerance is reached."""
+
+
+_LOG_2PI = math.log(2.0 * math.pi)
+# Size (in elements) of the row blocks of the CPU paths: large enough for efficient products, small enough
+# to stay in cache and be reused by the allocator.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _check_tensor(name, value, ndim=None):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+
+
+def diag_gaussian_log_prob(x, means, variances):
+    r"""Log-density of every sample under every diagonal Gaussian.
+
+    Computed as two matrix products after centring (see the module docstring); never forms ``(N, M, D)``.
+    Differentiable in all three arguments, with a hand-written backward of matrix products; the forward
+    works on blocks of rows with one small buffer.
+
+    Parameters
+    ----------
+    x : Tensor, shape (N, D)
+        Samples.
+    means : Tensor, shape (M, D)
+        Component means.
+    variances : Tensor, shape (M, D)
+        Component variances (positive).
+
+    Returns
+    -------
+    Tensor, shape (N, M)
+        ``log N(x_n; means_m, diag(variances_m))``, in the promoted floating dtype of the inputs.
+    """
+    _check_tensor("x", x, 2)
+    _check_tensor("means", means, 2)
+    _check_tensor("variances", variances, 2)
+    if variances.shape != means.shape:
+        raise ValueError(
+            f"variances must have the shape of means {tuple(means.shape)}, got {tuple(variances.shape)}"
+        )
+    if x.shape[1] != means.shape[1]:
+        raise ValueError(
+            f"x and means must have the same number of features, got x {tuple(x.shape)} "
+            f"and means {tuple(means.shape)}"
+        )
+    dtype = torch.promote_types(torch.promote_types(x.dtype, means.dtype), variances.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    x, means, variances = x.to(dtype), means.to(dtype), variances.to(dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or means.requires_grad or variances.requires_grad):
+        return _DiagGaussianLogProb.apply(x, means, variances)
+    return _log_prob_table(x, means, variances)
+
+
+def _log_prob_table(x, means, variances):
+    """Forward of :func:`diag_gaussian_log_prob` on validated inputs of one dtype, without autograd."""
+    n_features = x.shape[1]
+    dtype = x.dtype
+    shift = means.mean(0)  # (D,) the log-density is shift invariant; this keeps the expansion small
+    mu = means - shift
+    precisions = variances.reciprocal()
+    mu_prec = mu * precisions
+    # (M,) everything that does not depend on x
+    const = -0.5 * (n_features * _LOG_2PI + variances.log().sum(1) + (mu * mu_prec).sum(1))
+    # Per block of rows, two (n, D+1) @ (D+1, M) products on one reused buffer. The trailing column of ones
+    # carries the constant (cheaper than a broadcast bias) and survives the in-place squaring. Blocks keep
+    # the buffer small: a fresh (N, D) temporary per call costs more in page faults than the products
+    # themselves on a CPU.
+    n_samples, n_comp = x.shape[0], means.shape[0]
+    lin = torch.cat([mu_prec.T, const.unsqueeze(0)], 0)  # (D+1, M)
+    quad = torch.cat([-0.5 * precisions.T, torch.zeros(1, n_comp, dtype=dtype, device=x.device)], 0)
+    out = torch.empty(n_samples, n_comp, dtype=dtype, device=x.device)
+    block = n_samples if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // (n_features + 1))
+    buf = torch.empty(min(block, n_samples), n_features + 1, dtype=dtype, device=x.device)
+    for start in range(0, n_samples, block):
+        stop = min(start + block, n_samples)
+        b = buf[: stop - start]
+        torch.sub(x[start:stop], shift, out=b[:, :n_features])
+        b[:, n_features] = 1.0
+        torch.mm(b, lin, out=out[start:stop])
+        out[start:stop].addmm_(b.square_(), quad)
+    return out
+
+
+class _DiagGaussianLogProb(torch.autograd.Function):
+    """Autograd wrapper: the blocked forward, and a backward made of matrix products.
+
+    With ``xc = x - s``, ``mc = mu - s`` (``s`` the mean of the means; the result does not depend on it, so
+    no gradient flows through it), ``p = 1 / var`` and ``G`` the incoming gradient (N, M)::
+
+        dx   = G @ (mc p) - xc * (G @ p)
+        dmu  = p * (G^T xc - mc * sum_n G)
+        dvar = p / 2 * (p * sum_n G (xc - mc)^2 - sum_n G)
+    """
+
+    @staticmethod
+    def forward(ctx, x, means, variances):
+        ctx.save_for_backward(x, means, variances)
+        return _log_prob_table(x, means, variances)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, means, variances = ctx.saved_tensors
+        shift = means.mean(0)
+        mc = means - shift
+        prec = variances.reciprocal()
+        xc = x - shift
+        grad_x = grad_means = grad_variances = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ (mc * prec) - xc * (grad @ prec)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            total = grad.sum(0).unsqueeze(1)  # (M, 1)
+            g_xc = grad.T @ xc  # (M, D)
+            if ctx.needs_input_grad[1]:
+                grad_means = prec * (g_xc - mc * total)
+            if ctx.needs_input_grad[2]:
+                g_sq = grad.T @ (xc * xc) - 2.0 * mc * g_xc + mc * mc * total
+                grad_variances = 0.5 * prec * (prec * g_sq - total)
+        return grad_x, grad_means, grad_variances
+
+
+def _floor(dtype):
+    # Far below any meaningful log-score yet finite after adding three of them together.
+    return torch.finfo(dtype).min / 16
+
+
+def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=None, return_errors=False):
+    r"""Log-domain Sinkhorn-Knopp with uniform marginals (equipartition over the columns).
+
+    Returns the entropic optimal-transport plan ``Q = diag(u) exp(log_scores / epsilon) diag(v)`` whose rows
+    sum to 1 and whose columns sum to ``n / K``, ``n`` being the number of valid rows. Each iteration
+    rescales the columns, then the rows, so the returned rows are exact probability distributions
+    (responsibilities) and the column marginals carry the remaining error. With enough iterations and the
+    same problem, ``Q / n`` equals the plan of ``ot.sinkhorn(a, b, M, reg, method="sinkhorn_log")`` for
+    ``a = 1/n``, ``b = 1/K``, ``M = -log_scores`` and ``reg = epsilon``.
+
+    Parameters
+    ----------
+    log_scores : Tensor, shape (N, K) or (B, N, K)
+        Scores, typically component log-likelihoods. Any finite values are safe: each row is shifted by its
+        maximum before the division by ``epsilon``, and only shifted quantities are exponentiated.
+    epsilon : float, default 0.05
+        Entropic regularisation; smaller is closer to a hard assignment.
+    n_iters : int, default 3
+        Number of (column, row) iterations; the maximum number when ``tol`` is given.
+    tol : float, optional
+        Stop as soon as the column-marginal error (see ``return_errors``) falls below ``tol``.
+    hard : bool, default False
+        Return the one-hot of each row's argmax of the plan instead of the plan.
+    mask : Tensor of bool, shape (N,) or (B, N), optional
+        Valid rows. Invalid (padding) rows get all zeros and do not count in ``n``.
+    return_errors : bool, default False
+        Also return the error after each iteration: the L2 norm of ``colsum(Q) / n - 1 / K`` (the same
+        quantity as POT's ``err`` for the normalised plan ``Q / n``), maximum over the batch.
+
+    Returns
+    -------
+    Q : Tensor, same shape and dtype as ``log_scores``
+        The plan (or its hard version).
+    errors : list of float
+        Only when ``return_errors`` is true.
+    """
+    _check_tensor("log_scores", log_scores, (2, 3))
+    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
+    if not (isinstance(n_iters, int) and not isinstance(n_iters, bool) and n_iters >= 1):
+        raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+        raise ValueError(f"tol must be None or a non-negative float, got {tol!r}")
+    batched = log_scores.dim() == 3
+    scores = log_scores if batched else log_scores.unsqueeze(0)
+    n_batch, n_rows, n_cols = scores.shape
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(log_scores.shape[:-1]):
+            raise ValueError(
+                f"mask must have shape {tuple(log_scores.shape[:-1])} (the rows of log_scores), "
+                f"got {tuple(mask.shape)}"
+            )
+        valid = (mask if batched else mask.unsqueeze(0)).to(device=scores.device, dtype=torch.bool)
+    else:
+        valid = torch.ones(n_batch, n_rows, dtype=torch.bool, device=scores.device)
+
+    out_dtype = log_scores.dtype
+    work_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
+    floor = _floor(work_dtype)
+    with torch.no_grad():
+        # Work in the (B, K, N) layout: the reductions over the K components then run across contiguous
+        # rows of N values, several times faster on a CPU than reductions over a trailing axis of size K.
+        s = scores.to(work_dtype).transpose(-1, -2).contiguous()  # (B, K, N)
+        row_max = s.amax(-2, keepdim=True)  # (B, 1, N)
+        logits = torch.nan_to_num((s - row_max) / epsilon, nan=floor, neginf=floor).clamp(min=floor)
+        neg_inf = torch.tensor(float("-inf"), dtype=work_dtype, device=s.device)
+        n_valid = valid.sum(1).to(work_dtype)  # (B,)
+        has_rows = (n_valid > 0).unsqueeze(-1)  # (B, 1)
+        n_safe = n_valid.clamp(min=1.0).unsqueeze(-1)  # (B, 1)
+        log_col_mass = (n_safe / n_cols).log()  # (B, 1)
+        # Start from the raw scores (row duals 0 up to one constant per problem), as POT and the released code
+        # do: the row maxima removed above come back as the initial row duals.
+        row_max = torch.where(valid, row_max.squeeze(-2), neg_inf)  # (B, N)
+        top = row_max.amax(1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)
+        log_u = torch.nan_to_num((row_max - top) / epsilon, nan=floor, neginf=floor).clamp(min=floor)
+        log_u = torch.where(valid, log_u, neg_inf)
+        col = torch.logsumexp(logits + log_u.unsqueeze(-2), dim=-1)  # (B, K), exact first column step
+        log_v = torch.where(has_rows, log_col_mass - col, 0.0)
+        row_weight = valid.unsqueeze(-2).to(work_dtype)  # (B, 1, N)
+        tiny = torch.finfo(work_dtype).tiny
+        errors = []
+        need_error = tol is not None or return_errors
+        for it in range(n_iters):
+            # Row step: with the row duals eliminated, the plan is a softmax over the components of
+            # logits + v. The next column step only needs its column sums: v <- v + log(n / K) - log(colsum),
+            # a plain sum rather than a logsumexp.
+            z = logits + log_v.unsqueeze(-1)  # (B, K, N)
+            plan = torch.softmax(z, dim=-2) * row_weight  # invalid rows 0
+            last = it == n_iters - 1
+            if last and not need_error:
+                break
+            colsum = plan.sum(-1)  # (B, K)
+            if need_error:
+                err = torch.linalg.vector_norm(colsum / n_safe - 1.0 / n_cols, dim=-1)
+                errors.append(float(torch.where(has_rows.squeeze(-1), err, 0.0).max()))
+                if last or (tol is not None and errors[-1] < tol):
+                    break
+            underflow = (colsum < tiny) & has_rows
+            if bool(underflow.any()):  # a column with (numerically) no mass: exact log-domain sum
+                log_plan = torch.log_softmax(z, dim=-2).masked_fill(~valid.unsqueeze(-2), float("-inf"))
+                log_c = torch.where(
+                    underflow, torch.logsumexp(log_plan, dim=-1), colsum.clamp(min=tiny).log()
+                )
+            else:
+                log_c = colsum.log()
+            log_v = torch.where(has_rows, log_v + log_col_mass - log_c, log_v)
+        if hard:
+            best = z.transpose(-1, -2).contiguous().argmax(-1)  # (B, N)
+            q = torch.nn.functional.one_hot(best, n_cols).to(work_dtype) * valid.unsqueeze(-1)
+        else:
+            q = plan.transpose(-1, -2).contiguous()
+        q = q.to(out_dtype)
+    if not batched:
+        q = q.squeeze(0)
+    return (q, errors) if return_errors else q
+
+
+def _centred_moments(x, resp, nk, centres):
+    r"""Weighted means (..., K, D) and ``sum_n r_nk (x_n - mu_k)^2`` (..., K, D), one pass over ``x``.
+
+    Each sample is expressed about the centre of its most responsible component, ``x_n = c_{l(n)} + e_n``.
+    With the responsibilities grouped by label, ``A_jk = sum_{l(n)=j} r_nk e_n`` and
+    ``C_jk = sum_{l(n)=j} r_nk``, and ``d_jk = c_j - mu_k``:
+
+    .. math::
+
+        \mu_k = \frac{1}{n_k} \sum_j (A_{jk} + C_{jk} c_j), \qquad
+        \sum_n r_{nk} (x_n - \mu_k)^2 = \sum_n r_{nk} e_n^2 + 2 \sum_j d_{jk} A_{jk}
+            + \sum_j C_{jk} d_{jk}^2 .
+
+    Exact for any centres; accurate (no large terms cancelling) when the centres lie near the samples of
+    their component, e.g. the previous means. All sums are matrix products over blocks of rows, and no
+    ``(..., N, K, D)`` tensor is formed.
+    """
+    n_samples, n_features = x.shape[-2:]
+    n_components = resp.shape[-1]
+    batch = x.shape[:-2]
+    row_elements = max(1, x[..., :1, :].numel() + resp[..., :1, :].numel() * n_components)
+    if x.device.type != "cpu" and n_samples * row_elements <= 1 << 27:
+        block = n_samples  # accelerators prefer few large kernels
+    else:
+        block = max(1, _BLOCK_ELEMENTS // row_elements)
+    own = torch.zeros_like(centres)  # (..., K, D): sum_n r_nk e_n^2
+    grouped = x.new_zeros(*batch, n_components * n_components, n_features)  # (..., J*K, D)
+    counts = x.new_zeros(*batch, n_components * n_components)  # (..., J*K)
+    for start in range(0, n_samples, block):
+        stop = min(start + block, n_samples)
+        r = resp[..., start:stop, :]  # (..., n, K)
+        label = r.argmax(-1, keepdim=True)  # (..., n, 1)
+        one_hot = torch.zeros_like(r).scatter_(-1, label, 1.0)  # (..., n, K)
+        xb = x[..., start:stop, :]
+        # e = x - c_{l(n)}; the product with a one-hot row is exact, and fuses the gather with the subtraction
+        e = torch.addmm(xb, one_hot, centres, alpha=-1) if xb.dim() == 2 else xb - one_hot @ centres
+        by_label = (one_hot.unsqueeze(-1) * r.unsqueeze(-2)).flatten(-2)  # (..., n, J*K)
+        grouped += by_label.transpose(-1, -2) @ e
+        counts += by_label.sum(-2)
+        own += r.transpose(-1, -2) @ e.square_()
+    grouped = grouped.unflatten(-2, (n_components, n_components))  # (..., J, K, D)
+    counts = counts.unflatten(-1, (n_components, n_components)).unsqueeze(-1)  # (..., J, K, 1)
+    means = (grouped + counts * centres.unsqueeze(-2)).sum(-3) / nk.unsqueeze(-1)
+    d = centres.unsqueeze(-2) - means.unsqueeze(-3)  # (..., J, K, D): c_j - mu_k
+    return means, own + (2.0 * d * grouped + counts * d * d).sum(-3)
+
+
+def estimate_diag_gaussian_parameters(x, resp, reg_covar=1e-6, mask=None, *, centres=None):
+    r"""M-step: weighted counts, means and centred diagonal variances.
+
+    Parameters
+    ----------
+    x : Tensor, shape (..., N, D)
+        Samples; leading batch dimensions (e.g. one per class) are allowed.
+    resp : Tensor, shape (..., N, K)
+        Non-negative responsibilities (rows usually sum to 1). Same leading dimensions as ``x``.
+    reg_covar : float, default 1e-6
+        Added to every variance.
+    mask : Tensor of bool, shape (..., N), optional
+        Valid rows; invalid rows (padding) contribute nothing, whatever ``x`` holds there.
+    centres : Tensor, shape (..., K, D) or (K, D), optional
+        Reference points near each component, typically the current means (keyword only). The result is
+        the same in exact arithmetic; they only set where the sums are expanded, and giving them saves one
+        pass over ``x``. Default: the weighted means themselves (two passes).
+
+    Returns
+    -------
+    nk : Tensor, shape (..., K)
+        Soft counts ``sum_n resp``, plus ``10 * eps`` so empty components stay finite.
+    means : Tensor, shape (..., K, D)
+        ``sum_n resp x / nk`` (an empty component gets mean 0).
+    variances : Tensor, shape (..., K, D)
+        ``sum_n resp (x - mean)^2 / nk + reg_covar``, computed about the means without an
+        ``(..., N, K, D)`` tensor: every sample is centred on its most responsible component's centre, and
+        the offsets between centres and means enter exactly (see ``_centred_moments``).
+    """
+    _check_tensor("x", x)
+    _check_tensor("resp", resp)
+    if x.dim() < 2 or resp.dim() != x.dim():
+        raise ValueError(
+            f"x (..., N, D) and resp (..., N, K) must have the same number (>= 2) of dimensions, "
+            f"got x {tuple(x.shape)} and resp {tuple(resp.shape)}"
+        )
+    if x.shape[:-1] != resp.shape[:-1]:
+        raise ValueError(
+            f"x and resp must agree on all but the last dimension, got x {tuple(x.shape)} "
+            f"and resp {tuple(resp.shape)}"
+        )
+    if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0):
+        raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
+    dtype = torch.promote_types(x.dtype, resp.dtype)
+    if not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    x, resp = x.to(dtype), resp.to(dtype)
+    if mask is not None:
+        _check_tensor("mask", mask)
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"mask must have shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
+        keep = mask.to(device=x.device, dtype=torch.bool).unsqueeze(-1)
+        x = torch.where(keep, x, 0.0)  # padding may hold anything, even NaN
+        resp = torch.where(keep, resp, 0.0)
+    nk = resp.sum(-2) + 10 * torch.finfo(dtype).eps  # (..., K)
+    if centres is None:  # a first pass for centres that sit inside their components
+        centres = (resp.transpose(-1, -2) @ x) / nk.unsqueeze(-1)
+    else:
+        _check_tensor("centres", centres)
+        shape = (*x.shape[:-2], resp.shape[-1], x.shape[-1])
+        if centres.shape[-2:] != shape[-2:] or centres.dim() > len(shape):
+            raise ValueError(f"centres must have shape {shape} or {shape[-2:]}, got {tuple(centres.shape)}")
+        centres = centres.to(device=x.device, dtype=dtype).expand(shape)
+    means, sq_dev = _centred_moments(x, resp, nk, centres)
+    variances = sq_dev / nk.unsqueeze(-1) + reg_covar
+    return nk, means, variances
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimator
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sq_distances(x, centers):
+    """Squared Euclidean distances (N, K) through one matrix product (x is expected roughly centred)."""
+    d2 = (x * x).sum(1, keepdim=True) - 2.0 * (x @ centers.T) + (centers * centers).sum(1)
+    return d2.clamp_(min=0.0)
+
+
+def _kmeans_plusplus(x, n_clusters, generator):
+    """Greedy k-means++ seeding (as scikit-learn's ``kmeans_plusplus``): returns centres (K, D)."""
+    n_samples = x.shape[0]
+    n_trials = 2 + int(math.log(n_clusters))
+    first = int(torch.randint(n_samples, (1,), generator=generator))
+    centers = [x[first]]
+    closest = _sq_distances(x, x[first : first + 1]).squeeze(1)  # (N,)
+    for _ in range(1, n_clusters):
+        total = closest.sum()
+        if float(total) <= 0:  # fewer distinct points than clusters: any point will do
+            probs = torch.full((n_samples,), 1.0 / n_samples, dtype=torch.float64)
+        else:
+            probs = (closest / total).to(device="cpu", dtype=torch.float64)
+        cand = torch.multinomial(probs, n_trials, replacement=True, generator=generator).to(x.device)
+        new_closest = torch.minimum(closest.unsqueeze(1), _sq_distances(x, x[cand]))  # (N, T)
+        best = int(new_closest.sum(0).argmin())
+        closest = new_closest[:, best]
+        centers.append(x[cand[best]])
+    return torch.stack(centers)
+
+
+def _lloyd(x, centers, n_steps):
+    """A few Lloyd iterations from ``centers``; returns the final labels (N,)."""
+    labels = _sq_distances(x, centers).argmin(1)
+    for _ in range(n_steps):
+        counts = torch.bincount(labels, minlength=centers.shape[0]).to(x.dtype)
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        centers = torch.where(counts.unsqueeze(1) > 0, sums / counts.clamp(min=1).unsqueeze(1), centers)
+        new_labels = _sq_distances(x, centers).argmin(1)
+        if torch.equal(new_labels, labels):
+            break
+        labels = new_labels
+    return labels
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+class GaussianMixture:
+    r"""Diagonal-covariance Gaussian mixture fitted by EM or Sinkhorn EM, scikit-learn style, on torch.
+
+    ``method="em"`` is classic EM with learned mixing weights (the same iteration and lower bound as
+    ``sklearn.mixture.GaussianMixture(covariance_type="diag")``). ``method="sinkhorn"`` is Sinkhorn EM:
+    the mixing weights are fixed to ``1 / K`` and the E-step responsibilities are the entropic optimal
+    transport plan of :func:`sinkhorn` (every component receives ``N / K`` of the mass).
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components ``K``.
+    method : {"sinkhorn", "em"}, default "sinkhorn"
+        E-step: equipartitioned Sinkhorn responsibilities with uniform weights, or the EM posterior with
+        learned weights.
+    max_iter : int, default 100
+        Maximum number of E/M iterations.
+    tol : float, default 1e-4
+        Convergence threshold on the change of the per-sample lower bound between iterations.
+    reg_covar : float, default 1e-6
+        Added to every variance.
+    init : {"kmeans++", "random"}, default "kmeans++"
+        ``"kmeans++"``: seeded k-means++ centres refined by a few Lloyd steps; ``"random"``: ``K`` distinct
+        samples drawn at random as centres. Either way the samples are assigned to the nearest centre and
+        the initial parameters are the M-step of that hard assignment (as scikit-learn does).
+    seed : int or None, default 0
+        Seed of the initialisation (a private ``torch.Generator``; the global RNG is untouched).
+    device : str or torch.device, optional
+        Where to fit. Default: the device of a tensor ``X``, the CPU for other inputs.
+    epsilon : float, default 1.0
+        Entropic regularisation of the Sinkhorn E-step. On raw log-likelihoods ``1.0`` gives the Sinkhorn
+        EM of Mena et al. (the EM posterior, rebalanced to equal component masses); smaller values sharpen
+        the responsibilities towards balanced hard assignments.
+    sinkhorn_iters : int, default 10
+        Sinkhorn iterations per E-step.
+    means_init, variances_init, precisions_init, weights_init : array-like, optional
+        Starting parameters, shapes (K, D), (K, D), (K, D), (K,). ``precisions_init`` is ``1 / variances``
+        (scikit-learn's convention for ``covariance_type="diag"``); give at most one of the two. Missing
+        ones come from ``init`` (without ``weights_init``, EM starts from the proportions of the initial
+        assignment, or from uniform weights when both means and variances are given). ``weights_init`` is
+        only used by ``method="em"``.
+    verbose : bool, default False
+        Show a tqdm progress bar with the lower bound.
+
+    Attributes
+    ----------
+    means_ : Tensor, shape (K, D)
+    variances_ : Tensor, shape (K, D)
+    weights_ : Tensor, shape (K,)
+        Learned for EM; ``1 / K`` (fixed) for Sinkhorn EM.
+    lower_bounds_ : list of float
+        One value per iteration: the mean log-likelihood ``mean_n log sum_k w_k N(x_n; mu_k, var_k)`` of
+        the training data under the parameters *entering* that iteration, computed in its E-step (the
+        quantity scikit-learn records for EM). For Sinkhorn EM ``w_k = 1 / K``. EM never decreases it;
+        Sinkhorn EM optimises a constrained objective and usually, but not provably, increases it.
+    lower_bound_ : float
+        The last entry of ``lower_bounds_``.
+    converged_ : bool
+        Whether the change of the lower bound fell below ``tol`` within ``max_iter`` iterations.
+    n_iter_ : int
+        Number of iterations run.
+
+    Notes
+    -----
+    Results (``predict``, ``score_samples``, ...) are torch tensors on the fitting device. ``float64``
+    input is fitted in float64, everything else in float32.
+    """
+
+    _METHODS = ("sinkhorn", "em")
+    _INITS = ("kmeans++", "random")
+
+    def __init__(
+        self,
+        n_components,
+        method="sinkhorn",
+        max_iter=100,
+        tol=1e-4,
+        reg_covar=1e-6,
+        init="kmeans++",
+        seed=0,
+        device=None,
+        epsilon=1.0,
+        sinkhorn_iters=10,
+        means_init=None,
+        variances_init=None,
+        precisions_init=None,
+        weights_init=None,
+        verbose=False,
+    ):
+        if not (_is_int(n_components) and n_components >= 1):
+            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        if method not in self._METHODS:
+            raise ValueError(f"method must be one of {self._METHODS}, got {method!r}")
+        if not (_is_int(max_iter) and max_iter >= 1):
+            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        if not (_is_real(tol) and tol >= 0):
+            raise ValueError(f"tol must be a non-negative float, got {tol!r}")
+        if not (_is_real(reg_covar) and reg_covar >= 0):
+            raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
+        if init not in self._INITS:
+            raise ValueError(f"init must be one of {self._INITS}, got {init!r}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        if not (_is_real(epsilon) and epsilon > 0):
+            raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
+        if not (_is_int(sinkhorn_iters) and sinkhorn_iters >= 1):
+            raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
+        if variances_init is not None and precisions_init is not None:
+            raise ValueError("give at most one of variances_init and precisions_init, got both")
+        self.n_components = int(n_components)
+        self.method = method
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.reg_covar = float(reg_covar)
+        self.init = init
+        self.seed = seed
+        self.device = device
+        self.epsilon = float(epsilon)
+        self.sinkhorn_iters = int(sinkhorn_iters)
+        self.means_init = means_init
+        self.variances_init = variances_init
+        self.precisions_init = precisions_init
+        self.weights_init = weights_init
+        self.verbose = verbose
+
+    def __repr__(self):
+        return (
+            f"GaussianMixture(n_components={self.n_components}, method={self.method!r}, "
+            f"max_iter={self.max_iter}, tol={self.tol}, reg_covar={self.reg_covar}, init={self.init!r})"
+        )
+
+    # -- data handling -------------------------------------------------------------------------------
+    def _to_tensor(self, X, dtype=None, device=None):
+        if isinstance(X, torch.Tensor):
+            t = X.detach()
+        else:
+            t = torch.as_tensor(np.asarray(X))
+        if dtype is None:
+            dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        if device is None:
+            device = self.device if self.device is not None else t.device
+        return t.to(device=device, dtype=dtype)
+
+    def _check_X(self, X, fitting=False):
+        if fitting:
+            t = self._to_tensor(X)
+        else:
+            self._check_fitted()
+            t = self._to_tensor(X, dtype=self.means_.dtype, device=self.means_.device)
+        if t.dim() != 2:
+            raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+        if fitting and t.shape[0] < self.n_components:
+            raise ValueError(
+                f"X must have at least n_components={self.n_components} samples, got {t.shape[0]}"
+            )
+        if not fitting and t.shape[1] != self.means_.shape[1]:
+            raise ValueError(
+                f"X has {t.shape[1]} features but the mixture was fitted with {self.means_.shape[1]}"
+            )
+        return t
+
+    def _check_fitted(self):
+        if not hasattr(self, "means_"):
+            raise RuntimeError("this GaussianMixture is not fitted yet; call fit(X) first")
+
+    def _init_param(self, value, name, shape, like):
+        t = self._to_tensor(value, dtype=like.dtype, device=like.device)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        return t
+
+    # -- fitting -------------------------------------------------------------------------------------
+    def _initial_labels(self, X):
+        generator = torch.Generator()
+        if self.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(self.seed)
+        xc = X - X.mean(0)
+        if self.init == "kmeans++":
+            centers = _kmeans_plusplus(xc, self.n_components, generator)
+            return _lloyd(xc, centers, n_steps=10)
+        idx = torch.randperm(X.shape[0], generator=generator)[: self.n_components].to(X.device)
+        return _sq_distances(xc, xc[idx]).argmin(1)
+
+    def _initialize(self, X):
+        n_features = X.shape[1]
+        shape = (self.n_components, n_features)
+        uniform = torch.full((self.n_components,), 1.0 / self.n_components, dtype=X.dtype, device=X.device)
+        weights = uniform  # when only means and variances are given
+        if self.means_init is None or (self.variances_init is None and self.precisions_init is None):
+            labels = self._initial_labels(X)
+            resp = torch.nn.functional.one_hot(labels, self.n_components).to(X.dtype)
+            nk, means, variances = estimate_diag_gaussian_parameters(X, resp, self.reg_covar)
+            weights = nk / nk.sum()
+        if self.means_init is not None:
+            means = self._init_param(self.means_init, "means_init", shape, X)
+        if self.variances_init is not None:
+            variances = self._init_param(self.variances_init, "variances_init", shape, X)
+        elif self.precisions_init is not None:
+            variances = self._init_param(self.precisions_init, "precisions_init", shape, X).reciprocal()
+        if self.weights_init is not None:
+            weights = self._init_param(self.weights_init, "weights_init", (self.n_components,), X)
+            weights = weights / weights.sum()
+        if self.method == "sinkhorn":
+            weights = uniform
+        return means, variances, weights
+
+    def _e_step(self, X, means, variances, weights):
+        """Return (per-sample log p(x) (N,), responsibilities (N, K))."""
+        log_prob = diag_gaussian_log_prob(X, means, variances)  # (N, K)
+        weighted = log_prob + weights.log()
+        log_norm = torch.logsumexp(weighted, dim=1)
+        if self.method == "em":
+            resp = torch.exp(weighted - log_norm.unsqueeze(1))
+        else:
+            resp = sinkhorn(log_prob, epsilon=self.epsilon, n_iters=self.sinkhorn_iters)
+        return log_norm, resp
+
+    def fit(self, X, y=None):
+        """Fit the mixture to ``X``.
+
+        Parameters
+        ----------
+        X : Tensor or array-like, shape (N, D)
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        X = self._check_X(X, fitting=True)
+        with torch.no_grad():
+            means, variances, weights = self._initialize(X)
+            lower_bound = -math.inf
+            self.lower_bounds_ = []
+            self.converged_ = False
+            iterations = range(1, self.max_iter + 1)
+            if self.verbose:
+                from tqdm.auto import tqdm
+
+                iterations = tqdm(iterations, desc=f"GaussianMixture({self.method})")
+            n_iter = 0
+            for _ in iterations:
+                n_iter += 1
+                prev_lower_bound = lower_bound
+                log_norm, resp = self._e_step(X, means, variances, weights)
+                nk, means, variances = estimate_diag_gaussian_parameters(
+                    X, resp, self.reg_covar, centres=means
+                )
+                if self.method == "em":
+                    weights = nk / nk.sum()
+                lower_bound = float(log_norm.mean())
+                self.lower_bounds_.append(lower_bound)
+                if self.verbose:
+                    iterations.set_postfix(lower_bound=f"{lower_bound:.5f}")
+                if abs(lower_bound - prev_lower_bound) < self.tol:
+                    self.converged_ = True
+                    break
+            if self.verbose:
+                iterations.close()
+        self.means_, self.variances_, self.weights_ = means, variances, weights
+        self.lower_bound_ = lower_bound
+        self.n_iter_ = n_iter
+        self.n_features_in_ = X.shape[1]
+        if not self.converged_:
+            warnings.warn(
+                f"GaussianMixture(method={self.method!r}) did not converge in max_iter={self.max_iter} "
+                f"iterations (last lower-bound change {lower_bound - prev_lower_bound:.3g}, "
+                f"tol={self.tol}); "
+                "increase max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    # -- inference -----------------------------------------------------------------------------------
+    def _weighted_log_prob(self, X):
+        X = self._check_X(X)
+        with torch.no_grad():
+            return diag_gaussian_log_prob(X, self.means_, self.variances_) + self.weights_.log()
+
+    def score_samples(self, X):
+        """Log-density ``log p(x)`` of each sample.
+
+        Parameters
+        ----------
+        X : Tensor or array-like, shape (N, D)
+
+        Returns
+        -------
+        Tensor, shape (N,)
+        """
+        return torch.logsumexp(self._weighted_log_prob(X), dim=1)
+
+    def score(self, X, y=None):
+        """Mean log-density per sample (float)."""
+        return float(self.score_samples(X).mean())
+
+    def predict_proba(self, X):
+        """Posterior component probabilities ``p(k | x)`` under the fitted weights.
+
+        For Sinkhorn EM this is the per-sample Bayes posterior with uniform weights (the transport plan
+        couples samples and is only used while fitting).
+
+        Parameters
+        ----------
+        X : Tensor or array-like, shape (N, D)
+
+        Returns
+        -------
+        Tensor, shape (N, K)
+        """
+        return torch.softmax(self._weighted_log_prob(X), dim=1)
+
+    def predict(self, X):
+        """Most probable component of each sample: Tensor (N,) of int64."""
+        return self._weighted_log_prob(X).argmax(1)
+
+    def fit_predict(self, X, y=None):
+        """``fit(X)`` then ``predict(X)``."""
+        return self.fit(X).predict(X)

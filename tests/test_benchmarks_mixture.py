@@ -1,0 +1,38 @@
+"""Smoke tests: the mixture benchmarks' --quick paths run in-process (without touching RESULTS.md)."""
+
+
+import pytest
+import torch
+
+from benchmarks import bench_gmm_fit, bench_loglik
+
+
+def test_bench_loglik_quick(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_loglik, "RESULTS", tmp_path / "RESULTS.md")
+    (res,) = bench_loglik.main(["--quick", "--no-write"])
+    assert set(res["times_ms"]) == {"matmul", "ours", "ours+grad", "broadcast"}
+    assert res["max_abs_err_ours"] < 1e-3
+    assert torch.get_num_threads() == 1  # the benchmark restores the caller's thread count
+    assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_bench_gmm_fit_quick():
+    (res,) = bench_gmm_fit.main(["--quick", "--no-write"])
+    rows = res["rows"]
+    sk, ours = rows["sklearn (float64)"], rows["ours em (float64)"]
+    assert sk["n_iter"] == ours["n_iter"]  # same start, same trajectory
+    assert ours["heldout_ll"] == pytest.approx(sk["heldout_ll"], abs=1e-6)
+
+
+def test_write_section_replaces_only_its_own(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(
+        "# Benchmark results\n\nintro\n\n## other\n\nkeep me\n\n"
+        "## bench_loglik\n\nold\n\n## last\n\nkeep too\n"
+    )
+    bench_loglik.write_section("bench_loglik", "new body", path)
+    text = path.read_text()
+    assert "old" not in text and "new body" in text
+    assert "keep me" in text and "keep too" in text and text.index("keep me") < text.index("new body")
+    bench_loglik.write_section("bench_gmm_fit", "appended", path)
+    assert path.read_text().rstrip().endswith("appended")

@@ -1,0 +1,502 @@
+"""Tests of gmmseg_core.mixture against independent references (torch.distributions, POT, scikit-learn)."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from gmmseg_core.mixture import (
+    ConvergenceWarning,
+    GaussianMixture,
+    diag_gaussian_log_prob,
+    estimate_diag_gaussian_parameters,
+    sinkhorn,
+)
+
+
+def _broadcast_log_prob(x, means, variances):
+    """Float64 reference through the (N, M, D) broadcast."""
+    x, means, variances = x.double(), means.double(), variances.double()
+    diff = x[:, None, :] - means[None]
+    return -0.5 * (math.log(2 * math.pi) * x.shape[1] + variances.log().sum(1) + (diff**2 / variances).sum(2))
+
+
+def _random_params(n_comp, n_feat, dtype=torch.float64, offset=0.0):
+    means = torch.randn(n_comp, n_feat, dtype=dtype) * 2 + offset
+    variances = torch.rand(n_comp, n_feat, dtype=dtype) * 2 + 0.1
+    return means, variances
+
+
+def _mixture_data(rng, n_per, means, std=1.0):
+    return np.concatenate([rng.normal(size=(n_per, means.shape[1])) * std + m for m in means])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# diag_gaussian_log_prob
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_prob_matches_torch_distributions(dtype):
+    means, variances = _random_params(7, 5, dtype)
+    x = torch.randn(300, 5, dtype=dtype) * 3
+    ours = diag_gaussian_log_prob(x, means, variances)
+    dist = torch.distributions.Independent(torch.distributions.Normal(means, variances.sqrt()), 1)
+    ref = dist.log_prob(x[:, None, :])
+    assert ours.shape == (300, 7) and ours.dtype == dtype
+    tol = 1e-10 if dtype == torch.float64 else 1e-3
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+
+
+def test_log_prob_matches_broadcast_reference_in_float64():
+    means, variances = _random_params(11, 16)
+    x = torch.randn(500, 16, dtype=torch.float64) * 2 + 1
+    torch.testing.assert_close(
+        diag_gaussian_log_prob(x, means, variances),
+        _broadcast_log_prob(x, means, variances),
+        atol=1e-9,
+        rtol=0,
+    )
+
+
+def test_log_prob_far_from_origin_float32_matches_float64():
+    means, variances = _random_params(6, 32, offset=100.0)
+    x = (
+        means[torch.randint(6, (2000,))]
+        + torch.randn(2000, 32, dtype=torch.float64) * variances.sqrt().mean()
+    )
+    ref = _broadcast_log_prob(x, means, variances)
+    ours = diag_gaussian_log_prob(x.float(), means.float(), variances.float())
+    assert (ours.double() - ref).abs().max() < 1e-3
+    # The same expansion without centring is what fails: the check above can tell the two apart.
+    xf, mf, pf = x.float(), means.float(), variances.float().reciprocal()
+    naive = (
+        -0.5 * (xf * xf) @ pf.T
+        + xf @ (mf * pf).T
+        - 0.5 * (mf * mf * pf).sum(1)
+        - 0.5 * (32 * math.log(2 * math.pi) + variances.float().log().sum(1))
+    )
+    assert (naive.double() - ref).abs().max() > 1e-2
+
+
+def test_log_prob_blocks_and_grad_path_agree():
+    # more rows than one CPU block, so the blocked loop runs several times
+    means, variances = _random_params(4, 8, torch.float32)
+    x = torch.randn(40_000, 8)
+    fast = diag_gaussian_log_prob(x, means, variances)
+    xg = x.clone().requires_grad_(True)
+    slow = diag_gaussian_log_prob(xg, means, variances)
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-4, rtol=1e-5)
+    # gradient against torch.distributions
+    xs = x[:50].double().requires_grad_(True)
+    diag_gaussian_log_prob(xs, means.double(), variances.double()).sum().backward()
+    xr = x[:50].double().requires_grad_(True)
+    dist = torch.distributions.Independent(
+        torch.distributions.Normal(means.double(), variances.double().sqrt()), 1
+    )
+    dist.log_prob(xr[:, None, :]).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
+
+
+def test_log_prob_backward_passes_gradcheck():
+    x = (torch.randn(7, 3, dtype=torch.float64) + 5).requires_grad_(True)
+    means = (torch.randn(4, 3, dtype=torch.float64) + 5).requires_grad_(True)
+    variances = (torch.rand(4, 3, dtype=torch.float64) + 0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(diag_gaussian_log_prob, (x, means, variances))
+    # and agrees with autograd through the broadcast reference, also with respect to one input only
+    weights = torch.randn(7, 4, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        (diag_gaussian_log_prob(x, means, variances) * weights).sum(), (x, means, variances)
+    )
+    ref = torch.autograd.grad(
+        (_broadcast_log_prob(x, means, variances) * weights).sum(), (x, means, variances)
+    )
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+    (gx,) = torch.autograd.grad(diag_gaussian_log_prob(x, means.detach(), variances.detach()).sum(), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(_broadcast_log_prob(x, means, variances).sum(), x)[0])
+
+
+def test_log_prob_shape_errors():
+    means, variances = _random_params(3, 4)
+    with pytest.raises(ValueError, match=r"x must have 2 dimensions, got shape \(5,\)"):
+        diag_gaussian_log_prob(torch.zeros(5, dtype=torch.float64), means, variances)
+    with pytest.raises(ValueError, match=r"same number of features.*\(5, 3\).*\(3, 4\)"):
+        diag_gaussian_log_prob(torch.zeros(5, 3, dtype=torch.float64), means, variances)
+    with pytest.raises(ValueError, match=r"variances must have the shape of means \(3, 4\), got \(3, 5\)"):
+        diag_gaussian_log_prob(torch.zeros(5, 4), means, torch.ones(3, 5))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got ndarray"):
+        diag_gaussian_log_prob(np.zeros((5, 4)), means, variances)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sinkhorn
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_sinkhorn_marginals_hold():
+    scores = torch.randn(60, 4, dtype=torch.float64) * 2
+    q, errors = sinkhorn(scores, epsilon=1.0, n_iters=500, tol=1e-12, return_errors=True)
+    assert len(errors) < 500 and errors[-1] < 1e-12
+    torch.testing.assert_close(q.sum(1), torch.ones(60, dtype=torch.float64))
+    torch.testing.assert_close(q.sum(0), torch.full((4,), 15.0, dtype=torch.float64))
+    assert (q >= 0).all()
+
+
+def test_sinkhorn_few_iterations_rows_exact_columns_approximate():
+    scores = torch.randn(40, 5) * 3
+    q, errors = sinkhorn(scores, epsilon=0.5, n_iters=3, return_errors=True)
+    assert len(errors) == 3
+    torch.testing.assert_close(q.sum(1), torch.ones(40))  # rows are normalised last
+    col_err = torch.linalg.vector_norm(q.sum(0) / 40 - 1 / 5).item()
+    assert col_err == pytest.approx(errors[-1], rel=1e-4)
+    assert errors[-1] < errors[0]
+
+
+def test_sinkhorn_batched_with_mask():
+    scores = torch.randn(3, 12, 4, dtype=torch.float64)
+    lengths = torch.tensor([12, 8, 0])
+    mask = torch.arange(12)[None] < lengths[:, None]
+    scores[~mask] = 1e30  # padding must not matter, whatever it holds
+    q = sinkhorn(scores, epsilon=1.0, n_iters=300, tol=1e-12, mask=mask)
+    assert torch.isfinite(q).all()
+    assert (q[~mask] == 0).all()
+    torch.testing.assert_close(q.sum(-1), mask.double())
+    torch.testing.assert_close(q.sum(1), lengths[:, None].double().expand(3, 4) / 4)
+    # each batch element equals the unbatched problem on its valid rows
+    torch.testing.assert_close(q[1, :8], sinkhorn(scores[1, :8], epsilon=1.0, n_iters=300, tol=1e-12))
+    single = sinkhorn(scores[1], epsilon=1.0, n_iters=300, tol=1e-12, mask=mask[1])
+    torch.testing.assert_close(single, q[1])
+
+
+@pytest.mark.parametrize("n_iters", [1, 2, 5])
+def test_sinkhorn_equals_pot_at_fixed_iterations(n_iters):
+    ot = pytest.importorskip("ot")
+    scores = torch.randn(30, 4, dtype=torch.float64) * 3
+    n, k = scores.shape
+    a, b = np.full(n, 1 / n), np.full(k, 1 / k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = ot.sinkhorn(a, b, -scores.numpy(), 0.7, method="sinkhorn_log", numItermax=n_iters, stopThr=0)
+    np.testing.assert_allclose(sinkhorn(scores, epsilon=0.7, n_iters=n_iters).numpy() / n, plan, atol=1e-14)
+
+
+def test_sinkhorn_equals_pot_at_convergence():
+    ot = pytest.importorskip("ot")
+    scores = torch.randn(50, 6, dtype=torch.float64) * 4
+    n, k = scores.shape
+    plan, log = ot.sinkhorn(
+        np.full(n, 1 / n),
+        np.full(k, 1 / k),
+        -scores.numpy(),
+        0.3,
+        method="sinkhorn_log",
+        stopThr=1e-13,
+        numItermax=100_000,
+        log=True,
+    )
+    q = sinkhorn(scores, epsilon=0.3, n_iters=100_000, tol=1e-13)
+    np.testing.assert_allclose(q.numpy() / n, plan, atol=1e-12)
+    assert log["err"][-1] < 1e-13
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_sinkhorn_huge_scores_stay_finite(dtype):
+    big = torch.finfo(dtype).max
+    scores = torch.tensor(
+        [[1e6, -1e6, 0.0], [0.0, 1e6, -1e6], [-1e6, 0.0, 1e6], [big, -big, big / 2], [-big, -big, -big]]
+    ).to(dtype)
+    for eps in (0.05, 1e-3):
+        q, errors = sinkhorn(scores, epsilon=eps, n_iters=20, return_errors=True)
+        assert q.dtype == dtype
+        assert torch.isfinite(q).all() and all(math.isfinite(e) for e in errors)
+        torch.testing.assert_close(q.float().sum(1), torch.ones(5), atol=1e-2, rtol=0)
+    batched = sinkhorn(
+        scores[None].expand(2, 5, 3), hard=True, mask=torch.tensor([[1, 1, 1, 1, 1], [1, 0, 1, 0, 1]]).bool()
+    )
+    assert torch.isfinite(batched).all()
+
+
+def test_sinkhorn_column_without_mass_recovers():
+    # component 2 is hopeless for every row: its column sum underflows, yet equipartition must hold
+    scores = torch.randn(30, 3, dtype=torch.float64)
+    scores[:, 2] -= 1000.0
+    q = sinkhorn(scores, epsilon=0.5, n_iters=1000, tol=1e-10)  # exp(-1000 / 0.5) underflows
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(0), torch.full((3,), 10.0, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_hard_is_one_hot_argmax_of_plan():
+    scores = torch.randn(2, 25, 4)
+    mask = torch.ones(2, 25, dtype=torch.bool)
+    mask[1, 20:] = False
+    soft = sinkhorn(scores, epsilon=0.1, n_iters=3, mask=mask)
+    hard = sinkhorn(scores, epsilon=0.1, n_iters=3, mask=mask, hard=True)
+    assert set(hard.unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(hard.sum(-1), mask.float())
+    assert torch.equal(hard[mask].argmax(-1), soft[mask].argmax(-1))
+    # the plan's argmax is not the scores' argmax in general (equipartition moves rows)
+    skewed = torch.zeros(20, 2)
+    skewed[:, 0] = torch.linspace(1, 2, 20)
+    assert sinkhorn(skewed, epsilon=0.1, n_iters=50, hard=True).sum(0).tolist() == [10.0, 10.0]
+
+
+def test_sinkhorn_errors_and_validation():
+    with pytest.raises(ValueError, match="epsilon must be a positive float, got 0"):
+        sinkhorn(torch.zeros(3, 2), epsilon=0)
+    with pytest.raises(ValueError, match="n_iters must be a positive int, got 0"):
+        sinkhorn(torch.zeros(3, 2), n_iters=0)
+    with pytest.raises(ValueError, match=r"log_scores must have \(2, 3\) dimensions, got shape \(3,\)"):
+        sinkhorn(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\).*got \(3,\)"):
+        sinkhorn(torch.zeros(2, 3, 4), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="tol must be None or a non-negative float, got -1"):
+        sinkhorn(torch.zeros(3, 2), tol=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# estimate_diag_gaussian_parameters
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_m_step_matches_broadcast_reference_batched_and_masked():
+    x = torch.randn(3, 200, 5, dtype=torch.float64) * 2 + 3
+    resp = torch.softmax(torch.randn(3, 200, 4, dtype=torch.float64) * 2, -1)
+    mask = torch.rand(3, 200) < 0.7
+    x_pad = x.clone()
+    x_pad[~mask] = float("nan")  # padding may hold anything
+    nk, means, variances = estimate_diag_gaussian_parameters(x_pad, resp, reg_covar=1e-3, mask=mask)
+    r = resp * mask[..., None]
+    nk_ref = r.sum(1)
+    means_ref = torch.einsum("bnk,bnd->bkd", r, x) / nk_ref[..., None]
+    var_ref = (r[..., None] * (x[:, :, None] - means_ref[:, None]) ** 2).sum(1) / nk_ref[..., None] + 1e-3
+    assert nk.shape == (3, 4) and means.shape == variances.shape == (3, 4, 5)
+    torch.testing.assert_close(nk, nk_ref)
+    torch.testing.assert_close(means, means_ref)
+    torch.testing.assert_close(variances, var_ref)
+
+
+def test_m_step_variances_are_centred_in_float32():
+    # tight components far from the origin: E[x^2] - mu^2 would lose every digit in float32
+    x = torch.randn(4000, 3, dtype=torch.float64) * 0.01 + 1000.0
+    resp = torch.softmax(torch.randn(4000, 2, dtype=torch.float64), -1)
+    _, _, ref = estimate_diag_gaussian_parameters(x, resp, reg_covar=0.0)
+    _, _, ours = estimate_diag_gaussian_parameters(x.float(), resp.float(), reg_covar=0.0)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=0)
+    r, xf = resp.float(), x.float()
+    nk = r.sum(0)[:, None]
+    uncentred = (r.T @ xf**2) / nk - ((r.T @ xf) / nk) ** 2
+    assert ((uncentred.double() - ref).abs() / ref).max() > 0.1
+
+
+def test_m_step_empty_component_stays_finite():
+    x = torch.randn(50, 3)
+    resp = torch.zeros(50, 3)
+    resp[:, 0] = 1.0
+    nk, means, variances = estimate_diag_gaussian_parameters(x, resp, reg_covar=1e-6)
+    assert torch.isfinite(nk).all() and torch.isfinite(means).all() and torch.isfinite(variances).all()
+    assert nk[1] > 0 and torch.allclose(variances[1], torch.full((3,), 1e-6))
+    torch.testing.assert_close(means[0], x.mean(0))
+
+
+def test_m_step_validation():
+    with pytest.raises(ValueError, match=r"agree on all but the last dimension"):
+        estimate_diag_gaussian_parameters(torch.zeros(5, 2), torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"same number \(>= 2\) of dimensions"):
+        estimate_diag_gaussian_parameters(torch.zeros(2, 5, 2), torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="reg_covar must be a non-negative float, got -1"):
+        estimate_diag_gaussian_parameters(torch.zeros(5, 2), torch.zeros(5, 3), reg_covar=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GaussianMixture
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _overlapping_data(rng, n=600, k=3, d=4, spread=2.0):
+    centres = rng.normal(size=(k, d)) * spread
+    return _mixture_data(rng, n // k, centres), centres
+
+
+def test_em_follows_sklearn_lower_bound_trajectory(rng):
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    X, _ = _overlapping_data(rng)
+    k, n_iter = 3, 15
+    means0 = X[rng.choice(len(X), k, replace=False)]
+    precisions0 = 1.0 / (rng.uniform(0.5, 2.0, size=(k, X.shape[1])))
+    weights0 = np.array([0.2, 0.3, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = SkGaussianMixture(
+            k,
+            covariance_type="diag",
+            means_init=means0,
+            precisions_init=precisions0,
+            weights_init=weights0,
+            reg_covar=1e-4,
+            tol=0,
+            max_iter=n_iter,
+        ).fit(X)
+        ours = GaussianMixture(
+            k,
+            method="em",
+            means_init=means0,
+            precisions_init=precisions0,
+            weights_init=weights0,
+            reg_covar=1e-4,
+            tol=0,
+            max_iter=n_iter,
+        ).fit(X)
+    assert len(sk.lower_bounds_) == len(ours.lower_bounds_) == n_iter
+    np.testing.assert_allclose(ours.lower_bounds_, sk.lower_bounds_, atol=1e-6, rtol=0)
+    assert ours.means_.dtype == torch.float64
+    np.testing.assert_allclose(ours.means_.numpy(), sk.means_, atol=1e-6)
+    np.testing.assert_allclose(ours.variances_.numpy(), sk.covariances_, atol=1e-6)
+    np.testing.assert_allclose(ours.weights_.numpy(), sk.weights_, atol=1e-6)
+    np.testing.assert_allclose(ours.score_samples(X).numpy(), sk.score_samples(X), atol=1e-6)
+
+
+def test_em_lower_bound_never_decreases(rng):
+    X, _ = _overlapping_data(rng, spread=1.0)
+    gm = GaussianMixture(4, method="em", init="random", tol=1e-8, max_iter=200, seed=3).fit(X)
+    lb = np.array(gm.lower_bounds_)
+    assert len(lb) > 5
+    assert (np.diff(lb) >= -1e-10).all()
+
+
+def test_sinkhorn_em_recovers_equal_weight_mixture(rng):
+    centres = np.array([[0.0, 0.0, 0.0], [6.0, 0.0, 1.0], [0.0, 6.0, -1.0], [5.0, 5.0, 5.0]])
+    X = _mixture_data(rng, 400, centres, std=1.0)
+    gm = GaussianMixture(4, method="sinkhorn", seed=1).fit(X)
+    assert gm.converged_
+    means = gm.means_.numpy()
+    cost = ((means[:, None] - centres[None]) ** 2).sum(-1)
+    rows, cols = linear_sum_assignment(cost)
+    assert np.sqrt(cost[rows, cols]).max() < 0.2
+    np.testing.assert_allclose(gm.variances_.numpy(), 1.0, atol=0.2)
+    torch.testing.assert_close(gm.weights_, torch.full((4,), 0.25, dtype=torch.float64))
+    # the recorded lower bound is the mean log p(x) with uniform weights under the parameters entering the
+    # last iteration: one more E-step's worth away from the score of the final parameters
+    assert gm.score(X) == pytest.approx(gm.lower_bounds_[-1], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_components": 0}, "n_components must be a positive int, got 0"),
+        ({"n_components": 2.5}, "n_components must be a positive int, got 2.5"),
+        ({"method": "gibbs"}, r"method must be one of \('sinkhorn', 'em'\), got 'gibbs'"),
+        ({"max_iter": 0}, "max_iter must be a positive int, got 0"),
+        ({"tol": -1.0}, "tol must be a non-negative float, got -1.0"),
+        ({"reg_covar": -1e-3}, "reg_covar must be a non-negative float, got -0.001"),
+        ({"init": "kmeans"}, r"init must be one of \('kmeans\+\+', 'random'\), got 'kmeans'"),
+        ({"epsilon": 0}, "epsilon must be a positive float, got 0"),
+        ({"sinkhorn_iters": 0}, "sinkhorn_iters must be a positive int, got 0"),
+        ({"seed": "a"}, "seed must be an int or None, got 'a'"),
+    ],
+)
+def test_parameter_errors_name_parameter_and_value(kwargs, message):
+    params = {"n_components": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        GaussianMixture(**params)
+
+
+def test_data_errors():
+    with pytest.raises(ValueError, match="at least n_components=5 samples, got 3"):
+        GaussianMixture(5).fit(np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"X must be 2-D \(n_samples, n_features\), got shape \(10,\)"):
+        GaussianMixture(2).fit(np.zeros(10))
+    with pytest.raises(ValueError, match=r"means_init must have shape \(2, 3\), got \(3, 3\)"):
+        GaussianMixture(2, means_init=np.zeros((3, 3))).fit(np.random.default_rng(0).normal(size=(20, 3)))
+    with pytest.raises(ValueError, match="at most one of variances_init and precisions_init"):
+        GaussianMixture(2, variances_init=np.ones((2, 3)), precisions_init=np.ones((2, 3)))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        GaussianMixture(2).predict(np.zeros((3, 2)))
+    gm = GaussianMixture(2).fit(np.random.default_rng(0).normal(size=(20, 3)))
+    with pytest.raises(ValueError, match="X has 2 features but the mixture was fitted with 3"):
+        gm.score_samples(np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_numpy_and_tensor_inputs_agree(rng, method):
+    X, _ = _overlapping_data(rng)
+    a = GaussianMixture(3, method=method, seed=0).fit(X)
+    b = GaussianMixture(3, method=method, seed=0).fit(torch.from_numpy(X))
+    assert a.means_.dtype == torch.float64
+    torch.testing.assert_close(a.means_, b.means_)
+    assert a.lower_bounds_ == b.lower_bounds_
+    c = GaussianMixture(3, method=method, seed=0).fit(X.astype(np.float32))
+    assert c.means_.dtype == torch.float32
+    torch.testing.assert_close(c.means_.double(), a.means_, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(a.score_samples(X), a.score_samples(torch.from_numpy(X)))
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_predict_proba_predict_score_consistent(rng, method):
+    X, _ = _overlapping_data(rng)
+    gm = GaussianMixture(3, method=method).fit(X)
+    proba = gm.predict_proba(X)
+    torch.testing.assert_close(proba.sum(1), torch.ones(len(X), dtype=torch.float64))
+    assert torch.equal(gm.predict(X), proba.argmax(1))
+    dist = torch.distributions.Independent(torch.distributions.Normal(gm.means_, gm.variances_.sqrt()), 1)
+    ref = torch.logsumexp(dist.log_prob(torch.from_numpy(X)[:, None]) + gm.weights_.log(), 1)
+    torch.testing.assert_close(gm.score_samples(X), ref)
+    assert gm.score(X) == pytest.approx(ref.mean().item())
+
+
+def test_not_converged_warns():
+    X = np.random.default_rng(0).normal(size=(100, 2))
+    with pytest.warns(ConvergenceWarning, match=r"did not converge in max_iter=2"):
+        gm = GaussianMixture(3, method="em", max_iter=2, tol=0.0).fit(X)
+    assert not gm.converged_ and gm.n_iter_ == 2 and len(gm.lower_bounds_) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        gm = GaussianMixture(3, method="em", max_iter=500, tol=1e-3).fit(X)
+    assert gm.converged_ and gm.n_iter_ < 500
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_init_is_seeded(rng, init):
+    X, _ = _overlapping_data(rng)
+    a = GaussianMixture(3, init=init, seed=5, max_iter=3, tol=0.0)
+    b = GaussianMixture(3, init=init, seed=5, max_iter=3, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a.fit(X)
+        torch.manual_seed(123)  # the global RNG must not matter
+        b.fit(X)
+    assert torch.equal(a.means_, b.means_)
+
+
+def test_given_init_parameters_are_the_starting_point(rng):
+    X, centres = _overlapping_data(rng, spread=4.0)
+    variances = np.ones_like(centres)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(
+            3, method="sinkhorn", means_init=centres, variances_init=variances, max_iter=1
+        ).fit(X)
+    dist = torch.distributions.Independent(
+        torch.distributions.Normal(
+            torch.from_numpy(centres), torch.ones(3, centres.shape[1], dtype=torch.float64)
+        ),
+        1,
+    )
+    expected = torch.logsumexp(dist.log_prob(torch.from_numpy(X)[:, None]) - math.log(3), 1).mean().item()
+    assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-10)
+
+
+def test_m_step_centres_only_change_the_expansion_point():
+    x = torch.randn(2, 300, 4, dtype=torch.float64) + 5
+    resp = torch.softmax(torch.randn(2, 300, 3, dtype=torch.float64), -1)
+    expected = estimate_diag_gaussian_parameters(x, resp)
+    for centres in (torch.randn(3, 4, dtype=torch.float64) * 10, torch.zeros(2, 3, 4, dtype=torch.float64)):
+        got = estimate_diag_gaussian_parameters(x, resp, centres=centres)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match=r"centres must have shape \(2, 3, 4\) or \(3, 4\), got \(3, 5\)"):
+        estimate_diag_gaussian_parameters(x, resp, centres=torch.zeros(3, 5))
