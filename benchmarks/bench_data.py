@@ -1,0 +1,153 @@
+"""Data pipeline throughput: images per second for generation and through a DataLoader.
+
+For ``scenes``, ``fashion`` (when the IDX files are installed) and ``digits`` at the CPU profile's image size:
+
+- generation: items drawn one after another in the main process, no cache (the cost of a cold epoch);
+- DataLoader, cold: a fresh dataset (every item generated inside the loader), ``num_workers`` 0 and 2;
+- DataLoader, warm: the in-memory cache filled first (every later epoch), ``num_workers`` 0 and 2;
+- DataLoader, warm + ``train_transforms`` (mmseg's augmentations), ``num_workers`` 0.
+
+Run ``python -m benchmarks.bench_data`` (writes the ``## bench_data`` section of ``benchmarks/RESULTS.md``) or
+``--quick`` (tiny sizes, no file written unless ``--write``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from gmmseg_core.data import build_dataset, train_transforms
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SECTION = "bench_data"
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / max(seconds, 1e-9)
+
+
+def _loader_rate(ds, workers: int, batch_size: int) -> float:
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, shuffle=False,
+                        persistent_workers=False)
+    t = time.perf_counter()
+    n = sum(x.shape[0] for x, _ in loader)
+    return _rate(n, time.perf_counter() - t)
+
+
+def bench_dataset(name: str, image_size, n: int, batch_size: int, seed: int = 0) -> dict:
+    """Throughputs (images / s) for one dataset; see the module docstring."""
+    kw = dict(image_size=image_size, num_images=n, seed=seed)
+    build_dataset(name, "train", cache=False, **kw).load(0)  # load sources / texture banks once
+    gen = build_dataset(name, "train", cache=False, **kw)
+    t, cpu = time.perf_counter(), time.process_time()
+    for i in range(n):
+        gen.load(i)
+    row = {"generate": _rate(n, time.perf_counter() - t), "generate_cpu": _rate(n, time.process_time() - cpu)}
+    for workers in (0, 2):
+        row[f"cold_w{workers}"] = _loader_rate(build_dataset(name, "train", **kw), workers, batch_size)
+    warm = build_dataset(name, "train", **kw)
+    for i in range(n):
+        warm.load(i)
+    for workers in (0, 2):
+        row[f"warm_w{workers}"] = _loader_rate(warm, workers, batch_size)
+    crop = min(image_size)
+    aug = build_dataset(name, "train", transform=train_transforms(crop), **kw)
+    for i in range(n):
+        aug.load(i)
+    row["warm_aug_w0"] = _loader_rate(aug, 0, batch_size)
+    return row
+
+
+def _available(name: str) -> bool:
+    try:
+        build_dataset(name, "train", num_images=1)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
+    torch.set_num_threads(1)
+    if quick:
+        sizes = {"scenes": (32, 64), "fashion": (32, 32), "digits": (32, 32)}
+        n, batch = 8, 4
+    else:
+        sizes = {"scenes": (64, 128), "fashion": (64, 128), "digits": (64, 128)}
+        n, batch = 256, 16
+    rows = []
+    for name, size in sizes.items():
+        if not _available(name):
+            rows.append((name, f"{size[0]}x{size[1]}", None))
+            continue
+        rows.append((name, f"{size[0]}x{size[1]}", bench_dataset(name, size, n, batch)))
+    info = dict(n=n, batch=batch, load=os.getloadavg()[0])
+    return rows, info
+
+
+def format_section(rows, info) -> str:
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"## {SECTION}",
+        "",
+        f"Machine: 2-core CPU, torch {torch.__version__}, {today}; 1-minute load average at the start "
+        f"{info['load']:.1f}" + (" (the machine was shared with other work: absolute rates are noisy)."
+                                 if info["load"] > 1.0 else "."),
+        "",
+        f"Images per second, {info['n']} training images per dataset, batch {info['batch']}, 1 torch thread. "
+        "`generate`: items drawn in the main process without cache (a cold epoch). `cold`: a fresh dataset "
+        "through a DataLoader (items generated inside it). `warm`: in-memory cache filled first (later epochs). "
+        "`+aug`: warm, with `train_transforms` (resize 0.5-2, crop with cat_max_ratio, flip, photometric). "
+        "`wN`: num_workers=N. `generate (CPU)` divides by the process's CPU time instead of wall time, which "
+        "is less sensitive to other work on the machine. Target for scene generation: hundreds of images per "
+        "second.",
+        "",
+        "| dataset | size | generate | generate (CPU) | cold w0 | cold w2 | warm w0 | warm w2 | warm +aug w0 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, size, r in rows:
+        if r is None:
+            lines.append(f"| {name} | {size} | not installed | | | | | | |")
+            continue
+        lines.append(f"| {name} | {size} | {r['generate']:.0f} | {r['generate_cpu']:.0f} | {r['cold_w0']:.0f} | "
+                     f"{r['cold_w2']:.0f} | {r['warm_w0']:.0f} | {r['warm_w2']:.0f} | {r['warm_aug_w0']:.0f} |")
+    scenes = next((r for name, _, r in rows if name == "scenes" and r is not None), None)
+    if scenes is not None:
+        wall, cpu = scenes["generate"], scenes["generate_cpu"]
+        verdict = "met" if wall >= 200 else ("met in CPU time only" if cpu >= 200 else "**missed**")
+        lines += ["", f"Scene generation target (>= 200 images/s): {verdict} ({wall:.0f}/s wall, {cpu:.0f}/s per "
+                      "CPU second). Generation is paid once per process and item: later epochs read the "
+                      "in-memory cache (`warm`), later runs the `cache_dir` files."]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the ``## bench_data`` section of ``path``, leaving other sections alone."""
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--write", action="store_true", help="with --quick: still write RESULTS.md")
+    parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
+    args = parser.parse_args(argv)
+    rows, info = run(quick=args.quick)
+    text = format_section(rows, info)
+    print(text)
+    if not args.no_write and (not args.quick or args.write):
+        write_section(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

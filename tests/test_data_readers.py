@@ -1,0 +1,160 @@
+"""Each reader on a tiny tree in the exact directory layout and file naming of the real dataset."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gmmseg_core.data import build_dataset
+
+H, W = 12, 16
+
+
+def _image(path, seed=0, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 256, (H, W, 3)).astype(np.uint8)
+    Image.fromarray(arr).save(path, format=fmt)
+
+
+def _label(path, values):
+    """A label PNG whose columns cycle through ``values``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.resize(np.asarray(values, np.uint8), W)[None, :].repeat(H, 0)
+    Image.fromarray(arr).save(path)
+    return arr
+
+
+def _check(ds, n, classes):
+    assert len(ds) == n and ds.num_classes == classes
+    image, label = ds[0]
+    assert image.shape == (3, H, W) and image.dtype == torch.float32
+    assert label.shape == (H, W) and label.dtype == torch.int64
+    return [np.unique(ds.load_label(i)).tolist() for i in range(n)]
+
+
+def test_cityscapes_train_ids(tmp_path):
+    for city, i in (("aachen", 0), ("bremen", 1)):
+        stem = f"{city}_000000_00001{i}"
+        _image(tmp_path / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png")
+        _label(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelTrainIds.png", [0, 5, 18, 255])
+    ds = build_dataset("cityscapes", "train", root=tmp_path)
+    assert _check(ds, 2, 19) == [[0, 5, 18, 255]] * 2
+    assert ds.classes[0] == "road" and ds.classes[-1] == "bicycle"
+
+
+def test_cityscapes_label_ids_are_mapped_and_root_may_be_parent(tmp_path):
+    base = tmp_path / "cityscapes"
+    stem = "frankfurt_000000_000294"
+    _image(base / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png")
+    _label(base / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png", [7, 26, 0, 33])
+    ds = build_dataset("cityscapes", "val", root=tmp_path)
+    assert _check(ds, 1, 19) == [[0, 13, 18, 255]]
+
+
+def test_ade20k_reduce_zero_label(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for i in (1, 2):
+        _image(base / "images" / "validation" / f"ADE_val_0000000{i}.jpg")
+        _label(base / "annotations" / "validation" / f"ADE_val_0000000{i}.png", [0, 1, 150])
+    ds = build_dataset("ade20k", "val", root=tmp_path)
+    assert _check(ds, 2, 150) == [[0, 149, 255]] * 2
+    assert ds.classes[0] == "wall" and ds.classes[-1] == "flag"
+
+
+def test_cocostuff_10k_mat(tmp_path):
+    from scipy.io import savemat
+
+    annotations = _mkdir(tmp_path / "annotations")
+    for name in ("COCO_train2014_000000000077", "COCO_train2014_000000000078"):
+        _image(tmp_path / "images" / f"{name}.jpg")
+        savemat(annotations / f"{name}.mat", {"S": np.resize(np.array([0, 1, 13, 182], np.uint8), W)[None].repeat(H, 0)})
+    _mkdir(tmp_path / "imageLists")
+    (tmp_path / "imageLists" / "train.txt").write_text("COCO_train2014_000000000077\nCOCO_train2014_000000000078\n")
+    (tmp_path / "imageLists" / "test.txt").write_text("")
+    ds = build_dataset("cocostuff", "train", root=tmp_path)
+    # 1-based ids: 0 unlabeled -> 255, 1 person -> 0, 13 (stop sign, after the unused id 12) -> 11, 182 wood -> 170
+    assert _check(ds, 2, 171) == [[0, 11, 170, 255]] * 2
+
+
+def _mkdir(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def test_cocostuff_164k_raw_and_train_ids(tmp_path):
+    base = tmp_path / "coco_stuff164k"
+    _image(base / "images" / "val2017" / "000000000139.jpg")
+    _label(base / "annotations" / "val2017" / "000000000139.png", [0, 12, 181, 255, 11])
+    ds = build_dataset("cocostuff", "val", root=tmp_path)
+    assert _check(ds, 1, 171) == [[0, 11, 170, 255]]
+    (base / "annotations" / "val2017" / "000000000139.png").unlink()
+    _label(base / "annotations" / "val2017" / "000000000139_labelTrainIds.png", [0, 11, 170, 255])
+    assert _check(build_dataset("cocostuff", "val", root=base), 1, 171) == [[0, 11, 170, 255]]
+
+
+@pytest.mark.parametrize("name,which", [("fishyscapes_lf", "LostAndFound"), ("fishyscapes_static", "Static")])
+def test_fishyscapes(tmp_path, name, which):
+    base = tmp_path / "fishyscapes" / which
+    for i in range(2):
+        _image(base / "original" / f"{i}.png")
+        _label(base / "labels" / f"{i}.png", [0, 1, 255])
+    ds = build_dataset(name, "anomaly", root=tmp_path)
+    assert ds.classes == ["known", "anomaly"]
+    assert _check(ds, 2, 2) == [[0, 1, 255]] * 2
+
+
+def test_road_anomaly(tmp_path):
+    base = tmp_path / "RoadAnomaly"
+    names = ["animals01_Guardian_dog.jpg", "cones02_road.jpg"]
+    for n in names:
+        _image(base / "frames" / n)
+        _label(base / "frames" / f"{n[:-4]}.labels" / "labels_semantic.png", [0, 1, 2])
+    (base / "frame_list.json").write_text(json.dumps(names))
+    ds = build_dataset("road_anomaly", "anomaly", root=tmp_path)
+    assert _check(ds, 2, 2) == [[0, 1]] * 2
+    assert (ds.load_label(0) == 1).sum() == (np.resize([0, 1, 2], W) == 2).sum() * H
+
+
+@pytest.mark.parametrize("name,track,ext,fmt", [("smiyc_anomaly", "AnomalyTrack", "jpg", None),
+                                                ("smiyc_obstacle", "ObstacleTrack", "webp", "WEBP")])
+def test_smiyc(tmp_path, name, track, ext, fmt):
+    base = tmp_path / f"dataset_{track}"
+    for i in range(3):
+        _image(base / "images" / f"validation_{i}.{ext}", fmt=fmt)
+        _label(base / "labels_masks" / f"validation_{i}_labels_semantic.png", [0, 1, 255])
+    _image(base / "images" / "test_0.jpg")  # test images have no public labels and are skipped
+    ds = build_dataset(name, "anomaly", root=tmp_path)
+    assert _check(ds, 3, 2) == [[0, 1, 255]] * 3
+
+
+def test_resize_and_num_images(tmp_path):
+    base = tmp_path / "fishyscapes" / "Static"
+    for i in range(3):
+        _image(base / "original" / f"{i}.png")
+        _label(base / "labels" / f"{i}.png", [0, 1, 255])
+    ds = build_dataset("fishyscapes_static", "anomaly", root=tmp_path, image_size=(6, 8), num_images=2)
+    image, label = ds[1]
+    assert len(ds) == 2 and image.shape == (3, 6, 8) and label.shape == (6, 8)
+    assert set(label.unique().tolist()) <= {0, 1, 255}
+
+
+@pytest.mark.parametrize("name,split,needle", [
+    ("cityscapes", "train", "leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png"),
+    ("ade20k", "val", "ADEChallengeData2016/images/{training,validation}"),
+    ("cocostuff", "train", "imageLists/{train,test}.txt"),
+    ("fishyscapes_lf", "anomaly", "fishyscapes/LostAndFound/original/<name>.png"),
+    ("road_anomaly", "anomaly", "RoadAnomaly/frame_list.json"),
+    ("smiyc_obstacle", "anomaly", "dataset_ObstacleTrack/labels_masks"),
+])
+def test_wrong_root_shows_expected_layout(tmp_path, name, split, needle):
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset(name, split, root=tmp_path)
+    assert needle in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_empty_split_folder_is_reported(tmp_path):
+    (tmp_path / "leftImg8bit" / "val").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no image/label pairs"):
+        build_dataset("cityscapes", "val", root=tmp_path)

@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+import torch
+
+from gmmseg_core.data import (
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    available_datasets,
+    build_dataset,
+    dataset_info,
+    dataset_splits,
+    register_dataset,
+)
+
+ALL = ["ade20k", "cityscapes", "cocostuff", "digits", "fashion", "fishyscapes_lf", "fishyscapes_static",
+       "road_anomaly", "scenes", "smiyc_anomaly", "smiyc_obstacle"]
+
+
+def test_every_contract_name_is_registered():
+    assert available_datasets() == ALL
+    assert dataset_splits("scenes") == ("train", "val", "anomaly", "anomaly_near")
+    assert dataset_splits("fashion") == ("train", "val", "anomaly")
+    assert dataset_splits("road_anomaly") == ("anomaly",)
+    assert dataset_info("cityscapes").needs_root and not dataset_info("scenes").needs_root
+
+
+def test_unknown_name_and_split_list_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'; available datasets: ade20k, cityscapes"):
+        build_dataset("mnist", "train")
+    with pytest.raises(ValueError, match="unknown split 'anomaly' for dataset 'cityscapes'; valid splits: train, val"):
+        build_dataset("cityscapes", "anomaly")
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("scenes", ("train",))(lambda split, root=None: None)
+
+
+def test_normalisation_contract():
+    ds = build_dataset("digits", "val", num_images=1, image_size=16)
+    assert ds.ignore_index == IGNORE_INDEX == 255 and ds.mean == IMAGENET_MEAN
+    raw, _ = ds.load(0)
+    image, _ = ds[0]
+    expected = (raw.astype(np.float32) / 255 - np.array(ds.mean, np.float32)) / np.array(ds.std, np.float32)
+    np.testing.assert_allclose(image.permute(1, 2, 0).numpy(), expected, atol=1e-5)
+    batch = torch.stack([image, image])
+    assert ds.denormalize(batch).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="image must have shape"):
+        ds.denormalize(torch.zeros(4, 4))
+    assert ds.colorize(torch.tensor([[0, 255]])).shape == (1, 2, 3)

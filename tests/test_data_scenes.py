@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from gmmseg_core.data import build_dataset
+from gmmseg_core.data.scenes import CLASSES, SceneDataset, anomaly_label
+
+SMALL = dict(image_size=(32, 64))
+
+
+def test_item_shapes_dtypes_and_ranges():
+    ds = build_dataset("scenes", "train", num_images=4, **SMALL)
+    image, label = ds[0]
+    assert image.shape == (3, 32, 64) and image.dtype == torch.float32
+    assert label.shape == (32, 64) and label.dtype == torch.int64
+    assert ds.classes == CLASSES and ds.num_classes == 8 and ds.ignore_index == 255
+    assert ds.palette.shape == (8, 3) and ds.palette.dtype == np.uint8
+    raw, _ = ds.load(0)
+    back = ds.denormalize(image)
+    assert back.min() >= 0 and back.max() <= 1
+    # denormalize undoes the normalisation up to uint8 rounding
+    np.testing.assert_allclose(back.permute(1, 2, 0).numpy() * 255, raw.astype(np.float32), atol=0.6)
+
+
+def test_default_size_and_counts():
+    ds = SceneDataset("train")
+    assert (ds.height, ds.width) == (64, 128) and len(ds) == 1000
+    assert len(SceneDataset("val")) == 200 and len(SceneDataset("anomaly")) == 200
+    assert SceneDataset("val", image_size=48).height == 48
+    assert (SceneDataset("val", height=40, width=72).height, SceneDataset("val", height=40, width=72).width) == (
+        40, 72)
+
+
+def test_every_class_occurs_and_no_void_in_closed_set():
+    ds = build_dataset("scenes", "train", num_images=24, **SMALL)
+    labels = np.stack([ds.load_label(i) for i in range(len(ds))])
+    assert set(np.unique(labels)) == set(range(len(CLASSES)))
+
+
+def test_deterministic_across_instances_and_order():
+    a = build_dataset("scenes", "val", num_images=6, seed=3, **SMALL)
+    b = build_dataset("scenes", "val", num_images=6, seed=3, cache=False, **SMALL)
+    for i in (5, 0, 3):
+        assert np.array_equal(a.load(i)[0], b.load(i)[0]) and np.array_equal(a.load(i)[1], b.load(i)[1])
+    c = build_dataset("scenes", "val", num_images=6, seed=4, **SMALL)
+    assert not np.array_equal(a.load(0)[0], c.load(0)[0])
+    train = build_dataset("scenes", "train", num_images=6, seed=3, **SMALL)
+    assert not np.array_equal(a.load(0)[0], train.load(0)[0])
+
+
+def test_dataloader_workers_give_identical_items():
+    ds = build_dataset("scenes", "train", num_images=6, **SMALL)
+    fresh = build_dataset("scenes", "train", num_images=6, **SMALL)
+    seq = list(DataLoader(ds, batch_size=3, num_workers=0))
+    par = list(DataLoader(fresh, batch_size=3, num_workers=2))
+    for (xa, ya), (xb, yb) in zip(seq, par):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+@pytest.mark.parametrize("split", ["anomaly", "anomaly_near"])
+def test_anomaly_splits_have_all_three_labels(split):
+    ds = build_dataset("scenes", split, num_images=4, **SMALL)
+    assert ds.classes == ["known", "anomaly"] and ds.num_classes == 2
+    for i in range(len(ds)):
+        label = ds.load_label(i)
+        assert set(np.unique(label)) == {0, 1, 255}
+        semantic = ds.semantic_label(i)
+        assert np.all(semantic[label == 1] == 255)  # no closed-set class under an anomaly
+        assert set(np.unique(semantic[label == 0])) <= set(range(len(CLASSES)))
+
+
+def test_anomaly_objects_never_in_closed_set_splits():
+    # closed-set images are drawn without any anomaly: every pixel carries one of the 8 classes
+    for split in ("train", "val"):
+        ds = build_dataset("scenes", split, num_images=8, **SMALL)
+        for i in range(len(ds)):
+            assert ds.load_label(i).max() < len(CLASSES)
+
+
+def test_void_band_surrounds_anomaly_border():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[4:8, 4:8] = True
+    label = anomaly_label(mask, void_width=2)
+    assert np.all(label[4:8, 4:8] == 1)
+    assert np.all(label[2:10, 2:10][~mask[2:10, 2:10]] == 255)
+    assert label[1, 1] == 0 and label[0, 6] == 0 and label[11, 11] == 0
+
+
+def test_disk_cache_roundtrip(tmp_path):
+    a = build_dataset("scenes", "anomaly", num_images=2, cache_dir=tmp_path, **SMALL)
+    items = [a.load(i) for i in range(2)]
+    assert len(list(tmp_path.rglob("*.npz"))) == 2
+    b = build_dataset("scenes", "anomaly", num_images=2, cache_dir=tmp_path, **SMALL)
+    for i in range(2):
+        assert np.array_equal(items[i][0], b.load(i)[0]) and np.array_equal(items[i][1], b.load(i)[1])
+
+
+def test_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="unknown split 'test'.*train, val, anomaly, anomaly_near"):
+        build_dataset("scenes", "test")
+    with pytest.raises(ValueError, match="num_images must be a positive int, got 0"):
+        build_dataset("scenes", "train", num_images=0)
+    with pytest.raises(ValueError, match="image size must be at least 16"):
+        build_dataset("scenes", "train", image_size=8)
+    with pytest.raises(IndexError, match="index must be in"):
+        build_dataset("scenes", "val", num_images=2, **SMALL)[2]
+
+
+def test_novel_textures_only_in_anomaly_splits(monkeypatch):
+    from gmmseg_core.data import textures
+
+    assert not set(textures.KNOWN_PHOTOS) & set(textures.NOVEL_PHOTOS)
+    used = []
+    original = textures.photo
+    monkeypatch.setattr(textures, "photo", lambda name, zoom=1.0: used.append(name) or original(name, zoom))
+    for split in ("train", "val"):
+        ds = build_dataset("scenes", split, num_images=12, cache=False, **SMALL)
+        for i in range(len(ds)):
+            ds.load(i)
+    assert used and set(used) <= set(textures.KNOWN_PHOTOS)
+    used.clear()
+    ds = build_dataset("scenes", "anomaly", num_images=12, cache=False, **SMALL)
+    for i in range(len(ds)):
+        ds.load(i)
+    assert set(used) & set(textures.NOVEL_PHOTOS)

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from gmmseg_core.data import build_dataset, train_transforms
+from gmmseg_core.data.transforms import (
+    Compose,
+    Pad,
+    PhotoMetricDistortion,
+    RandomCrop,
+    RandomFlip,
+    RandomResize,
+    resize_label,
+)
+
+
+def _blocks(rng, h=40, w=56, classes=5):
+    """A label of rectangular regions and an image whose red channel encodes the label (40 * class)."""
+    label = np.zeros((h, w), np.int64)
+    for _ in range(8):
+        r, c = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        label[r:r + rng.integers(6, 20), c:c + rng.integers(6, 20)] = rng.integers(0, classes)
+    image = np.zeros((h, w, 3), np.float32)
+    image[..., 0] = label * 40.0
+    image[..., 1] = np.arange(w)[None, :] * 2.0  # a horizontal ramp: reveals flips
+    return image, label
+
+
+def test_geometric_pipeline_keeps_image_and_label_aligned(rng):
+    t = train_transforms(24, photometric=False)
+    for seed in range(12):
+        image, label = _blocks(rng)
+        out_img, out_lab = t(image, label, np.random.default_rng(seed))
+        assert out_img.shape == (24, 24, 3) and out_lab.shape == (24, 24)
+        valid = out_lab != 255
+        # away from region borders (where bilinear mixes neighbours) the image still encodes the label
+        interior = valid & ndimage.binary_erosion(
+            ndimage.generic_filter(out_lab, np.ptp, size=3, mode="nearest") == 0, iterations=1, border_value=0)
+        derived = np.rint(out_img[..., 0] / 40.0)
+        assert interior.sum() > 50
+        np.testing.assert_array_equal(derived[interior], out_lab[interior])
+        # padding: label 255 and image 0 together
+        assert np.all(out_img[~valid] == 0)
+
+
+def test_labels_stay_in_the_valid_set(rng):
+    t = train_transforms(32)
+    for seed in range(8):
+        image, label = _blocks(rng)
+        label[:3] = 255
+        _, out = t(image, label, np.random.default_rng(seed))
+        assert set(np.unique(out)) <= set(np.unique(label)) | {255}
+
+
+def test_resize_label_is_nearest():
+    label = np.arange(12).reshape(3, 4)
+    big = resize_label(label, (6, 8))
+    np.testing.assert_array_equal(big, np.kron(label, np.ones((2, 2), np.int64)))
+    np.testing.assert_array_equal(resize_label(big, (3, 4)), label)
+
+
+def test_random_resize_ratio_range():
+    image, label = np.zeros((20, 30, 3), np.float32), np.zeros((20, 30), np.int64)
+    sizes = [RandomResize(None, (0.5, 2.0))(image, label, np.random.default_rng(s))[1].shape for s in range(30)]
+    assert min(s[0] for s in sizes) >= 10 and max(s[0] for s in sizes) <= 40
+    assert len(set(sizes)) > 5
+    # mmseg img_scale: fit (long, short) = (60, 40) * ratio; ratio 1 -> 40 x 60 for a 20 x 30 image
+    img, lab = RandomResize((60, 40), (1.0, 1.0))(image, label, np.random.default_rng(0))
+    assert lab.shape == (40, 60) and img.shape == (40, 60, 3)
+
+
+def test_cat_max_ratio_avoids_single_class_crops():
+    label = np.zeros((64, 64), np.int64)
+    label[20:36, 36:52] = 1  # a smaller second class
+    image = np.zeros((64, 64, 3), np.float32)
+
+    def ok_fraction(ratio):
+        crop = RandomCrop(24, cat_max_ratio=ratio)
+        good = 0
+        for seed in range(60):
+            _, lab = crop(image, label, np.random.default_rng(seed))
+            _, counts = np.unique(lab, return_counts=True)
+            good += len(counts) > 1 and counts.max() / counts.sum() < 0.75
+        return good / 60
+
+    assert ok_fraction(0.75) > ok_fraction(1.0) + 0.3
+
+
+def test_flip_and_pad():
+    image, label = np.zeros((4, 6, 3), np.float32), np.arange(24).reshape(4, 6)
+    img, lab = RandomFlip(1.0)(image, label, np.random.default_rng(0))
+    np.testing.assert_array_equal(lab, label[:, ::-1])
+    img, lab = Pad((6, 8))(image + 5, label)
+    assert lab.shape == (6, 8) and np.all(lab[4:] == 255) and np.all(lab[:, 6:] == 255)
+    assert np.all(img[4:] == 0) and np.all(img[:4, :6] == 5)
+
+
+def test_photometric_distortion_changes_colours_only(rng):
+    image = rng.uniform(0, 255, (10, 12, 3)).astype(np.float32)
+    label = rng.integers(0, 4, (10, 12))
+    changed = 0
+    for seed in range(10):
+        img, lab = PhotoMetricDistortion()(image, label, np.random.default_rng(seed))
+        assert lab is label and img.shape == image.shape
+        assert img.min() >= 0 and img.max() <= 255
+        changed += not np.allclose(img, image)
+    assert changed >= 7
+
+
+def test_dataset_transform_is_reproducible_under_torch_seed():
+    ds = build_dataset("scenes", "train", num_images=2, image_size=(32, 64), transform=train_transforms(24))
+    torch.manual_seed(5)
+    a = ds[0]
+    torch.manual_seed(5)
+    b = ds[0]
+    c = ds[0]
+    assert a[0].shape == (3, 24, 24) and a[1].shape == (24, 24)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_bad_parameters_are_named():
+    with pytest.raises(ValueError, match="crop_size must be a positive int"):
+        RandomCrop(0)
+    with pytest.raises(ValueError, match="cat_max_ratio must be in"):
+        RandomCrop(8, cat_max_ratio=0)
+    with pytest.raises(ValueError, match="ratio_range must satisfy"):
+        RandomResize(None, (2.0, 1.0))
+    assert "RandomCrop" in repr(Compose([RandomCrop(4)]))
