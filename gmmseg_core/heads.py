@@ -1,0 +1,547 @@
+"""Drop-in classifiers over a feature map: ``SoftmaxHead`` (discriminative) and ``GMMHead`` (generative).
+
+Both map features ``(B, Cf, h, w)`` to class logits ``(B, C, h, w)`` and share one interface, so a model
+swaps them by assignment::
+
+    head(features) -> logits                      # (B, C, h, w)
+    head.extra_loss(features, labels) -> scalar   # added to the cross-entropy by the model
+    head.update(features, labels, logits)         # bookkeeping after backward (no gradients)
+    head.is_generative
+
+``GMMHead`` models every class by a mixture of ``K`` diagonal Gaussians over a ``D``-dimensional pixel
+embedding. Its means and variances are buffers (no gradients): they are fitted by (Sinkhorn) EM on a memory of
+embeddings in :meth:`GMMHead.update`, while the cross-entropy trains the embedding. The mixture math lives in
+:mod:`gmmseg_core.mixture`; this module only arranges it for a segmentation batch.
+
+Two variants fill the knob defaults (every knob is also a constructor argument, so ablations can mix):
+
+============================  ==============  ===============  ======================================================
+knob                          ``"paper"``      ``"official"``   meaning
+============================  ==============  ===============  ======================================================
+``em``                        ``"sinkhorn"``  ``"sinkhorn"``   E-step: ``"sinkhorn"`` (equipartition) or ``"classic"``
+``reduce``                    logsumexp       max              class score from the K component log-densities
+``class_norm``                False           True             LayerNorm (learnable affine) across the C class scores
+``hard_assign``               False           True             one-hot (argmax) responsibilities
+``correct_only``              False           True             enqueue only correctly classified pixels
+``max_per_component``         None (all)      20               new memory rows per component per step, evenly spaced
+``memory_size``               2048            2048 (32000)     FIFO rows per component (released code: 32000)
+``mean_momentum``             0.999           0.999            ``mu <- m mu + (1 - m) mu_new``
+``variance_momentum``         0.0             0.0              same for the variances (released code: none)
+``normalize_means``           False           True             L2-normalise the means
+``variance_floor``            0.01            0.01             added to every variance (``std = sqrt(var + 0.01)``)
+``update_interval``           5               5                M-step every this many ``update`` calls
+``m_step_scope``              ``"seen"``      ``"batch"``      classes re-estimated: seen since the last M-step, or
+                                                               only those in the current batch (released code)
+``component_loss_weight``     0.0             0.01             CE over all C*K components, target = assignment
+``sinkhorn_epsilon``          0.05            0.05             entropic weight of the E-step
+``sinkhorn_iters``            3               3                Sinkhorn iterations
+============================  ==============  ===============  ======================================================
+
+Shared choices (both variants): the embedding is ``1x1 conv -> BatchNorm -> ReLU -> LayerNorm(D) -> L2
+normalisation`` (the released code's; the paper leaves it open, and unit-norm embeddings keep the Gaussians
+on a bounded domain); means start as random unit vectors and variances at 1 (the released code's start); the
+Sinkhorn E-step divides each class's log-likelihoods by their largest magnitude before ``exp(./epsilon)`` (as
+the released code; it makes ``epsilon`` scale-free); the M-step only uses filled memory rows and leaves
+components with an empty memory unchanged (the released code starts the memory with random vectors instead).
+With hard assignments each ring holds one component, and per-ring sums of the rows and their squares (float64)
+are updated as rows enter and leave, so the M-step costs ``O(C K D)`` instead of a pass over the memory. In the
+paper variant each memory row also stores the pixel's soft responsibilities (it is filed under its most
+responsible component), and the M-step of a class is the responsibility-weighted estimate over the whole
+memory of that class (``mixture.estimate_diag_gaussian_parameters``).
+
+Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
+correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process
+keeps identical parameters without broadcasting them (the released code runs Sinkhorn per GPU and then
+gathers). The extra loss uses the local E-step. Wrap the model with ``DistributedDataParallel(...,
+broadcast_buffers=False)``: the memory is large and already identical everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gmmseg_core import mixture
+from gmmseg_core.distributed import all_gather_rows, world_size
+from gmmseg_core.memory import ring_push, select_evenly_spaced
+
+IGNORE_INDEX = 255
+
+VARIANT_DEFAULTS: dict[str, dict] = {
+    "paper": dict(em="sinkhorn", reduce="logsumexp", class_norm=False, hard_assign=False, correct_only=False,
+                  max_per_component=None, memory_size=2048, mean_momentum=0.999, variance_momentum=0.0,
+                  normalize_means=False, variance_floor=0.01, update_interval=5, m_step_scope="seen",
+                  component_loss_weight=0.0, sinkhorn_epsilon=0.05, sinkhorn_iters=3),
+    "official": dict(em="sinkhorn", reduce="max", class_norm=True, hard_assign=True, correct_only=True,
+                     max_per_component=20, memory_size=2048, mean_momentum=0.999, variance_momentum=0.0,
+                     normalize_means=True, variance_floor=0.01, update_interval=5, m_step_scope="batch",
+                     component_loss_weight=0.01, sinkhorn_epsilon=0.05, sinkhorn_iters=3),
+}
+OFFICIAL_MEMORY_SIZE = 32000
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a label map ``(B, H, W)`` to ``(B, *size)`` (long)."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class SoftmaxHead(nn.Module):
+    """Discriminative classifier: optional dropout, then a 1x1 convolution.
+
+    Parameters
+    ----------
+    in_channels : int
+        Feature channels ``Cf``.
+    num_classes : int
+    dropout : float
+        Dropout probability before the classifier (0 disables it).
+    """
+
+    is_generative = False
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        _check_positive_int("in_channels", in_channels)
+        _check_positive_int("num_classes", num_classes)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_classes = num_classes
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits ``(B, C, h, w)`` from features ``(B, Cf, h, w)``."""
+        return self.classifier(self.dropout(features))
+
+    def class_log_likelihood(self, features: Tensor) -> Tensor:
+        raise TypeError("class_log_likelihood needs a generative head (GMMHead); this is a SoftmaxHead, "
+                        "whose logits are not class-conditional densities")
+
+    def extra_loss(self, features: Tensor, labels: Tensor, **_) -> Tensor:
+        """Always 0 (a scalar on the features' device)."""
+        return features.new_zeros(())
+
+    def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
+        """Nothing to update: the softmax classifier is trained by back-propagation only."""
+
+
+class GMMHead(nn.Module):
+    """Generative classifier: a mixture of ``K`` diagonal Gaussians per class over a pixel embedding.
+
+    Parameters
+    ----------
+    in_channels : int
+        Feature channels ``Cf``.
+    num_classes : int
+        ``C``.
+    embed_dim : int
+        Embedding size ``D``.
+    num_components : int
+        Components per class ``K``.
+    variant : {"paper", "official"}
+        Fills the defaults of every knob left as None (see the module docstring for the table).
+    em, reduce, class_norm, hard_assign, correct_only, max_per_component, memory_size, mean_momentum,
+    variance_momentum, normalize_means, variance_floor, update_interval, m_step_scope, component_loss_weight,
+    sinkhorn_epsilon, sinkhorn_iters
+        Knobs; None takes the variant's value, except for ``max_per_component`` where None means "no cap" and
+        the variant's value is the default (``"default"``).
+    ignore_index : int
+        Label of pixels that never enter the mixtures.
+
+    Attributes (buffers, all in ``state_dict``)
+    -------------------------------------------
+    means, variances : (C, K, D)
+    memory : (C*K, memory_size, D); memory_ptr, memory_count : (C*K,) long
+    memory_resp : (C*K, memory_size, K), soft responsibilities (only when ``hard_assign`` is False)
+    memory_sum, memory_sumsq : (C*K, D) float64, running ring sums (only when ``hard_assign`` is True)
+    num_updates : () long, calls of ``update`` so far; seen : (C,) bool, classes seen since the last M-step
+    """
+
+    is_generative = True
+
+    def __init__(self, in_channels: int, num_classes: int, embed_dim: int = 64, num_components: int = 5,
+                 variant: str = "paper", *, em: str | None = None, reduce: str | None = None,
+                 class_norm: bool | None = None, hard_assign: bool | None = None,
+                 correct_only: bool | None = None, max_per_component: int | None | str = "default",
+                 memory_size: int | None = None, mean_momentum: float | None = None,
+                 variance_momentum: float | None = None, normalize_means: bool | None = None,
+                 variance_floor: float | None = None, update_interval: int | None = None,
+                 m_step_scope: str | None = None, component_loss_weight: float | None = None,
+                 sinkhorn_epsilon: float | None = None, sinkhorn_iters: int | None = None,
+                 ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        if variant not in VARIANT_DEFAULTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANT_DEFAULTS)}, got {variant!r}")
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
+                            ("embed_dim", embed_dim), ("num_components", num_components)):
+            _check_positive_int(name, value)
+        given = dict(em=em, reduce=reduce, class_norm=class_norm, hard_assign=hard_assign,
+                     correct_only=correct_only, memory_size=memory_size, mean_momentum=mean_momentum,
+                     variance_momentum=variance_momentum, normalize_means=normalize_means,
+                     variance_floor=variance_floor, update_interval=update_interval, m_step_scope=m_step_scope,
+                     component_loss_weight=component_loss_weight, sinkhorn_epsilon=sinkhorn_epsilon,
+                     sinkhorn_iters=sinkhorn_iters)
+        knobs = {k: (VARIANT_DEFAULTS[variant][k] if v is None else v) for k, v in given.items()}
+        # None is a meaningful value here (no cap), so "default" marks "take the variant's".
+        knobs["max_per_component"] = (VARIANT_DEFAULTS[variant]["max_per_component"]
+                                      if max_per_component == "default" else max_per_component)
+        _check_knobs(knobs)
+        self.variant = variant
+        self.num_classes, self.num_components, self.embed_dim = num_classes, num_components, embed_dim
+        self.ignore_index = ignore_index
+        for name, value in knobs.items():
+            setattr(self, name, value)
+
+        self.embed = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
+                                   nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
+        self.embed_norm = nn.LayerNorm(embed_dim)
+        self.class_normalizer = nn.LayerNorm(num_classes) if self.class_norm else None
+
+        C, K, D, M = num_classes, num_components, embed_dim, self.memory_size
+        self.register_buffer("means", F.normalize(torch.randn(C, K, D), dim=-1))
+        self.register_buffer("variances", torch.ones(C, K, D))
+        self.register_buffer("memory", torch.zeros(C * K, M, D))
+        self.register_buffer("memory_ptr", torch.zeros(C * K, dtype=torch.long))
+        self.register_buffer("memory_count", torch.zeros(C * K, dtype=torch.long))
+        self.register_buffer("memory_resp", None if self.hard_assign else torch.zeros(C * K, M, K))
+        # hard assignments: running per-ring sums (float64), so the M-step never reads the whole memory
+        self.register_buffer("memory_sum", torch.zeros(C * K, D, dtype=torch.float64) if self.hard_assign else None)
+        self.register_buffer("memory_sumsq", torch.zeros(C * K, D, dtype=torch.float64) if self.hard_assign else None)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("seen", torch.zeros(C, dtype=torch.bool))
+        self._cache: dict | None = None
+
+    def extra_repr(self) -> str:
+        knobs = ", ".join(f"{k}={getattr(self, k)!r}" for k in VARIANT_DEFAULTS["paper"])
+        return (f"num_classes={self.num_classes}, num_components={self.num_components}, "
+                f"embed_dim={self.embed_dim}, variant={self.variant!r}, {knobs}")
+
+    # ------------------------------------------------------------------ forward
+    def embedding(self, features: Tensor) -> Tensor:
+        """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``."""
+        x = self.embed(features).permute(0, 2, 3, 1)
+        return F.normalize(self.embed_norm(x), dim=-1)
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        """log N(x; mu_ck, diag var_ck) ``(..., C, K)`` of embeddings ``x (..., D)``, in float32."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            flat = x.reshape(-1, self.embed_dim).float()
+            logp = mixture.diag_gaussian_log_prob(flat, self.means.reshape(-1, self.embed_dim),
+                                                  self.variances.reshape(-1, self.embed_dim))
+        return logp.reshape(*x.shape[:-1], self.num_classes, self.num_components)
+
+    def _reduce(self, comp: Tensor) -> Tensor:
+        if self.reduce == "max":
+            return _MaxOverLast.apply(comp)
+        return torch.logsumexp(comp, dim=-1) - math.log(self.num_components)
+
+    def forward(self, features: Tensor, return_component_logp: bool = False):
+        """Class logits ``(B, C, h, w)``.
+
+        Parameters
+        ----------
+        features : Tensor (B, Cf, h, w)
+        return_component_logp : bool
+            Also return the component log-densities ``(B, C, K, h, w)`` (for ``extra_loss``).
+
+        Returns
+        -------
+        logits : Tensor (B, C, h, w)
+            ``log p(x|c)`` (paper), or that score normalised across classes when ``class_norm``.
+        component_logp : Tensor (B, C, K, h, w), only if ``return_component_logp``
+        """
+        x = self.embedding(features)
+        comp = self.component_log_prob(x)                       # (B, h, w, C, K)
+        scores = self._reduce(comp)
+        if self.class_normalizer is not None:
+            scores = self.class_normalizer(scores)
+        logits = scores.permute(0, 3, 1, 2)
+        if self.training and torch.is_grad_enabled():
+            self._cache = dict(features=features, x=x.detach(), comp=comp, logits=logits.detach())
+        if return_component_logp:
+            return logits, comp.permute(0, 3, 4, 1, 2)
+        return logits
+
+    def class_log_likelihood(self, features: Tensor) -> Tensor:
+        """``log p(x|c)`` ``(B, C, h, w)`` before any normalisation across classes.
+
+        With ``reduce="logsumexp"`` this is the mixture density with ``pi = 1/K``; with ``reduce="max"`` it is the
+        largest component log-density (the released code's class score).
+        """
+        comp = self.component_log_prob(self.embedding(features))
+        return self._reduce(comp).permute(0, 3, 1, 2)
+
+    # ------------------------------------------------------------------ E-step and extra loss
+    def _cached(self, features: Tensor) -> dict:
+        """Embeddings, component log-densities and logits of ``features``: from forward's cache or recomputed."""
+        cache = self._cache
+        if cache is not None and cache["features"] is features:
+            return cache
+        with torch.no_grad(), _frozen_batchnorm(self.embed):
+            x = self.embedding(features)
+            comp = self.component_log_prob(x)
+            scores = self._reduce(comp)
+            if self.class_normalizer is not None:
+                scores = self.class_normalizer(scores)
+        return dict(features=features, x=x, comp=comp, logits=scores.permute(0, 3, 1, 2))
+
+    def e_step(self, logp: Tensor, labels: Tensor) -> Tensor:
+        """Responsibilities of each pixel over its own class's components.
+
+        Parameters
+        ----------
+        logp : Tensor (n, K)
+            Log-density of every pixel under the K components of its labelled class.
+        labels : LongTensor (n,)
+            Class of every pixel (all valid).
+
+        Returns
+        -------
+        Tensor (n, K)
+            Rows sum to 1 (one-hot when ``hard_assign``). With ``em="sinkhorn"`` one batched Sinkhorn call over
+            the classes (pixels padded to the largest class and masked) balances the components of every class.
+        """
+        K = self.num_components
+        if logp.numel() == 0:
+            return logp.new_zeros(0, K)
+        if self.em == "classic":
+            resp = torch.softmax(logp, dim=-1)
+        else:
+            order = torch.sort(labels, stable=True).indices
+            counts = torch.bincount(labels, minlength=self.num_classes)
+            present = counts.nonzero().squeeze(1)
+            slot_of_class = torch.full_like(counts, -1)
+            slot_of_class[present] = torch.arange(present.numel(), device=labels.device)
+            sorted_labels = labels[order]
+            rank = torch.arange(labels.numel(), device=labels.device) - (torch.cumsum(counts, 0) - counts)[sorted_labels]
+            slot = slot_of_class[sorted_labels]
+            padded = logp.new_zeros(present.numel(), int(counts.max()), K)
+            mask = torch.zeros(padded.shape[:2], dtype=torch.bool, device=logp.device)
+            padded[slot, rank] = logp[order]
+            mask[slot, rank] = True
+            scale = padded.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(logp.dtype).tiny)
+            q = mixture.sinkhorn(padded / scale, epsilon=self.sinkhorn_epsilon, n_iters=self.sinkhorn_iters,
+                                 mask=mask)
+            resp = torch.empty_like(logp)
+            resp[order] = q[slot, rank]
+        if self.hard_assign:
+            resp = F.one_hot(resp.argmax(dim=-1), K).to(logp.dtype)
+        return resp
+
+    def _assignments(self, cache: dict, labels: Tensor) -> dict:
+        """Valid pixels of the batch and their E-step (computed once per forward, shared by loss and update)."""
+        if "assign" in cache:
+            return cache["assign"]
+        x, comp = cache["x"], cache["comp"].detach()
+        y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
+        valid = (y >= 0) & (y < self.num_classes) & (y != self.ignore_index)
+        idx = valid.nonzero().squeeze(1)
+        yv = y[idx]
+        logp = comp.reshape(-1, self.num_classes, self.num_components)[idx, yv]
+        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=self.e_step(logp, yv))
+        cache["assign"] = assign
+        return assign
+
+    def extra_loss(self, features: Tensor, labels: Tensor, component_logp: Tensor | None = None) -> Tensor:
+        """``component_loss_weight`` x cross-entropy over the C*K component log-densities.
+
+        The target of a pixel is its assigned component ``c * K + argmax_k resp`` (ignored pixels excluded).
+
+        Parameters
+        ----------
+        features : Tensor (B, Cf, h, w)
+        labels : LongTensor (B, H, W)
+        component_logp : Tensor (B, C, K, h, w), optional
+            From ``forward(features, return_component_logp=True)``, to avoid recomputing it; otherwise the cached
+            forward of the same ``features`` tensor is used, or it is recomputed.
+
+        Returns
+        -------
+        Tensor, scalar (0 when ``component_loss_weight`` is 0 or no pixel is valid)
+        """
+        if self.component_loss_weight == 0:
+            return features.new_zeros(())
+        cache = self._cached(features)
+        if component_logp is not None:
+            comp = component_logp.permute(0, 3, 4, 1, 2)
+        elif cache is self._cache:
+            comp = cache["comp"]
+        else:
+            with _frozen_batchnorm(self.embed):
+                comp = self.component_log_prob(self.embedding(features))
+        assign = self._assignments(cache, labels)
+        if assign["idx"].numel() == 0:
+            return comp.sum() * 0.0
+        logits = comp.reshape(-1, self.num_classes * self.num_components)
+        # a target for every pixel (ignored ones -100): no (n, C*K) gather and scatter in the backward
+        target = torch.full((logits.shape[0],), -100, dtype=torch.long, device=logits.device)
+        target[assign["idx"]] = assign["labels"] * self.num_components + assign["resp"].argmax(dim=-1)
+        return self.component_loss_weight * F.cross_entropy(logits, target, ignore_index=-100)
+
+    # ------------------------------------------------------------------ EM bookkeeping
+    @torch.no_grad()
+    def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
+        """E-step on the batch, memory push, and every ``update_interval`` calls the M-step.
+
+        Parameters
+        ----------
+        features : Tensor (B, Cf, h, w)
+            The features the logits came from (the forward's cache is reused when it is the same tensor).
+        labels : LongTensor (B, H, W)
+            Any resolution (nearest-resized to ``h x w``); ``ignore_index`` pixels are skipped.
+        logits : Tensor (B, C, H', W'), optional
+            Used for ``correct_only`` (argmax, nearest-resized to ``h x w``); None uses the head's own logits at
+            feature resolution.
+
+        Under ``torch.distributed`` the valid pixels of all processes are gathered first, so every process runs
+        the same E-step, memory push and M-step on the union and ends with identical parameters.
+        """
+        cache = self._cached(features)
+        self._cache = None
+        assign = self._assignments(cache, labels)
+        idx, yv = assign["idx"], assign["labels"]
+        x = cache["x"].reshape(-1, self.embed_dim)[idx]
+        h, w = cache["x"].shape[1:3]
+        pred = (cache["logits"] if logits is None else logits).argmax(dim=1)
+        pred = resize_labels(pred, (h, w)).reshape(-1)[idx]
+        correct = pred == yv
+        logp, resp = assign["logp"], assign["resp"]
+        if world_size() > 1:
+            packed = torch.cat([x.float(), logp.float(), yv[:, None].float(), correct[:, None].float()], dim=1)
+            packed = all_gather_rows(packed)
+            D, K = self.embed_dim, self.num_components
+            x, logp = packed[:, :D], packed[:, D:D + K]
+            yv, correct = packed[:, D + K].long(), packed[:, D + K + 1].bool()
+            resp = self.e_step(logp, yv)
+        self._push(x, yv, resp, correct)
+        batch_classes = torch.bincount(yv, minlength=self.num_classes) > 0
+        self.seen |= batch_classes
+        if int(self.num_updates) % self.update_interval == 0:
+            self.m_step(batch_classes if self.m_step_scope == "batch" else self.seen.clone())
+            self.seen.zero_()
+        self.num_updates += 1
+
+    def _push(self, x: Tensor, labels: Tensor, resp: Tensor, correct: Tensor) -> None:
+        keep = correct.nonzero().squeeze(1) if self.correct_only else torch.arange(labels.numel(), device=x.device)
+        group = labels[keep] * self.num_components + resp[keep].argmax(dim=-1)
+        sel = keep[select_evenly_spaced(group, self.num_classes * self.num_components, self.max_per_component)]
+        group = labels[sel] * self.num_components + resp[sel].argmax(dim=-1)
+        extras = () if self.memory_resp is None else ((self.memory_resp, resp[sel]),)
+        stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
+        ring_push(self.memory, self.memory_ptr, self.memory_count, x[sel], group, extras, stats)
+
+    @torch.no_grad()
+    def refresh_memory_statistics(self) -> None:
+        """Recompute the running ring sums from the memory (after editing ``memory`` by hand)."""
+        if self.memory_sum is None:
+            return
+        for start in range(0, self.memory.shape[0], 8):           # blocks of rings bound the float64 copy
+            block = self.memory[start:start + 8].double()
+            self.memory_sum[start:start + 8] = block.sum(dim=1)
+            self.memory_sumsq[start:start + 8] = block.square().sum(dim=1)
+
+    @torch.no_grad()
+    def m_step(self, classes: Tensor | None = None) -> None:
+        """Re-estimate means and variances from the memory, blended with momentum.
+
+        Parameters
+        ----------
+        classes : BoolTensor (C,), optional
+            Classes to update (default: all). Components with an empty memory are left unchanged.
+        """
+        C, K, D, M = self.num_classes, self.num_components, self.embed_dim, self.memory_size
+        if self.memory_resp is None:                   # one component per ring: its mean and variance
+            nk = self.memory_count.to(torch.float64)
+            mu = self.memory_sum / nk.clamp(min=1.0)[:, None]
+            var = (self.memory_sumsq / nk.clamp(min=1.0)[:, None] - mu.square()).clamp(min=0.0)
+            nk, mu, var = nk.to(self.means.dtype), mu.to(self.means.dtype), var.to(self.means.dtype)
+            var = var + self.variance_floor
+        else:                                          # soft: weighted statistics over the class's memory
+            filled = torch.arange(M, device=self.memory.device) < self.memory_count[:, None]  # (C*K, M)
+            weight = self.memory_resp * filled[..., None]
+            nk, mu, var = mixture.estimate_diag_gaussian_parameters(
+                self.memory.reshape(C, K * M, D), weight.reshape(C, K * M, K), reg_covar=self.variance_floor,
+                mask=filled.reshape(C, K * M))
+        nk, mu, var = nk.reshape(C, K), mu.reshape(C, K, D), var.reshape(C, K, D)
+        if self.normalize_means:
+            target = F.normalize(mu, dim=-1)
+            var = var + (mu - target) ** 2             # variance about the normalised mean, as released
+        else:
+            target = mu
+        ok = (self.memory_count.reshape(C, K) > 0) & (nk > 1e-3)
+        if classes is not None:
+            ok &= classes.to(ok.device)[:, None]
+        new_means = self.mean_momentum * self.means + (1 - self.mean_momentum) * target
+        if self.normalize_means:
+            new_means = F.normalize(new_means, dim=-1)
+        new_vars = self.variance_momentum * self.variances + (1 - self.variance_momentum) * var
+        self.means.copy_(torch.where(ok[..., None], new_means, self.means))
+        self.variances.copy_(torch.where(ok[..., None], new_vars, self.variances))
+
+
+class _MaxOverLast(torch.autograd.Function):
+    """``amax`` over the last dimension with a one-pass backward (the gradient goes to every maximal entry).
+
+    ``torch.amax``'s own backward splits ties evenly at the cost of several passes over the input, and
+    ``argmax`` + ``gather`` is slow over a short last dimension; ties between real-valued log-densities do not
+    occur in practice.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        values = x.amax(dim=-1)
+        ctx.save_for_backward(x, values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values = ctx.saved_tensors
+        return (x == values.unsqueeze(-1)).to(grad.dtype).mul_(grad.unsqueeze(-1))
+
+
+@contextmanager
+def _frozen_batchnorm(module: nn.Module):
+    """Run a module without moving its BatchNorm running statistics (momentum 0 during the block)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_knobs(k: dict) -> None:
+    choices = dict(em=("sinkhorn", "classic"), reduce=("logsumexp", "max"), m_step_scope=("batch", "seen"))
+    for name, allowed in choices.items():
+        if k[name] not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {k[name]!r}")
+    for name in ("class_norm", "hard_assign", "correct_only", "normalize_means"):
+        if not isinstance(k[name], bool):
+            raise ValueError(f"{name} must be a bool, got {k[name]!r}")
+    for name in ("memory_size", "update_interval", "sinkhorn_iters"):
+        _check_positive_int(name, k[name])
+    if k["max_per_component"] is not None:
+        _check_positive_int("max_per_component", k["max_per_component"])
+    for name in ("mean_momentum", "variance_momentum"):
+        if not 0.0 <= k[name] < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {k[name]!r}")
+    if not k["variance_floor"] > 0:
+        raise ValueError(f"variance_floor must be > 0, got {k['variance_floor']!r}")
+    if not k["sinkhorn_epsilon"] > 0:
+        raise ValueError(f"sinkhorn_epsilon must be > 0, got {k['sinkhorn_epsilon']!r}")
+    if k["component_loss_weight"] < 0:
+        raise ValueError(f"component_loss_weight must be >= 0, got {k['component_loss_weight']!r}")

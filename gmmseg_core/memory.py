@@ -1,0 +1,111 @@
+"""Per-component FIFO memory of embeddings, by index arithmetic (no Python loop over groups).
+
+A memory holds ``G`` ring buffers of ``M`` rows each, stored as one tensor ``(G, M, D)`` with a write pointer
+``ptr (G,)`` and a fill count ``count (G,)``. The GMM head uses one group per (class, component) pair,
+``g = c * K + k``.
+
+Functions
+---------
+select_evenly_spaced(group, num_groups, max_per_group)   at most ``max_per_group`` rows per group
+ring_push(memory, ptr, count, values, group, extras=(), stats=None)  write rows into their group's ring
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _group_ranks(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group counts ``(G,)`` and the rank of every row inside its group ``(N,)``, for group-sorted rows."""
+    counts = torch.bincount(group, minlength=num_groups)
+    first = torch.cumsum(counts, 0) - counts
+    ranks = torch.arange(group.numel(), device=group.device) - first[group]
+    return counts, ranks
+
+
+def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | None) -> Tensor:
+    """Choose at most ``max_per_group`` rows of each group, evenly spaced in the input order.
+
+    For a group with ``n`` rows of which ``m = min(n, max_per_group)`` are kept, the kept ranks are
+    ``floor(j (n - 1) / (m - 1))`` for ``j = 0..m-1`` (the released code's ``linspace`` selection; all rows when
+    ``n <= max_per_group``).
+
+    Parameters
+    ----------
+    group : LongTensor (N,)
+        Group index of every row, in ``[0, num_groups)``.
+    num_groups : int
+    max_per_group : int or None
+        None keeps every row.
+
+    Returns
+    -------
+    LongTensor (S,)
+        Indices into the rows, sorted by group, input order kept inside a group.
+    """
+    order = torch.sort(group, stable=True).indices
+    if max_per_group is None or group.numel() == 0:
+        return order
+    counts = torch.bincount(group, minlength=num_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    take = counts.clamp(max=max_per_group)
+    gid = torch.repeat_interleave(torch.arange(num_groups, device=group.device), take)
+    j = torch.arange(gid.numel(), device=group.device) - torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
+    n, m = counts[gid], take[gid]
+    offset = torch.where(m > 1, (j * (n - 1)) // (m - 1).clamp(min=1), torch.zeros_like(j))
+    return order[starts[gid] + offset]
+
+
+def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
+    """Sums ``(G, D)`` of consecutive row segments of lengths ``counts``; a cumulative sum keeps it deterministic
+    on every device (``index_add_`` uses atomics on CUDA, whose order, hence rounding, varies between runs)."""
+    csum = torch.cat([rows.new_zeros(1, rows.shape[1]), rows.cumsum(0)])
+    ends = torch.cumsum(counts, 0)
+    return csum[ends] - csum[ends - counts]
+
+
+@torch.no_grad()
+def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group: Tensor,
+              extras: tuple[tuple[Tensor, Tensor], ...] = (), stats: tuple[Tensor, Tensor] | None = None) -> None:
+    """Append rows to their group's FIFO ring buffer, in place.
+
+    Rows of one group are written in order at ``ptr[g], ptr[g] + 1, ...`` (mod ``M``), overwriting the oldest
+    rows once the buffer is full; when more than ``M`` rows of a group arrive at once only the last ``M`` are
+    kept, exactly as if they had been pushed one by one.
+
+    Parameters
+    ----------
+    memory : Tensor (G, M, D)
+    ptr, count : LongTensor (G,)
+        Next write position and number of filled rows (both updated).
+    values : Tensor (S, D)
+    group : LongTensor (S,)
+        Group of every row; rows must be sorted by group (stable), as ``select_evenly_spaced`` returns them.
+    extras : sequence of (buffer (G, M, ...), rows (S, ...))
+        Further per-row data written at the same slots (e.g. responsibilities).
+    stats : (sum (G, D), sum of squares (G, D)), optional
+        Running per-group sums of the rows and of their squares (float64), updated by the difference between
+        the new rows and the rows they overwrite, so a group's mean and variance never need a pass over the
+        memory. Unfilled rows must be zeros.
+    """
+    num_groups, size = memory.shape[:2]
+    if group.numel() == 0:
+        return
+    counts, ranks = _group_ranks(group, num_groups)
+    keep = ranks >= counts[group] - size
+    slot = group * size + (ptr[group] + ranks) % size
+    slot, kept = slot[keep], keep.nonzero().squeeze(1)
+    flat = memory.view(num_groups * size, -1)
+    new = values[kept].to(memory.dtype)
+    if stats is not None:
+        total, total_sq = stats
+        old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
+        kept_counts = torch.bincount(group[kept], minlength=num_groups)
+        total += _segment_sums(fresh - old, kept_counts)
+        total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
+    flat.index_copy_(0, slot, new)
+    for buffer, rows in extras:
+        buffer.view(num_groups * size, -1).index_copy_(0, slot, rows[kept].reshape(kept.numel(), -1).to(buffer.dtype))
+    ptr.copy_((ptr + counts) % size)
+    count.copy_((count + counts).clamp(max=size))

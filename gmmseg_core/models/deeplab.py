@@ -1,0 +1,61 @@
+"""DeepLabV3+: dilated residual encoder (output stride 16), ASPP, and a decoder with a low-level skip."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gmmseg_core.models.fcn import SIZES, DilatedResNet, conv_bn_relu
+
+ASPP_RATES = {"tiny": (2, 4, 6), "small": (3, 6, 9), "base": (6, 12, 18)}
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches and image pooling."""
+
+    def __init__(self, cin: int, cout: int, rates=(6, 12, 18)):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, 1, r) for r in rates])
+        # no BatchNorm on the pooled branch: a 1x1 map with batch size 1 has no batch statistics
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1), nn.ReLU(inplace=True))
+        self.project = conv_bn_relu(cout * (len(rates) + 2), cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = [b(x) for b in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, *x.shape[-2:]))
+        return self.project(torch.cat(outs, 1))
+
+
+class DeepLabV3PlusBackbone(nn.Module):
+    """Features ``(B, out_channels, H/4, W/4)``: ASPP on stride-16 features, upsampled and fused with stage 1.
+
+    Parameters
+    ----------
+    size : {"tiny", "small", "base"}
+        Preset for ``width``, ``depths`` and ``aspp_rates``.
+    width, depths : see ``DilatedResNet``
+    channels : int, optional
+        ASPP and decoder channels (default ``4 * width``).
+    aspp_rates : tuple of 3 ints, optional
+    """
+
+    def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None,
+                 aspp_rates=None):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+        width = width or SIZES[size]["width"]
+        self.encoder = DilatedResNet(width, depths or SIZES[size]["depths"], output_stride=16)
+        self.out_channels = channels or 4 * width
+        self.aspp = ASPP(self.encoder.channels[-1], self.out_channels, aspp_rates or ASPP_RATES[size])
+        low = max(8, self.out_channels // 4)  # the usual 48 of 256
+        self.skip = conv_bn_relu(self.encoder.channels[0], low, 1)
+        self.fuse = nn.Sequential(conv_bn_relu(self.out_channels + low, self.out_channels),
+                                  conv_bn_relu(self.out_channels, self.out_channels))
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = self.encoder(images)
+        low = self.skip(feats[0])
+        high = F.interpolate(self.aspp(feats[-1]), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([high, low], 1))

@@ -1,0 +1,101 @@
+"""FCN-style network: a dilated residual encoder (output stride 8) and an FCN head convolution.
+
+The encoder is a small ResNet (basic blocks) whose last two stages trade stride for dilation, as in the
+dilated ResNets of FCN/PSPNet/DeepLab; the ``DeepLabV3Plus`` backbone reuses it with output stride 16.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+SIZES = {  # width (channels of the first stage) and blocks per stage
+    "tiny": dict(width=16, depths=(1, 1, 1, 1)),
+    "small": dict(width=32, depths=(2, 2, 2, 2)),
+    "base": dict(width=64, depths=(3, 4, 6, 3)),
+}
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int = 1, dilation: int = 1):
+        super().__init__()
+        self.conv1 = conv_bn_relu(cin, cout, 3, stride, dilation)
+        self.conv2 = nn.Sequential(nn.Conv2d(cout, cout, 3, 1, dilation, dilation=dilation, bias=False),
+                                   nn.BatchNorm2d(cout))
+        self.shortcut = (nn.Identity() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class DilatedResNet(nn.Module):
+    """Residual encoder returning four feature maps (strides 4, 8, and 8 or 16 for the last two).
+
+    Parameters
+    ----------
+    width : int
+        Channels of stage 1; stages have ``width * (1, 2, 4, 8)``.
+    depths : sequence of 4 ints
+        Basic blocks per stage.
+    output_stride : {8, 16}
+        8 dilates stages 3 and 4 (rates 2, 4); 16 strides stage 3 and dilates stage 4 (rate 2).
+    """
+
+    def __init__(self, width: int = 16, depths=(1, 1, 1, 1), output_stride: int = 8):
+        super().__init__()
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        if len(depths) != 4 or any(int(d) < 1 for d in depths):
+            raise ValueError(f"depths must be 4 positive ints, got {depths!r}")
+        self.stem = nn.Sequential(conv_bn_relu(3, width, 3, 2), conv_bn_relu(width, width, 3, 1),
+                                  nn.MaxPool2d(3, 2, 1))
+        strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if output_stride == 8 else ((1, 2, 2, 1), (1, 1, 1, 2))
+        chans = [width * m for m in (1, 2, 4, 8)]
+        stages, cin = [], width
+        for cout, depth, stride, dil in zip(chans, depths, strides, dilations):
+            blocks = [BasicBlock(cin, cout, stride, dil)] + [BasicBlock(cout, cout, 1, dil) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.channels = chans
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.stem(images)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+class FCNBackbone(nn.Module):
+    """Dilated ResNet (output stride 8) + FCN head convolutions; features ``(B, out_channels, H/8, W/8)``.
+
+    Parameters
+    ----------
+    size : {"tiny", "small", "base"}
+        Preset for ``width`` and ``depths`` (explicit values override it).
+    width, depths : see ``DilatedResNet``
+    channels : int, optional
+        Output channels (default ``4 * width``).
+    """
+
+    def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+        width = width or SIZES[size]["width"]
+        self.encoder = DilatedResNet(width, depths or SIZES[size]["depths"], output_stride=8)
+        cin = self.encoder.channels[-1]
+        self.out_channels = channels or 4 * width
+        self.fcn = nn.Sequential(conv_bn_relu(cin, self.out_channels), conv_bn_relu(self.out_channels, self.out_channels))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.fcn(self.encoder(images)[-1])

@@ -1,0 +1,84 @@
+"""Backbones from segmentation-models-pytorch: ``arch="smp:<Architecture>:<encoder>"``.
+
+The smp model is built with its usual constructor; its ``segmentation_head`` (classifier conv, upsampling,
+activation) is replaced by the identity, so the backbone returns the decoder output and our head classifies
+it. Example names (smp 0.6): ``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``,
+``smp:Unet:resnet34``, ``smp:FPN:resnet50``, ``smp:DPT:tu-vit_base_patch16_224.augreg_in21k``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _smp():
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("arch='smp:...' needs segmentation-models-pytorch "
+                          "(pip install 'gmmseg[zoo]' or segmentation-models-pytorch)") from err
+    return smp
+
+
+def parse_smp_arch(arch: str) -> tuple[str, str]:
+    """``"smp:Segformer:mit_b0" -> ("Segformer", "mit_b0")``, with a clear error for a malformed name."""
+    parts = arch.split(":", 2)
+    if len(parts) != 3 or parts[0] != "smp" or not parts[1] or not parts[2]:
+        raise ValueError(f"an smp arch must look like 'smp:<Architecture>:<encoder>' "
+                         f"(e.g. 'smp:Segformer:mit_b0'), got {arch!r}")
+    return parts[1], parts[2]
+
+
+class SMPBackbone(nn.Module):
+    """An smp model without its segmentation head; features = the decoder output ``(B, out_channels, h, w)``.
+
+    Parameters
+    ----------
+    architecture : str
+        An smp architecture name (``smp.Unet``, ``smp.Segformer``, ...; case-insensitive as in
+        ``smp.create_model``).
+    encoder : str
+        An smp encoder name.
+    encoder_weights : str or None
+        ``"imagenet"`` (default; downloads on first use) or None for random initialisation.
+    **kw
+        Passed to the smp constructor (e.g. ``decoder_channels``).
+
+    Notes
+    -----
+    Inputs whose sides are not multiples of the encoder's stride (at least 32) are zero-padded at the bottom
+    and right; the features are cropped back to the region covering the image.
+    """
+
+    def __init__(self, architecture: str, encoder: str, encoder_weights: str | None = "imagenet", **kw):
+        super().__init__()
+        smp = _smp()
+        known = {name.lower(): name for name in smp.MODEL_ARCHITECTURES_MAPPING}
+        if architecture.lower() not in known:
+            raise ValueError(f"unknown smp architecture {architecture!r}; smp {smp.__version__} has "
+                             f"{sorted(known.values())}")
+        model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
+                                 encoder_weights=encoder_weights, classes=1, **kw)
+        self.out_channels = model.segmentation_head[0].in_channels
+        model.segmentation_head = nn.Identity()
+        model.classification_head = None
+        self.model = model
+        self.size_divisor = max(32, int(getattr(model.encoder, "output_stride", 32)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        h, w = images.shape[-2:]
+        d = self.size_divisor
+        pad_h, pad_w = -h % d, -w % d
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
+        feats = self.model(images)
+        if pad_h or pad_w:
+            fh, fw = feats.shape[-2:]
+            feats = feats[..., : -(-fh * h // (h + pad_h)), : -(-fw * w // (w + pad_w))]
+        return feats
+
+
+def build_smp_backbone(arch: str, **kw) -> SMPBackbone:
+    architecture, encoder = parse_smp_arch(arch)
+    return SMPBackbone(architecture, encoder, **kw)

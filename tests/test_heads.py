@@ -1,0 +1,390 @@
+"""SoftmaxHead and GMMHead: likelihoods against torch.distributions, EM bookkeeping against naive references."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+from gmmseg_core import mixture
+from gmmseg_core.heads import VARIANT_DEFAULTS, GMMHead, SoftmaxHead
+from gmmseg_core.memory import ring_push, select_evenly_spaced
+
+C, K, D, CF = 3, 2, 4, 6
+
+
+def _head(**kw):
+    kw = dict(dict(embed_dim=D, num_components=K, memory_size=16), **kw)
+    return GMMHead(CF, C, **kw)
+
+
+def _randomise(head, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    head.means.copy_(torch.randn(head.means.shape, generator=g) * 0.5)
+    head.variances.copy_(torch.rand(head.variances.shape, generator=g) * 0.5 + 0.05)
+
+
+def test_softmax_head_shapes_and_interface():
+    head = SoftmaxHead(CF, C)
+    f = torch.randn(2, CF, 5, 7)
+    assert head(f).shape == (2, C, 5, 7)
+    assert not head.is_generative
+    assert float(head.extra_loss(f, torch.zeros(2, 5, 7, dtype=torch.long))) == 0.0
+    head.update(f, torch.zeros(2, 5, 7, dtype=torch.long), None)
+    with pytest.raises(TypeError, match="generative"):
+        head.class_log_likelihood(f)
+
+
+@pytest.mark.parametrize("reduce", ["logsumexp", "max"])
+def test_logits_match_torch_distributions(reduce):
+    head = _head(reduce=reduce, class_norm=False).eval()
+    _randomise(head)
+    f = torch.randn(2, CF, 3, 4)
+    with torch.no_grad():
+        logits = head(f)
+        loglik = head.class_log_likelihood(f)
+        x = head.embedding(f)                                     # (B, h, w, D)
+    assert logits.shape == loglik.shape == (2, C, 3, 4)
+    pixels = [(0, 0, 0), (0, 2, 3), (1, 1, 2)]
+    for b, i, j in pixels:
+        for c in range(C):
+            comp = Independent(Normal(head.means[c], head.variances[c].sqrt()), 1)
+            if reduce == "logsumexp":
+                ref = MixtureSameFamily(Categorical(torch.ones(K)), comp).log_prob(x[b, i, j])
+            else:
+                ref = comp.log_prob(x[b, i, j][None].expand(K, D)).max()
+            torch.testing.assert_close(logits[b, c, i, j], ref, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(loglik[b, c, i, j], ref, rtol=1e-5, atol=1e-4)
+
+
+def test_official_logits_are_layernormed_max_scores():
+    head = _head(variant="official").eval()
+    _randomise(head)
+    with torch.no_grad():
+        head.class_normalizer.weight.uniform_(0.5, 2.0)
+        head.class_normalizer.bias.normal_()
+        f = torch.randn(2, CF, 3, 4)
+        x = head.embedding(f)
+        comp = torch.stack([Independent(Normal(head.means[c], head.variances[c].sqrt()), 1)
+                            .log_prob(x[..., None, :]) for c in range(C)], -2)   # (B, h, w, C, K)
+        scores = comp.amax(-1)
+        ref = F.layer_norm(scores, (C,), head.class_normalizer.weight, head.class_normalizer.bias)
+        torch.testing.assert_close(head(f), ref.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(head.class_log_likelihood(f), scores.permute(0, 3, 1, 2), rtol=1e-5, atol=1e-4)
+    norms = head.embedding(f).norm(dim=-1)        # unit norm (0 only where ReLU zeroed every channel)
+    assert bool((((norms - 1).abs() < 1e-5) | (norms == 0)).all()) and float((norms > 0).float().mean()) > 0.9
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_gradients_reach_features_not_gaussians(variant):
+    head = _head(variant=variant)
+    f = torch.randn(2, CF, 4, 4, requires_grad=True)
+    labels = torch.randint(0, C, (2, 8, 8))
+    logits, comp = head(f, return_component_logp=True)
+    assert comp.shape == (2, C, K, 4, 4)
+    loss = F.cross_entropy(logits, labels[:, ::2, ::2]) + head.extra_loss(f, labels, component_logp=comp)
+    loss.backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+    assert head.embed[0].weight.grad.abs().sum() > 0
+    assert not head.means.requires_grad and head.means.grad is None and head.variances.grad is None
+    names = {n for n, _ in head.named_parameters()}
+    assert "means" not in names and "variances" not in names
+    assert {"means", "variances", "memory", "memory_ptr", "memory_count", "num_updates"} <= set(head.state_dict())
+
+
+def test_extra_loss_is_weighted_component_cross_entropy():
+    head = _head(variant="official").eval()
+    _randomise(head)
+    f = torch.randn(2, CF, 3, 3)
+    labels = torch.randint(0, C, (2, 3, 3))
+    labels[0, 0, 0] = 255
+    assert float(_head(variant="paper").extra_loss(f, labels)) == 0.0
+    loss = head.extra_loss(f, labels)
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+        comp = mixture.diag_gaussian_log_prob(x, head.means.reshape(-1, D), head.variances.reshape(-1, D))
+    y = labels.reshape(-1)
+    valid = y != 255
+    resp = head.e_step(comp.reshape(-1, C, K)[valid.nonzero().squeeze(1), y[valid]], y[valid])
+    target = y[valid] * K + resp.argmax(1)
+    ref = 0.01 * F.cross_entropy(comp[valid], target)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("em", ["sinkhorn", "classic"])
+def test_batched_e_step_equals_per_class_loop(hard, em):
+    head = _head(num_components=3, hard_assign=hard, em=em)
+    g = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0] * 7 + [2] * 12 + [0] * 4 + [2] * 2)       # class 1 absent, interleaved order
+    logp = torch.randn(labels.numel(), 3, generator=g) * 20 - 50
+    resp = head.e_step(logp, labels)
+    for c in (0, 2):
+        rows = labels == c
+        if em == "sinkhorn":
+            s = logp[rows]
+            ref = mixture.sinkhorn(s / s.abs().max(), epsilon=0.05, n_iters=3)
+        else:
+            ref = torch.softmax(logp[rows], -1)
+        if hard:
+            ref = F.one_hot(ref.argmax(1), 3).float()
+        torch.testing.assert_close(resp[rows], ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(resp.sum(1), torch.ones(labels.numel()))
+
+
+def _naive_push(rings, ptrs, counts, size, values, groups):
+    for v, gi in zip(values, groups):
+        rings[gi][ptrs[gi]] = v
+        ptrs[gi] = (ptrs[gi] + 1) % size
+        counts[gi] = min(counts[gi] + 1, size)
+
+
+def test_ring_buffer_wraps_like_naive_fifo():
+    g = torch.Generator().manual_seed(0)
+    G, M, Dm = 4, 5, 2
+    memory, ptr, count = torch.zeros(G, M, Dm), torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
+    rings, ptrs, counts = [[None] * M for _ in range(G)], [0] * G, [0] * G
+    stats = (torch.zeros(G, Dm, dtype=torch.float64), torch.zeros(G, Dm, dtype=torch.float64))
+    step = 0
+    for n in (3, 9, 1, 14, 0, 6):                  # 14 > M rows of one group at once: only the last M survive
+        groups = torch.randint(0, G, (n,), generator=g)
+        if n == 14:
+            groups[:] = 2
+        values = torch.arange(step, step + n, dtype=torch.float32)[:, None].repeat(1, Dm)
+        step += n
+        order = select_evenly_spaced(groups, G, None)
+        ring_push(memory, ptr, count, values[order], groups[order], stats=stats)
+        _naive_push(rings, ptrs, counts, M, values.tolist(), groups.tolist())
+        assert ptr.tolist() == ptrs and count.tolist() == counts
+        for gi in range(G):
+            for m in range(counts[gi]):
+                assert memory[gi, m].tolist() == rings[gi][m]
+        torch.testing.assert_close(stats[0], memory.double().sum(1))
+        torch.testing.assert_close(stats[1], memory.double().square().sum(1))
+
+
+def test_select_evenly_spaced_matches_linspace():
+    groups = torch.tensor([1, 0, 1, 1, 2, 1, 1, 0, 1, 1, 1, 1, 1])
+    sel = select_evenly_spaced(groups, 4, 3)
+    expected = []
+    for gi in range(4):
+        members = (groups == gi).nonzero().squeeze(1)
+        if members.numel():
+            keep = torch.linspace(0, members.numel() - 1, min(3, members.numel())).long()
+            expected += members[keep].tolist()
+    assert sel.tolist() == expected
+
+
+def _batch(seed=0, B=2, h=4, w=6):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, CF, h, w, generator=g)
+    labels = torch.randint(0, C, (B, h, w), generator=g)
+    labels[0, 0] = 255
+    return f, labels
+
+
+def test_correct_only_and_max_per_component():
+    head = _head(variant="official", max_per_component=2, memory_size=32).eval()
+    _randomise(head)
+    f, labels = _batch()
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+        logits = head(f)
+    pred = logits.argmax(1)
+    correct = (pred == labels).reshape(-1)
+    assert 0 < int(correct.sum()) < labels.numel() - 6
+    head.update(f, labels, logits)
+    count = head.memory_count.reshape(C, K)
+    assert int(count.max()) <= 2
+    stored = head.memory[head.memory_count[:, None] > torch.arange(32)]
+    dist_to_correct = torch.cdist(stored, x[correct]).min(1).values
+    assert float(dist_to_correct.max()) < 1e-5
+    # the same data with every pixel allowed and no cap stores every labelled pixel
+    head2 = _head(variant="official", max_per_component=None, correct_only=False, memory_size=32).eval()
+    _randomise(head2)
+    head2.update(f, labels, logits)
+    assert int(head2.memory_count.sum()) == int((labels != 255).sum())
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_update_moves_means_to_class_clusters(variant):
+    torch.manual_seed(0)
+    head = GMMHead(D, 2, embed_dim=D, num_components=2, variant=variant, correct_only=False, mean_momentum=0.0,
+                   update_interval=1, memory_size=64, max_per_component=None).eval()
+    with torch.no_grad():                          # identity-like embedding, so the clusters are known
+        head.embed[0].weight.copy_(torch.eye(D)[:, :, None, None])
+    centres = torch.tensor([[4.0, 0, 0, 0], [0, 4.0, 0, 0], [0, 0, 4.0, 0], [0, 0, 0, 4.0]]) + 0.5
+    labels = torch.tensor([0, 0, 1, 1]).repeat_interleave(16)             # clusters 0, 1 -> class 0; 2, 3 -> 1
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        pts = centres.repeat_interleave(16, 0) + 0.05 * torch.randn(64, D, generator=g)
+        f = pts.T.reshape(1, D, 8, 8)
+        head.update(f, labels.reshape(1, 8, 8), None)
+    with torch.no_grad():
+        x = head.embedding(centres.T.reshape(1, D, 2, 2)).reshape(4, D)
+    target = F.normalize(x, dim=-1) if variant == "official" else x
+    for cluster, cls in zip(range(4), (0, 0, 1, 1)):
+        gap = (head.means[cls] - target[cluster]).norm(dim=-1).min()
+        assert float(gap) < 0.05, (cluster, float(gap))
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_state_dict_round_trip_resumes_identically(variant):
+    a = _head(variant=variant, update_interval=2, mean_momentum=0.5, memory_size=8)
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    batches = [_batch(seed) for seed in range(6)]
+
+    def step(head, opt, f, labels):
+        logits, comp = head(f, return_component_logp=True)
+        loss = F.cross_entropy(logits, labels[:, :, :], ignore_index=255) + head.extra_loss(f, labels, component_logp=comp)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        head.update(f, labels, logits.detach())
+
+    for f, labels in batches[:3]:
+        step(a, opt, f, labels)
+    b = _head(variant=variant, update_interval=2, mean_momentum=0.5, memory_size=8)
+    b.load_state_dict(a.state_dict())
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.1)
+    opt_b.load_state_dict(opt.state_dict())
+    for f, labels in batches[3:]:
+        step(a, opt, f, labels)
+        step(b, opt_b, f, labels)
+    assert int(a.num_updates) == 6
+    for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(ta, tb), name
+    if variant == "official":                      # the running ring sums agree with the memory after wrapping
+        assert int(a.memory_count.max()) == 8
+        running = a.memory_sum.clone(), a.memory_sumsq.clone()
+        a.refresh_memory_statistics()
+        torch.testing.assert_close(running[0], a.memory_sum, rtol=0, atol=1e-12)
+        torch.testing.assert_close(running[1], a.memory_sumsq, rtol=0, atol=1e-12)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        head = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).eval()
+        for step in range(3):
+            f, labels = _batch(seed=10 * step + rank, B=rank + 1)          # different sizes per rank
+            head.update(f, labels, None)
+        torch.save(head.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gather_gives_identical_parameters_equal_to_union():
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        states = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
+    torch.manual_seed(0)
+    ref = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).eval()
+    for step in range(3):
+        parts = [_batch(seed=10 * step + r, B=r + 1) for r in range(2)]
+        f = torch.cat([p[0] for p in parts])
+        labels = torch.cat([p[1] for p in parts])
+        ref.update(f, labels, None)
+    assert int(ref.memory_count.sum()) > 0
+    for name, value in ref.state_dict().items():
+        assert torch.equal(states[0][name], states[1][name]), name
+        torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(variant="offical"), "variant must be one of"),
+    (dict(em="kmeans"), "em must be one of"),
+    (dict(reduce="mean"), "reduce must be one of"),
+    (dict(num_components=0), "num_components must be a positive int, got 0"),
+    (dict(memory_size=-1), "memory_size must be a positive int, got -1"),
+    (dict(max_per_component=0), "max_per_component must be a positive int, got 0"),
+    (dict(mean_momentum=1.0), r"mean_momentum must be in \[0, 1\), got 1.0"),
+    (dict(variance_floor=0.0), "variance_floor must be > 0"),
+    (dict(class_norm="yes"), "class_norm must be a bool"),
+    (dict(m_step_scope="all"), "m_step_scope must be one of"),
+])
+def test_bad_arguments_name_the_parameter(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GMMHead(CF, C, **kw)
+
+
+def test_variant_defaults_fill_unset_knobs():
+    official = GMMHead(CF, C, variant="official")
+    for knob, value in VARIANT_DEFAULTS["official"].items():
+        assert getattr(official, knob) == value, knob
+    assert official.reduce == "max" and official.hard_assign and official.max_per_component == 20
+    mixed = GMMHead(CF, C, variant="official", reduce="logsumexp", max_per_component=None)
+    assert mixed.reduce == "logsumexp" and mixed.max_per_component is None and mixed.class_norm
+    assert GMMHead(CF, C).memory_resp is not None and official.memory_resp is None
+
+
+def test_official_m_step_matches_released_code_loop():
+    head = _head(variant="official", mean_momentum=0.9, memory_size=8)
+    g = torch.Generator().manual_seed(5)
+    fill = torch.tensor([8, 3, 0, 5, 1, 8])                     # rings of (class, component); one empty
+    with torch.no_grad():
+        for ring, n in enumerate(fill.tolist()):
+            head.memory[ring, :n] = F.normalize(torch.randn(n, D, generator=g), dim=-1)
+        head.memory_count.copy_(fill)
+    head.refresh_memory_statistics()
+    old_means, old_vars = head.means.clone(), head.variances.clone()
+    head.m_step(torch.tensor([True, True, False]))              # class 2 (rings 4, 5) not in the batch
+    for ring, n in enumerate(fill.tolist()):
+        c, k = divmod(ring, K)
+        if n == 0 or c == 2:
+            assert torch.equal(head.means[c, k], old_means[c, k]) and torch.equal(head.variances[c, k], old_vars[c, k])
+            continue
+        mem = head.memory[ring, :n]
+        f = F.normalize(mem.sum(0), dim=0)
+        mean = F.normalize(0.9 * old_means[c, k] + 0.1 * f, dim=0)
+        var = ((mem - f) ** 2).mean(0) + 0.01
+        torch.testing.assert_close(head.means[c, k], mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head.variances[c, k], var, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_m_step_is_responsibility_weighted():
+    head = _head(variant="paper", mean_momentum=0.0, memory_size=6)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        head.memory.copy_(torch.randn(head.memory.shape, generator=g))
+        head.memory_resp.copy_(torch.softmax(torch.randn(head.memory_resp.shape, generator=g), -1))
+        head.memory_count.copy_(torch.tensor([6, 2, 4, 4, 0, 0]))
+    old_means = head.means.clone()
+    head.m_step()
+    for c in range(C):
+        rows = [(r, m) for r in range(c * K, c * K + K) for m in range(int(head.memory_count[r]))]
+        if not rows:
+            assert torch.equal(head.means[c], old_means[c])
+            continue
+        x = torch.stack([head.memory[r, m] for r, m in rows])
+        w = torch.stack([head.memory_resp[r, m] for r, m in rows])          # (n, K)
+        for k in range(K):
+            mean = (w[:, k:k + 1] * x).sum(0) / w[:, k].sum()
+            var = (w[:, k:k + 1] * (x - mean) ** 2).sum(0) / w[:, k].sum() + 0.01
+            torch.testing.assert_close(head.means[c, k], mean, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(head.variances[c, k], var, rtol=1e-4, atol=1e-5)
+
+
+def test_max_over_components_gradient_matches_amax():
+    from gmmseg_core.heads import _MaxOverLast
+
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, dtype=torch.float64)
+    ours = torch.autograd.grad((_MaxOverLast.apply(x) * g).sum(), x)[0]
+    ref = torch.autograd.grad((x.amax(-1) * g).sum(), x)[0]
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(_MaxOverLast.apply(x), x.amax(-1))

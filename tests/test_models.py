@@ -1,0 +1,116 @@
+"""build_model: every architecture with both heads, the smp adapters, and a short training run."""
+
+import pytest
+import torch
+
+from gmmseg_core.heads import GMMHead, SoftmaxHead
+from gmmseg_core.models import ARCHS, SegmentationModel, build_model
+
+C = 4
+IN_HOUSE = sorted(ARCHS)
+GMM_KW = dict(embed_dim=8, num_components=2, memory_size=32, update_interval=1)
+
+
+def _data(B=2, H=32, W=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, H, W, generator=g)
+    labels = torch.randint(0, C, (B, H, W), generator=g)
+    labels[:, :3] = 255
+    return images, labels
+
+
+def _check_model(model, images, labels):
+    B, _, H, W = images.shape
+    out = model.forward_train(images, labels)
+    assert set(out) >= {"loss", "logits", "features", "ce", "aux"}
+    assert out["logits"].shape == (B, C, H, W)
+    assert out["features"].shape[:2] == (B, model.backbone.out_channels)
+    assert out["loss"].dim() == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = [p.grad for p in model.backbone.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    model.update_head(out["features"], labels, out["logits"])
+    assert set(model(images, labels)) == set(out)      # the DDP-friendly spelling of forward_train
+    model.eval()
+    with torch.no_grad():
+        assert model(images).shape == (B, C, H, W)
+        if model.is_generative:
+            loglik = model.class_log_likelihood(images)
+            assert loglik.shape == (B, C, H, W) and torch.isfinite(loglik).all()
+        else:
+            with pytest.raises(TypeError, match="generative head"):
+                model.class_log_likelihood(images)
+
+
+@pytest.mark.parametrize("arch", IN_HOUSE)
+@pytest.mark.parametrize("head", ["gmm", "softmax"])
+def test_in_house_arch_shapes(arch, head):
+    model = build_model(arch, head, num_classes=C, width=8, head_kwargs=GMM_KW if head == "gmm" else None)
+    assert isinstance(model, SegmentationModel)
+    assert isinstance(model.head, GMMHead if head == "gmm" else SoftmaxHead)
+    assert model.is_generative == (head == "gmm")
+    _check_model(model, *_data())
+    if head == "gmm":
+        assert int(model.head.num_updates) == 1 and int(model.head.memory_count.sum()) > 0
+
+
+@pytest.mark.parametrize("arch", IN_HOUSE)
+def test_odd_input_sizes(arch):
+    model = build_model(arch, "gmm", num_classes=C, width=8, head_kwargs=GMM_KW).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 37, 29)).shape == (1, C, 37, 29)
+
+
+@pytest.mark.parametrize("arch", ["smp:Segformer:mit_b0", "smp:UPerNet:resnet18"])
+def test_smp_adapters(arch):
+    pytest.importorskip("segmentation_models_pytorch")
+    model = build_model(arch, "gmm", num_classes=C, encoder_weights=None,
+                        head_kwargs=dict(GMM_KW, variant="official"))
+    assert model.backbone.out_channels == model.head.embed[0].in_channels
+    _check_model(model, *_data(H=64, W=64))
+    with torch.no_grad():                          # sides that are not multiples of 32 are padded inside
+        assert model(torch.randn(2, 3, 40, 72)).shape == (2, C, 40, 72)
+
+
+def test_bad_names_list_the_valid_ones():
+    with pytest.raises(ValueError, match=r"arch must be one of \['deeplabv3plus', 'fcn', 'segformer'\]"):
+        build_model("unet", num_classes=C)
+    with pytest.raises(ValueError, match="head must be one of"):
+        build_model("fcn", "svm", num_classes=C)
+    with pytest.raises(ValueError, match="smp:<Architecture>:<encoder>"):
+        build_model("smp:Unet", num_classes=C)
+    with pytest.raises(ValueError, match="size must be one of"):
+        build_model("segformer", num_classes=C, size="huge")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        build_model("fcn", num_classes=C, head_kwargs=dict(variant="x"))
+
+
+def test_sizes_grow():
+    counts = [sum(p.numel() for p in build_model("segformer", "softmax", num_classes=C, size=s).parameters())
+              for s in ("tiny", "small", "base")]
+    assert counts[0] < counts[1] < counts[2]
+
+
+PALETTE = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [1.0, 1.0, 0]])
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_short_training_learns(variant):
+    # four 16x16 tiles per image, each the colour of its class plus noise: 40 steps must beat chance clearly
+    torch.manual_seed(0)
+    model = build_model("fcn", "gmm", num_classes=C, width=8,
+                        head_kwargs=dict(GMM_KW, variant=variant, mean_momentum=0.9))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    acc = []
+    for _ in range(40):
+        labels = torch.randint(0, C, (4, 2, 2), generator=g).repeat_interleave(16, 1).repeat_interleave(16, 2)
+        images = PALETTE[labels].permute(0, 3, 1, 2) + 0.3 * torch.randn(4, 3, 32, 32, generator=g)
+        out = model.forward_train(images, labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        model.update_head(out["features"], labels, out["logits"])
+        acc.append(float((out["logits"].argmax(1) == labels).float().mean()))
+    assert int(model.head.num_updates) == 40
+    assert sum(acc[-10:]) / 10 > sum(acc[:5]) / 5 + 0.1, acc
