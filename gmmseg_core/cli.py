@@ -1,0 +1,290 @@
+"""The ``gmmseg`` command: ``train``, ``evaluate``, ``reproduce`` and ``bench``.
+
+Run ``gmmseg <command> --help`` for the options of each; ``python -m gmmseg_core`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+MAIN_EPILOG = """\
+examples:
+  gmmseg train --arch fcn --head gmm --iters 200 --out-dir runs
+  gmmseg train --config my_run.json --set lr=3e-4 --set head_kwargs.variant=official
+  gmmseg evaluate runs/fcn_gmm_scenes_s0_1a2b3c4d --split anomaly --scorers msp energy gmm
+  gmmseg reproduce --profile cpu
+  gmmseg bench --quick
+
+Every subcommand has its own --help.
+"""
+
+TRAIN_EPILOG = """\
+The run directory (<out-dir>/<run-name>) receives config.json, log.csv, metrics.json and checkpoint.pt.
+Options given on the command line override --config; --set overrides both and reaches every TrainConfig
+field, including dict entries (head_kwargs.num_components=3, dataset_kwargs.image_size=64). Values of
+--set are read as JSON when they parse (3, 1e-3, true, null, {"a": 1}) and as strings otherwise.
+
+examples:
+  gmmseg train --arch segformer --head softmax --iters 500 --batch-size 8 --device cuda
+  gmmseg train --dataset scenes --set dataset_kwargs.image_size=64 --set model_kwargs.width=16
+  gmmseg train --config runs/x/config.json --resume          # continue an interrupted run
+  torchrun --nproc_per_node 2 -m gmmseg_core train --device cuda --iters 1000   # multi-GPU (DDP)
+"""
+
+EVAL_EPILOG = """\
+Closed-set splits (e.g. val) report mIoU, pixel accuracy and calibration (ECE); anomaly splits (labels
+0 known / 1 anomaly / 255 void) report AUROC, AP and FPR95 for each scorer. The dataset defaults to the
+one the run was trained on. Results are printed as a table and written as JSON (--output, default
+<run-dir>/eval_<dataset>_<split>.json).
+
+examples:
+  gmmseg evaluate runs/my_run                         # val split of the training dataset
+  gmmseg evaluate runs/my_run --split anomaly --scorers msp max_logit energy entropy sml gmm
+  gmmseg evaluate runs/my_run --dataset road_anomaly --data-root /data --split anomaly --streaming
+"""
+
+REPRO_EPILOG = """\
+Runs the study notebooks with papermill for a profile and writes figures/ and tables:
+  smoke  seconds per notebook (for tests), cpu  the reference run on a laptop, gpu  larger, real data.
+
+examples:
+  gmmseg reproduce --profile cpu
+  gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu
+"""
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TrainConfig JSON file to start from")
+    p.add_argument("--arch", help="fcn | deeplabv3plus | segformer | smp:<Arch>:<encoder> (default fcn)")
+    p.add_argument("--head", choices=["gmm", "softmax"], help="classifier head (default gmm)")
+    p.add_argument("--variant", choices=["paper", "official"], help="GMM head variant (head_kwargs.variant)")
+    p.add_argument("--dataset", help="dataset name (default scenes, generated, no files needed)")
+    p.add_argument("--data-root", help="root directory of a real dataset")
+    p.add_argument("--image-size", type=int, help="image size (dataset_kwargs.image_size)")
+    p.add_argument("--iters", type=int, help="training steps (default 200)")
+    p.add_argument("--batch-size", type=int, help="images per step and process (default 8)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--head-lr-mult", type=float, help="learning-rate multiplier of the head (default 10)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--warmup-iters", type=int, help="linear warm-up steps (default 0)")
+    p.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value (default off)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision on CUDA (default none)")
+    p.add_argument("--eval-interval", type=int, help="validate every N steps (default 0: at the end)")
+    p.add_argument("--checkpoint-interval", type=int, help="checkpoint every N steps (default 0: at the end)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers (default 0)")
+    p.add_argument("--balanced-sampler", action="store_true", default=None,
+                   help="sample images class-balanced (as the released code)")
+    p.add_argument("--out-dir", help="parent directory of the run (default runs)")
+    p.add_argument("--run-name", help="run directory name (default: derived from the config's hash)")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the run directory's checkpoint.pt if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any TrainConfig field (repeatable), e.g. --set head_kwargs.embed_dim=32")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("gmmseg")
+    except Exception:  # not installed (e.g. run from a bare checkout)
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gmmseg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MAIN_EPILOG,
+        description="GMMSeg study package: train and evaluate generative (GMM) and softmax segmentation "
+                    "models, reproduce the study notebooks, run the benchmarks.")
+    parser.add_argument("--version", action="version", version=f"gmmseg {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (writes a run directory)", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train a segmentation model with a GMM or softmax head.")
+    _add_train_options(p)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    p = sub.add_parser("evaluate", help="evaluate a trained run (closed-set or anomaly)", epilog=EVAL_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate a run directory written by `gmmseg train`.")
+    p.add_argument("run_dir", help="run directory (holds checkpoint.pt)")
+    p.add_argument("--dataset", help="dataset name (default: the training dataset)")
+    p.add_argument("--data-root", help="dataset root (default: the training run's)")
+    p.add_argument("--split", default="val", help="split to evaluate: val, anomaly, ... (default val)")
+    p.add_argument("--image-size", type=int, help="image size (default: the training run's)")
+    p.add_argument("--num-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--scorers", nargs="+", metavar="NAME",
+                   help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
+                        "sml is fitted on the training split)")
+    p.add_argument("--sml-images", type=int, default=200,
+                   help="training images for the sml statistics (default 200; 0 = all)")
+    p.add_argument("--streaming", action="store_true", help="histogram-based anomaly metrics (bounded memory)")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
+    p.add_argument("--crop-size", type=int, help="window size for --mode slide")
+    p.add_argument("--stride", type=int, help="window stride for --mode slide")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--output", help="JSON file for the results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("reproduce", help="run the study notebooks for a profile", epilog=REPRO_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Execute the notebooks with papermill and regenerate figures and tables.")
+    p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"], help="parameter set (default cpu)")
+    p.add_argument("--data-root", help="root of real datasets (default: shipped/generated data)")
+    p.add_argument("--device", help="torch device for the notebooks (default cpu)")
+    p.add_argument("--out-dir", help="executed notebooks and timings (default outputs/<profile>)")
+    p.add_argument("--figures-dir", default="figures", help="figures and tables (default figures)")
+
+    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)",
+                       description="Run every benchmarks/bench_*.py and update benchmarks/RESULTS.md. "
+                                   "Needs the repository checkout (benchmarks/ is not installed).")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, no RESULTS.md update (smoke test)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (e.g. bench_train_step)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _train_config(args):
+    from gmmseg_core.config import TrainConfig
+
+    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    d = cfg.to_dict()
+    flags = {"arch": args.arch, "head": args.head, "dataset": args.dataset, "data_root": args.data_root,
+             "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "head_lr_mult": args.head_lr_mult,
+             "weight_decay": args.weight_decay, "warmup_iters": args.warmup_iters, "grad_clip": args.grad_clip,
+             "amp": args.amp, "eval_interval": args.eval_interval,
+             "checkpoint_interval": args.checkpoint_interval, "seed": args.seed, "device": args.device,
+             "num_workers": args.num_workers, "balanced_sampler": args.balanced_sampler, "out_dir": args.out_dir,
+             "run_name": args.run_name, "resume": args.resume}
+    d.update({k: v for k, v in flags.items() if v is not None})
+    if args.variant is not None:
+        d["head_kwargs"] = {**d["head_kwargs"], "variant": args.variant}
+    if args.image_size is not None:
+        d["dataset_kwargs"] = {**d["dataset_kwargs"], "image_size": args.image_size}
+    if args.no_progress:
+        d["progress"] = False
+    return TrainConfig.from_dict(d).with_overrides(args.overrides)
+
+
+def cmd_train(args) -> int:
+    from gmmseg_core.train import train
+
+    cfg = _train_config(args)
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+    run_dir = train(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
+    final = metrics.get("final") or {}
+    if final:
+        print(f"final: mIoU {100 * final['miou']:.2f}  pixel acc {100 * final['pixel_acc']:.2f}  "
+              f"ECE {100 * final['ece']:.2f}")
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from gmmseg_core.data import build_dataset
+    from gmmseg_core.evaluate import (
+        collect_sml_statistics,
+        evaluate_anomaly,
+        evaluate_closed_set,
+        format_table,
+    )
+    from gmmseg_core.train import _jsonable, load_run
+
+    model, cfg, _ = load_run(args.run_dir, device=args.device)
+    name = args.dataset or cfg.dataset
+    root = args.data_root if args.data_root is not None else (cfg.data_root if name == cfg.dataset else None)
+    kw = {}
+    if name == cfg.dataset:  # the training run's data settings (and its validation overrides for val)
+        kw = {**cfg.dataset_kwargs, **(cfg.val_dataset_kwargs if args.split == "val" else {})}
+        if args.split not in ("train", "val"):
+            kw.pop("num_images", None)  # the training split's size says nothing about an anomaly split's
+    if args.image_size is not None:
+        kw["image_size"] = args.image_size
+    if args.num_images is not None:
+        kw["num_images"] = args.num_images
+    dataset = build_dataset(name, args.split, root=root, **kw)
+    common = dict(batch_size=args.batch_size, device=args.device, mode=args.mode, crop_size=args.crop_size,
+                  stride=args.stride, progress=not args.no_progress)
+    if getattr(dataset, "is_anomaly_split", False):
+        scorers = args.scorers
+        want_sml = scorers is None or "sml" in scorers
+        sml_stats = None
+        if want_sml:
+            train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **cfg.dataset_kwargs)
+            sml_stats = collect_sml_statistics(model, train_ds, max_images=args.sml_images or None, **common)
+        results = evaluate_anomaly(model, dataset, scorers=scorers, sml_stats=sml_stats,
+                                   streaming=args.streaming, **common)
+        print(f"{name}/{args.split}: anomaly metrics (%), {len(dataset)} images")
+        print(format_table(results))
+    else:
+        results = evaluate_closed_set(model, dataset, **common)
+        print(f"{name}/{args.split}: {len(dataset)} images")
+        print(format_table({"model": results}, keys=("miou", "pixel_acc", "mean_acc", "ece")))
+        classes = getattr(dataset, "classes", [str(i) for i in range(len(results["per_class_iou"]))])
+        for cls, iou in zip(classes, results["per_class_iou"]):
+            print(f"  {cls:<16}{100 * iou:8.2f}")
+    out = Path(args.output) if args.output else Path(args.run_dir) / f"eval_{name}_{args.split}.json"
+    out.write_text(json.dumps(_jsonable({"dataset": name, "split": args.split, "results": results}),
+                              indent=2) + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    try:
+        from gmmseg_core.reproduce import reproduce
+    except ImportError as err:
+        print(f"gmmseg reproduce is unavailable: {err}", file=sys.stderr)
+        return 2
+    kw = dict(profile=args.profile, data_root=args.data_root, device=args.device, figures_dir=args.figures_dir)
+    if args.out_dir is not None:
+        kw["out_dir"] = args.out_dir
+    reproduce(**kw)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if (Path.cwd() / "benchmarks" / "run_all.py").exists() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        from benchmarks import run_all
+    except ImportError:
+        print("gmmseg bench needs the source checkout: run it from the repository root (where benchmarks/ "
+              "is), e.g. `cd gmmseg && gmmseg bench`, or `make bench`.", file=sys.stderr)
+        return 2
+    argv = (["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else [])
+    return run_all.main(argv)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "reproduce": cmd_reproduce, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``gmmseg`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"gmmseg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Inference (whole image or sliding window) and the closed-set and anomaly evaluations.
+
+``predict``                  model outputs for a batch: logits and, for a GMM model, class log-likelihoods
+``evaluate_closed_set``      mIoU, per-class IoU, pixel accuracy and ECE over a dataset
+``collect_sml_statistics``   per-class max-logit statistics on training data for the ``sml`` scorer
+``evaluate_anomaly``         AUROC / AP / FPR95 of several anomaly scorers on an anomaly split
+
+A model is anything with the :func:`gmmseg_core.models.build_model` interface: ``model(images)`` -> logits at
+input size, ``model.is_generative`` and, when generative, ``model.class_log_likelihood(images)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from gmmseg_core.metrics import AnomalyMetric, CalibrationMetric, SegmentationMetric, anomaly_metrics
+from gmmseg_core.scoring import SCORERS, SMLStatistics
+
+__all__ = ["predict", "evaluate_closed_set", "evaluate_anomaly", "collect_sml_statistics",
+           "default_scorers"]
+
+LOGIT_SCORERS = ("msp", "max_logit", "energy", "entropy")
+
+
+def _is_generative(model) -> bool:
+    return bool(getattr(model, "is_generative", False))
+
+
+def _forward(model, images: torch.Tensor, generative: bool) -> dict:
+    size = images.shape[-2:]
+    if generative and hasattr(model, "backbone") and hasattr(model, "head"):
+        # one backbone pass for both outputs (SegmentationModel layout)
+        features = model.backbone(images)
+        return {"logits": interpolate_logits(model.head(features), size).float(),
+                "log_likelihood": interpolate_logits(model.head.class_log_likelihood(features), size).float()}
+    out = {"logits": model(images).float()}
+    if generative:
+        out["log_likelihood"] = model.class_log_likelihood(images).float()
+    return out
+
+
+def _pair(v, name):
+    if v is None:
+        raise ValueError(f"{name} is required for mode='slide'")
+    if isinstance(v, int):
+        v = (v, v)
+    v = tuple(int(x) for x in v)
+    if len(v) != 2 or min(v) < 1:
+        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
+    return v
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, stride=None,
+            with_likelihood: bool | None = None) -> dict:
+    """Run the model on a batch.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+        Put in eval mode by the caller.
+    images : Tensor (B, 3, H, W)
+    mode : {"whole", "slide"}
+        ``"slide"`` runs ``crop_size`` windows every ``stride`` pixels (the last window of a row/column is
+        shifted to end at the border) and averages overlapping windows, as MMSegmentation's slide inference.
+    crop_size, stride : int or (int, int)
+        Window size and step for ``"slide"`` (stride defaults to crop_size * 2 / 3).
+    with_likelihood : bool, optional
+        Also compute ``log_likelihood``; default: when the model is generative.
+
+    Returns
+    -------
+    dict with ``logits`` (B, C, H, W) float32 and, if requested, ``log_likelihood`` (B, C, H, W) float32.
+    """
+    generative = _is_generative(model) if with_likelihood is None else with_likelihood
+    if mode == "whole":
+        return _forward(model, images, generative)
+    if mode != "slide":
+        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    ch, cw = _pair(crop_size, "crop_size")
+    if stride is None:
+        stride = (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    sh, sw = _pair(stride, "stride")
+    B, _, H, W = images.shape
+    rows = max(H - ch + sh - 1, 0) // sh + 1
+    cols = max(W - cw + sw - 1, 0) // sw + 1
+    sums: dict = {}
+    count = images.new_zeros(1, 1, H, W)
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * sh + ch, H), min(c * sw + cw, W)
+            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
+            crop = _forward(model, images[:, :, y1:y2, x1:x2], generative)
+            for k, v in crop.items():
+                if k not in sums:
+                    sums[k] = v.new_zeros(B, v.shape[1], H, W)
+                sums[k][:, :, y1:y2, x1:x2] += v
+            count[:, :, y1:y2, x1:x2] += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def _loader(dataset, batch_size, num_workers, max_images):
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def _device(device):
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _num_classes(model, dataset):
+    n = getattr(dataset, "num_classes", None)
+    if n is None:
+        n = getattr(model, "num_classes", None)
+    if n is None:
+        raise ValueError("cannot tell the number of classes: the dataset has no num_classes attribute")
+    return int(n)
+
+
+@torch.no_grad()
+def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: str = "whole", crop_size=None,
+                        stride=None, num_workers: int = 0, max_images: int | None = None, ece_bins: int = 15,
+                        progress: bool = True) -> dict:
+    """Closed-set segmentation quality on a labelled split.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+    dataset : Dataset of (image (3, H, W), label (H, W)) with ``num_classes`` and ``ignore_index`` (255)
+    batch_size, num_workers : DataLoader settings
+    device : torch.device or str, optional (default cpu); the model is moved there
+    mode, crop_size, stride : see :func:`predict`
+    max_images : int, optional
+        Evaluate only the first images.
+    ece_bins : int
+        Bins of the expected calibration error of the softmax posterior.
+
+    Returns
+    -------
+    dict: ``miou``, ``per_class_iou`` (list, NaN for classes absent from targets and predictions),
+    ``pixel_acc``, ``mean_acc``, ``ece``, ``reliability`` (per-bin data), ``confusion`` (numpy (C, C)),
+    ``num_images``.
+    """
+    device = _device(device)
+    was_training = model.training
+    model.to(device).eval()
+    C = _num_classes(model, dataset)
+    ignore = getattr(dataset, "ignore_index", 255)
+    seg = SegmentationMetric(C, ignore_index=ignore, device=device)
+    cal = CalibrationMetric(n_bins=ece_bins, ignore_index=ignore)
+    n_images = 0
+    for images, labels in tqdm(_loader(dataset, batch_size, num_workers, max_images), desc="evaluate",
+                               disable=not progress, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        logits = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
+                         with_likelihood=False)["logits"]
+        seg.update(logits.argmax(1), labels)
+        cal.update(logits.softmax(1), labels)
+        n_images += images.shape[0]
+    model.train(was_training)
+    out = seg.compute()
+    rel = cal.compute()
+    out.update(ece=rel.pop("ece"), reliability=rel, num_images=n_images)
+    return out
+
+
+@torch.no_grad()
+def collect_sml_statistics(model, train_dataset, batch_size: int = 4, device=None, mode: str = "whole",
+                           crop_size=None, stride=None, num_workers: int = 0, max_images: int | None = None,
+                           progress: bool = True) -> dict:
+    """Per-class mean / std of the max logit over training pixels predicted as that class (for ``sml``).
+
+    Returns ``{"mean": (C,), "std": (C,), "count": (C,)}`` float32 CPU tensors. Pixels labelled 255 are skipped.
+    """
+    device = _device(device)
+    was_training = model.training
+    model.to(device).eval()
+    stats = SMLStatistics(_num_classes(model, train_dataset),
+                          ignore_index=getattr(train_dataset, "ignore_index", 255))
+    for images, labels in tqdm(_loader(train_dataset, batch_size, num_workers, max_images), desc="sml stats",
+                               disable=not progress, leave=False):
+        logits = predict(model, images.to(device), mode=mode, crop_size=crop_size, stride=stride,
+                         with_likelihood=False)["logits"]
+        stats.update(logits, labels.to(device))
+    model.train(was_training)
+    return stats.compute()
+
+
+def default_scorers(model, sml_stats=None) -> list[str]:
+    """The scorers that apply: the logit scores, ``sml`` when statistics are given, ``gmm`` for a GMM model."""
+    names = list(LOGIT_SCORERS)
+    if sml_stats is not None:
+        names.append("sml")
+    if _is_generative(model):
+        names.append("gmm")
+    return names
+
+
+@torch.no_grad()
+def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None, streaming: bool = False,
+                     batch_size: int = 4, device=None, mode: str = "whole", crop_size=None, stride=None,
+                     num_workers: int = 0, max_images: int | None = None, num_bins: int = 2 ** 20,
+                     max_curve_points: int | None = 1000, progress: bool = True) -> dict:
+    """Pooled pixel-level anomaly metrics of several scorers on an anomaly split.
+
+    Parameters
+    ----------
+    model : SegmentationModel
+    dataset : Dataset of (image, label) with labels 0 = known, 1 = anomaly, 255 = void
+    scorers : list of str, optional
+        Names from :data:`gmmseg_core.scoring.SCORERS`; default :func:`default_scorers`. ``gmm`` needs a
+        generative model; ``sml`` needs ``sml_stats`` (:func:`collect_sml_statistics` on the training split).
+    streaming : bool
+        False: keep every valid pixel's score and compute exactly (:func:`gmmseg_core.metrics.anomaly_metrics`,
+        memory O(pixels)); True: histograms (:class:`gmmseg_core.metrics.AnomalyMetric`, bounded memory).
+    num_bins, max_curve_points : streaming histogram size; number of curve points returned
+
+    Returns
+    -------
+    dict ``{scorer: {"auroc", "ap", "fpr95", "curves"}}``; curves are numpy arrays ``thresholds, fpr, tpr,
+    precision, recall``.
+    """
+    scorers = list(scorers) if scorers is not None else default_scorers(model, sml_stats)
+    for name in scorers:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
+    if "gmm" in scorers and not _is_generative(model):
+        raise ValueError("scorer 'gmm' needs a generative model (head='gmm'); this model has a softmax head")
+    if "sml" in scorers and sml_stats is None:
+        raise ValueError("scorer 'sml' needs sml_stats: compute them with collect_sml_statistics(model, "
+                         "train_dataset)")
+    device = _device(device)
+    was_training = model.training
+    model.to(device).eval()
+    generative = "gmm" in scorers
+    ignore = getattr(dataset, "ignore_index", 255)
+    if streaming:
+        acc = {name: AnomalyMetric(num_bins=num_bins, ignore_index=ignore) for name in scorers}
+    else:
+        acc = {name: [] for name in scorers}
+        kept_labels = []
+    for images, labels in tqdm(_loader(dataset, batch_size, num_workers, max_images), desc="anomaly",
+                               disable=not progress, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        outputs = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
+                          with_likelihood=generative)
+        if streaming:
+            for name in scorers:
+                acc[name].update(SCORERS[name](outputs, sml_stats=sml_stats), labels)
+            continue
+        valid = labels != ignore
+        kept_labels.append(labels[valid].to(torch.uint8).cpu())
+        for name in scorers:
+            acc[name].append(SCORERS[name](outputs, sml_stats=sml_stats)[valid].float().cpu())
+    model.train(was_training)
+    results = {}
+    for name in scorers:
+        if streaming:
+            r = acc[name].compute(max_curve_points=max_curve_points)
+        else:
+            r = anomaly_metrics(torch.cat(acc[name]), torch.cat(kept_labels), return_curves=True,
+                                max_curve_points=max_curve_points)
+        results[name] = {k: r[k] for k in ("auroc", "ap", "fpr95", "curves")}
+    return results
+
+
+def interpolate_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to ``size`` (H, W), as ``SegmentationModel`` does."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def format_table(results: dict, keys=("auroc", "ap", "fpr95")) -> str:
+    """A plain-text table of ``{row: {key: value}}`` with values in percent."""
+    head = f"{'':<12}" + "".join(f"{k:>10}" for k in keys)
+    lines = [head]
+    for row, vals in results.items():
+        cells = "".join(f"{100 * vals[k]:>10.2f}" if isinstance(vals.get(k), float) and not math.isnan(vals[k])
+                        else f"{'nan':>10}" for k in keys)
+        lines.append(f"{row:<12}" + cells)
+    return "\n".join(lines)

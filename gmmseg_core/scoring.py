@@ -1,0 +1,175 @@
+"""Pixel-wise anomaly scores: higher = more anomalous.
+
+Every scorer has the signature ``fn(outputs: dict, **kw) -> Tensor (B, H, W)`` where ``outputs`` is what
+:func:`gmmseg_core.evaluate.predict` returns: ``"logits"`` (B, C, H, W) and, for a generative (GMM) model,
+``"log_likelihood"`` (B, C, H, W) = log p(x | c).
+
+=============  ==========================================================  ======================
+name           score                                                       needs
+=============  ==========================================================  ======================
+``msp``        1 - max_c softmax(z)_c                                      logits
+``max_logit``  - max_c z_c                                                 logits
+``energy``     - T logsumexp_c (z_c / T)   (``temperature`` T, default 1)  logits
+``entropy``    - sum_c p_c log p_c,  p = softmax(z)                        logits
+``sml``        - (max_c z_c - mu_k) / sigma_k,  k = argmax_c z_c           logits, ``sml_stats``
+``gmm``        - max_c log p(x | c)                                        log_likelihood
+=============  ==========================================================  ======================
+
+The logit-based scorers apply to any model, the GMM model included (its logits are the class log-likelihoods,
+possibly normalised across classes in the "official" variant), so the same GMM network can be scored both with
+its density (``gmm``) and with softmax-style scores of its posterior. ``sml`` is the Standardized Max Logit of
+Jung et al. (ICCV 2021): the max logit standardised by the mean and standard deviation of the max logit over
+the training pixels *predicted* as the same class (:func:`fit_sml_statistics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["SCORERS", "msp", "max_logit", "energy", "entropy", "sml", "gmm", "SMLStatistics",
+           "fit_sml_statistics", "compute_scores"]
+
+
+def _logits(outputs: dict) -> torch.Tensor:
+    if "logits" not in outputs:
+        raise ValueError(f"outputs must contain 'logits' (B, C, H, W), got keys {sorted(outputs)}")
+    z = outputs["logits"]
+    if z.dim() != 4:
+        raise ValueError(f"outputs['logits'] must be (B, C, H, W), got shape {tuple(z.shape)}")
+    return z.float()
+
+
+def msp(outputs: dict, **kw) -> torch.Tensor:
+    """1 - maximum softmax probability (Hendrycks & Gimpel). Returns (B, H, W)."""
+    return 1.0 - _logits(outputs).softmax(1).amax(1)
+
+
+def max_logit(outputs: dict, **kw) -> torch.Tensor:
+    """Negative maximum logit (Hendrycks et al.). Returns (B, H, W)."""
+    return -_logits(outputs).amax(1)
+
+
+def energy(outputs: dict, temperature: float = 1.0, **kw) -> torch.Tensor:
+    """Free energy ``-T logsumexp(z / T)`` (Liu et al.). Returns (B, H, W)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    return -temperature * torch.logsumexp(_logits(outputs) / temperature, dim=1)
+
+
+def entropy(outputs: dict, **kw) -> torch.Tensor:
+    """Shannon entropy (nats) of the softmax posterior. Returns (B, H, W)."""
+    logp = _logits(outputs).log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def sml(outputs: dict, sml_stats: dict | None = None, **kw) -> torch.Tensor:
+    """Standardized max logit: ``-(max_c z_c - mean[k]) / std[k]`` with k the predicted class.
+
+    Parameters
+    ----------
+    sml_stats : dict
+        ``{"mean": (C,), "std": (C,)}`` tensors from :func:`fit_sml_statistics` (or
+        :func:`gmmseg_core.evaluate.collect_sml_statistics`).
+    """
+    if sml_stats is None:
+        raise ValueError("the 'sml' scorer needs sml_stats={'mean': (C,), 'std': (C,)}: fit them on training "
+                         "data with fit_sml_statistics(...) or evaluate.collect_sml_statistics(model, dataset)")
+    z = _logits(outputs)
+    mean = torch.as_tensor(sml_stats["mean"], dtype=torch.float32, device=z.device)
+    std = torch.as_tensor(sml_stats["std"], dtype=torch.float32, device=z.device)
+    if mean.numel() != z.shape[1]:
+        raise ValueError(f"sml_stats has {mean.numel()} classes but the logits have {z.shape[1]}")
+    m, k = z.max(1)
+    return -(m - mean[k]) / std[k]
+
+
+def gmm(outputs: dict, **kw) -> torch.Tensor:
+    """GMMSeg's density score ``-max_c log p(x | c)`` from ``outputs["log_likelihood"]``. Returns (B, H, W)."""
+    if outputs.get("log_likelihood") is None:
+        raise ValueError("the 'gmm' scorer needs outputs['log_likelihood'] (class log-likelihoods of a generative "
+                         f"model, head='gmm'); got keys {sorted(k for k, v in outputs.items() if v is not None)}")
+    return -outputs["log_likelihood"].float().amax(1)
+
+
+SCORERS = {"msp": msp, "max_logit": max_logit, "energy": energy, "entropy": entropy, "sml": sml, "gmm": gmm}
+
+
+def compute_scores(outputs: dict, scorers: Iterable[str], **kw) -> dict:
+    """``{name: SCORERS[name](outputs, **kw)}`` for each name, with a clear error for unknown names."""
+    out = {}
+    for name in scorers:
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
+        out[name] = SCORERS[name](outputs, **kw)
+    return out
+
+
+class SMLStatistics:
+    """Accumulate per-class mean and standard deviation of the max logit over pixels predicted as that class.
+
+    Parameters
+    ----------
+    num_classes : int
+    ignore_index : int, default 255
+        Pixels whose label equals it are skipped when labels are given to :meth:`update`.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.count = torch.zeros(num_classes, dtype=torch.float64)
+        self.sum = torch.zeros(num_classes, dtype=torch.float64)
+        self.sumsq = torch.zeros(num_classes, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Add a batch of logits (B, C, H, W) (labels (B, H, W) optional, to skip ignored pixels)."""
+        if logits.dim() != 4 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must be (B, {self.num_classes}, H, W), got shape {tuple(logits.shape)}")
+        m, k = logits.double().max(1)
+        if labels is not None:
+            keep = labels.to(m.device) != self.ignore_index
+            m, k = m[keep], k[keep]
+        m, k = m.reshape(-1), k.reshape(-1)
+        C = self.num_classes
+        self.count += torch.bincount(k, minlength=C).double().cpu()
+        self.sum += torch.bincount(k, weights=m, minlength=C).cpu()
+        self.sumsq += torch.bincount(k, weights=m * m, minlength=C).cpu()
+
+    def compute(self, min_std: float = 1e-6) -> dict:
+        """``{"mean": (C,), "std": (C,), "count": (C,)}`` float32 tensors.
+
+        Classes never predicted get the statistics pooled over all pixels (so every class has a finite
+        standardisation); std is floored at ``min_std``.
+        """
+        if self.count.sum() == 0:
+            raise ValueError("SMLStatistics.compute() called before any update")
+        n = self.count.clamp_min(1)
+        mean = self.sum / n
+        var = (self.sumsq / n - mean * mean).clamp_min(0)
+        g_mean = self.sum.sum() / self.count.sum()
+        g_var = (self.sumsq.sum() / self.count.sum() - g_mean * g_mean).clamp_min(0)
+        seen = self.count > 0
+        mean = torch.where(seen, mean, g_mean)
+        std = torch.where(seen & (self.count > 1), var.sqrt(), g_var.sqrt()).clamp_min(min_std)
+        return {"mean": mean.float(), "std": std.float(), "count": self.count.float()}
+
+
+def fit_sml_statistics(batches: Iterable, num_classes: int | None = None, ignore_index: int = 255) -> dict:
+    """SML statistics from an iterable of logits (B, C, H, W) or of ``(logits, labels)`` pairs.
+
+    Returns ``{"mean": (C,), "std": (C,), "count": (C,)}`` (see :meth:`SMLStatistics.compute`).
+    """
+    stats = None
+    for batch in batches:
+        logits, labels = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        if stats is None:
+            stats = SMLStatistics(num_classes or logits.shape[1], ignore_index=ignore_index)
+        stats.update(logits, labels)
+    if stats is None:
+        raise ValueError("fit_sml_statistics needs at least one batch of logits")
+    return stats.compute()

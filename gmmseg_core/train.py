@@ -1,0 +1,466 @@
+"""The online-hybrid training loop: cross-entropy into the feature extractor, EM bookkeeping into the GMM head.
+
+``train(cfg)`` reads top to bottom: set-up (distributed, seeds, data, model, optimiser, resume), then the loop
+(forward, backward, optimiser step, head update, log, evaluate, checkpoint). Single process by default; under
+``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment) it runs DistributedDataParallel,
+gloo on CPU and NCCL on CUDA, with ``cfg.batch_size`` images per process. Only rank 0 writes files.
+
+Run directory (``cfg.run_dir``)::
+
+    config.json      the TrainConfig
+    log.csv          one row per step: step, loss, ce, aux, lr, grad_norm, step_time_s
+    metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool, ...}
+    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position (written
+                     atomically: a temporary file then ``os.replace``)
+
+Determinism and resume: the data order is a pure function of (seed, step): the image stream is the
+concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`` of a run with global batch
+``G`` takes positions ``[s G, (s + 1) G)``, and each image's augmentation is drawn from a generator seeded by
+its position. So ``resume=True`` needs only the step count to continue exactly where the run stopped; with the
+restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one (on
+the same device and thread count). Evaluation runs under a forked RNG so it never shifts the training stream.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from gmmseg_core.config import TrainConfig
+
+__all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec"]
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class _TrainStep(nn.Module):
+    """``forward = model.forward_train`` so DistributedDataParallel sees the training pass as its forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, labels):
+        return self.model.forward_train(images, labels)
+
+
+class _PositionedDataset(Dataset):
+    """Item ``(index, seed)`` -> ``dataset[index]`` with torch's RNG seeded by ``seed`` (augmentations become a
+    function of the stream position, whatever the worker count, and the global RNG is left untouched)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class _StepBatches:
+    """Batch sampler over an infinite, epoch-seeded image stream; batch ``s`` is fully determined by ``s``.
+
+    Position ``p`` of the stream is image ``perm_e[p % L]`` of epoch ``e = p // L`` (``L`` images per epoch);
+    process ``rank`` of ``world`` takes positions ``s G + rank b .. s G + (rank + 1) b - 1`` of step ``s``
+    (``b`` images per process, ``G = world b``), so one process with batch ``G`` sees the same images.
+    """
+
+    def __init__(self, dataset, batch_size, seed, start_step, num_steps, rank=0, world=1, balanced=False):
+        self.dataset, self.b, self.seed = dataset, batch_size, seed
+        self.start, self.stop = start_step, num_steps
+        self.rank, self.world = rank, world
+        self.sampler = _balanced_sampler(dataset, seed) if balanced else None
+        self.epoch_length = len(self.sampler) if self.sampler is not None else len(dataset)
+        if self.epoch_length < 1:
+            raise ValueError("the training dataset is empty")
+        self._cache: dict[int, list[int]] = {}
+
+    def _epoch(self, e: int) -> list[int]:
+        if e not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}
+            if self.sampler is not None:
+                if hasattr(self.sampler, "set_epoch"):
+                    self.sampler.set_epoch(e)
+                self._cache[e] = [int(i) for i in self.sampler]
+            else:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + e)
+                self._cache[e] = torch.randperm(self.epoch_length, generator=g).tolist()
+        return self._cache[e]
+
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        first = step * self.b * self.world + self.rank * self.b
+        out = []
+        for p in range(first, first + self.b):
+            e, o = divmod(p, self.epoch_length)
+            out.append((self._epoch(e)[o], (self.seed * 1_000_003 + p) % 2 ** 62))
+        return out
+
+    def __len__(self):
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield self.batch(step)
+
+
+def _balanced_sampler(dataset, seed):
+    try:
+        from gmmseg_core.data.sampler import ClassBalancedSampler
+    except ImportError as err:  # pragma: no cover - depends on the data package's version
+        raise ImportError("balanced_sampler=True needs gmmseg_core.data.sampler.ClassBalancedSampler") from err
+    try:
+        return ClassBalancedSampler(dataset, seed=seed)
+    except TypeError:
+        return ClassBalancedSampler(dataset)
+
+
+def build_model_from_spec(spec: dict) -> nn.Module:
+    """``build_model(arch, head=..., num_classes=..., head_kwargs..., model_kwargs...)`` from a saved spec."""
+    from gmmseg_core.models import build_model
+
+    return build_model(spec["arch"], head=spec["head"], num_classes=spec["num_classes"],
+                       head_kwargs=spec.get("head_kwargs") or {}, **spec.get("model_kwargs", {}))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(_jsonable(obj), indent=2) + "\n"))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if math.isnan(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _eval_summary(metrics: dict) -> dict:
+    keep = ("miou", "per_class_iou", "pixel_acc", "mean_acc", "ece", "num_images")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up ``(step + 1) / warmup_iters``, times poly decay."""
+    warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
+    return warm * max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path:
+    """Train a model; returns the run directory.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    stop_after : int, optional
+        Stop (as if interrupted) once this many steps are done, without marking the run finished; used to
+        test resuming. Checkpoints already written stay.
+    on_step : callable, optional
+        ``on_step(step, model, outputs)`` after every step, on every process (``model`` is the bare
+        SegmentationModel, ``outputs`` the dict of ``forward_train``); e.g. for live plots in a notebook.
+
+    Returns
+    -------
+    Path of the run directory (``cfg.run_dir``).
+    """
+    from gmmseg_core.data import build_dataset
+    from gmmseg_core.evaluate import evaluate_closed_set
+
+    # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    own_group = False
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        use_cuda = (cfg.device or "cpu").startswith("cuda")
+        device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(cfg.device or "cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            own_group = True
+    else:
+        rank, world = 0, 1
+        device = torch.device(cfg.device or "cpu")
+    master = rank == 0
+    run_dir = cfg.run_dir
+    ckpt_path = run_dir / CHECKPOINT
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(run_dir / "config.json")
+
+    # -- seeds, data, model (identical initialisation on every rank) ------------------------------------------
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **cfg.dataset_kwargs)
+    val_ds = build_dataset(cfg.dataset, "val", root=cfg.data_root,
+                           **{**cfg.dataset_kwargs, **cfg.val_dataset_kwargs})
+    spec = dict(arch=cfg.arch, head=cfg.head, num_classes=train_ds.num_classes, model_kwargs=cfg.model_kwargs,
+                head_kwargs=cfg.head_kwargs)
+    raw_model = build_model_from_spec(spec).to(device)
+
+    # -- optimiser: AdamW, head x head_lr_mult, no weight decay on biases / norm weights -----------------------
+    head_ids = {id(p) for p in raw_model.head.parameters()}
+    groups = {}
+    for p in raw_model.parameters():
+        if not p.requires_grad:
+            continue
+        key = (id(p) in head_ids, p.ndim >= 2)
+        groups.setdefault(key, []).append(p)
+    param_groups = [dict(params=ps, lr=cfg.lr * (cfg.head_lr_mult if is_head else 1.0),
+                         weight_decay=cfg.weight_decay if decay else 0.0)
+                    for (is_head, decay), ps in sorted(groups.items())]
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    amp = cfg.amp if device.type == "cuda" else "none"
+    if cfg.amp != "none" and amp == "none" and master:
+        warnings.warn(f"amp={cfg.amp!r} needs CUDA; training in float32 on {device}", stacklevel=2)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+    # -- resume ------------------------------------------------------------------------------------------------
+    step = 0
+    metrics = {"evals": [], "final": None, "finished": False, "classes": list(getattr(train_ds, "classes", []))}
+    if cfg.resume and ckpt_path.exists():
+        # on the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = int(ckpt["step"])
+        _set_rng_state(ckpt["rng"])
+        metrics = ckpt["metrics"]
+        if metrics.get("finished") and step >= cfg.iters:
+            if own_group:
+                dist.destroy_process_group()
+            return run_dir
+    elif master:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
+        for name in (CHECKPOINT, "metrics.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    if master:
+        _truncate_log(run_dir / "log.csv", step)
+    model = _TrainStep(raw_model)
+    if ddp:
+        # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
+        # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
+        # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, broadcast_buffers=False)
+
+    batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
+                           balanced=cfg.balanced_sampler)
+    loader = DataLoader(_PositionedDataset(train_ds), batch_sampler=batches, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+                        persistent_workers=False)
+
+    def evaluate_now(at_step):
+        if master:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                result = evaluate_closed_set(raw_model, val_ds, batch_size=cfg.batch_size, device=device,
+                                             num_workers=0, progress=False)
+            metrics["evals"].append({"step": at_step, **_eval_summary(result)})
+            _write_json(run_dir / "metrics.json", metrics)
+        if ddp:
+            dist.barrier()
+
+    def save_checkpoint(at_step):
+        if master:
+            state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
+                         rng=_rng_state(), data=dict(step=at_step, epoch_length=batches.epoch_length,
+                                                     seed=cfg.seed, world_size=world),
+                         config=cfg.to_dict(), model_spec=spec, metrics=metrics)
+            _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+        if ddp:
+            dist.barrier()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    raw_model.train()
+    log_file = open(run_dir / "log.csv", "a", newline="") if master else None
+    writer = None
+    bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
+               dynamic_ncols=True)
+    t_start = time.perf_counter()
+    try:
+        for images, labels in loader:
+            t0 = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with autocast:
+                out = model(images, labels)
+            loss = out["loss"]
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # no-op without fp16; makes the logged gradient norm the true one
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            # EM bookkeeping of the head (no gradients). ``features`` is the tensor the head saw, so the head reuses
+            # its forward's embeddings and feature-resolution logits (for "correctly classified"); passing the
+            # upsampled logits instead would cost an argmax over the full-resolution map every step.
+            with torch.no_grad():
+                raw_model.update_head(out["features"], labels)
+            step += 1
+            if on_step is not None:
+                on_step(step, raw_model, out)
+
+            logged = torch.stack([loss.detach().float(), torch.as_tensor(out.get("ce", loss)).detach().float(),
+                                  torch.as_tensor(out.get("aux", 0.0), device=device).detach().float()])
+            if ddp:  # log the means over processes: the losses of the global batch
+                dist.all_reduce(logged)
+                logged /= world
+            if master:
+                loss_value, ce_value, aux_value = logged.tolist()
+                row = {"step": step, "loss": loss_value, "ce": ce_value, "aux": aux_value, "lr": lr,
+                       "grad_norm": float(grad_norm),
+                       "step_time_s": time.perf_counter() - t0}
+                if writer is None:
+                    writer = csv.DictWriter(log_file, fieldnames=list(row))
+                    if log_file.tell() == 0:
+                        writer.writeheader()
+                writer.writerow(row)
+                if step % cfg.log_interval == 0 or step == cfg.iters:
+                    log_file.flush()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.update(1)
+            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.iters:
+                evaluate_now(step)
+            if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.iters:
+                save_checkpoint(step)
+            if stop_after is not None and step >= stop_after and step < cfg.iters:
+                return run_dir
+
+        # -- the end: final evaluation, checkpoint, metrics -------------------------------------------------------
+        evaluate_now(step)
+        metrics["final"] = metrics["evals"][-1] if master else None
+        metrics["finished"] = True
+        metrics["train_time_s"] = time.perf_counter() - t_start
+        save_checkpoint(step)
+        if master:
+            _write_json(run_dir / "metrics.json", metrics)
+        return run_dir
+    finally:
+        bar.close()
+        if log_file is not None:
+            log_file.close()
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep only the log rows of steps <= ``step`` (a resumed run rewrites what followed its checkpoint)."""
+    if step == 0 or not path.exists():
+        if path.exists():
+            path.unlink()
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= step)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def load_run(run_dir, device=None):
+    """Load a trained run.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A directory written by :func:`train`.
+    device : torch.device or str, optional (default cpu)
+
+    Returns
+    -------
+    (model in eval mode, TrainConfig, metrics dict from ``metrics.json`` (or the checkpoint's))
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"no {CHECKPOINT} in run directory {str(run_dir)!r}; train it first")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = build_model_from_spec(ckpt["model_spec"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else _jsonable(ckpt["metrics"])
+    return model, cfg, metrics
+
+
+def is_finished(run_dir) -> bool:
+    """True when ``run_dir`` holds a completed run (metrics.json says finished and the checkpoint exists)."""
+    run_dir = Path(run_dir)
+    try:
+        done = json.loads((run_dir / "metrics.json").read_text()).get("finished", False)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return bool(done) and (run_dir / CHECKPOINT).exists()
+
+
+def train_cached(cfg: TrainConfig, cache_dir="runs/cache") -> Path:
+    """Train ``cfg`` unless an identical finished run is in ``cache_dir``; returns its run directory.
+
+    The run directory is ``cache_dir / cfg.default_run_name()`` (it ends with ``cfg.cache_key()``), so every
+    config differing only in run-location fields (``out_dir``, ``run_name``, ``resume``, workers, logging) maps
+    to the same directory. An unfinished run there is resumed from its last checkpoint.
+    """
+    run_cfg = cfg.replace(out_dir=str(cache_dir), run_name=cfg.default_run_name(), resume=True)
+    if is_finished(run_cfg.run_dir):
+        return run_cfg.run_dir
+    return train(run_cfg)

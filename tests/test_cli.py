@@ -1,0 +1,89 @@
+"""The ``gmmseg`` command, called in-process through ``main([...])`` (and once as a subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gmmseg_core.cli import main
+
+TINY = ["--arch", "fcn", "--iters", "2", "--batch-size", "2", "--image-size", "32", "--no-progress",
+        "--set", "model_kwargs.width=4", "--set", 'head_kwargs={"embed_dim": 4, "num_components": 2}',
+        "--set", "dataset_kwargs.num_images=4", "--set", 'val_dataset_kwargs={"num_images": 2}']
+
+
+def test_help_lists_the_commands_with_examples(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("train", "evaluate", "reproduce", "bench", "examples:"):
+        assert word in out
+    assert main([]) == 1  # no command: help, failure status
+    for command in ("train", "evaluate", "reproduce", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "usage: gmmseg " + command in capsys.readouterr().out
+
+
+def test_print_config_merges_file_flags_and_overrides(tmp_path, capsys):
+    from gmmseg_core.config import TrainConfig
+
+    base = tmp_path / "base.json"
+    TrainConfig(lr=0.5, iters=9, seed=3).to_json(base)
+    assert main(["train", "--config", str(base), "--iters", "4", "--variant", "official",
+                 "--set", "seed=7", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["lr"], cfg["iters"], cfg["seed"], cfg["head_kwargs"]) == (0.5, 4, 7, {"variant": "official"})
+    assert main(["train", "--set", "iters=0", "--print-config"]) == 2
+    assert "iters must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_closed_set_and_anomaly(tmp_path, capsys):
+    assert main(["train", *TINY, "--out-dir", str(tmp_path), "--run-name", "run"]) == 0
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoint.pt").exists()
+    assert "run directory" in capsys.readouterr().out
+
+    assert main(["evaluate", str(run_dir), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "miou" in out
+    val = json.loads((run_dir / "eval_scenes_val.json").read_text())
+    assert 0 <= val["results"]["miou"] <= 1
+
+    target = tmp_path / "anomaly.json"
+    assert main(["evaluate", str(run_dir), "--split", "anomaly", "--num-images", "2", "--scorers", "msp", "gmm",
+                 "--streaming", "--output", str(target), "--no-progress"]) == 0
+    res = json.loads(target.read_text())["results"]
+    assert set(res) == {"msp", "gmm"} and 0 <= res["gmm"]["auroc"] <= 1
+    assert "fpr95" in capsys.readouterr().out
+
+
+def test_evaluate_reports_a_missing_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_reproduce_delegates(monkeypatch):
+    import gmmseg_core.reproduce as rep
+
+    calls = []
+    monkeypatch.setattr(rep, "reproduce", lambda **kw: calls.append(kw) or {})
+    assert main(["reproduce", "--profile", "smoke", "--data-root", "/data", "--device", "cpu",
+                 "--out-dir", "o"]) == 0
+    assert calls == [dict(profile="smoke", data_root="/data", device="cpu", figures_dir="figures", out_dir="o")]
+
+
+def test_bench_rejects_unknown_benchmarks(monkeypatch, capsys):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["bench", "--only", "bench_does_not_exist"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_as_a_subprocess():
+    out = subprocess.run([sys.executable, "-m", "gmmseg_core", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "usage: gmmseg" in out.stdout

@@ -1,0 +1,193 @@
+"""Metrics against independent references: scikit-learn and plain numpy loops."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    jaccard_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from gmmseg_core.metrics import (
+    AnomalyMetric,
+    CalibrationMetric,
+    SegmentationMetric,
+    anomaly_metrics,
+    expected_calibration_error,
+    reliability_diagram,
+)
+
+# ---------------------------------------------------------------------------------------------- segmentation
+
+
+def test_segmentation_metric_matches_sklearn(rng):
+    C = 5
+    target = rng.integers(0, C, size=(3, 16, 16))
+    target[0, :4] = 255
+    target[target == 3] = 2  # class 3 never in the targets ...
+    pred = rng.integers(0, C, size=(3, 16, 16))
+    pred[pred == 4] = 0  # ... class 4 never predicted
+    target[target == 4] = 0  # so class 4 is absent from both: NaN, left out of the mean
+    metric = SegmentationMetric(C)
+    for b in range(3):  # batch-wise accumulation equals one shot
+        metric.update(torch.from_numpy(pred[b:b + 1]), torch.from_numpy(target[b:b + 1]))
+    out = metric.compute()
+    keep = target != 255
+    y, p = target[keep], pred[keep]
+    np.testing.assert_array_equal(out["confusion"], confusion_matrix(y, p, labels=list(range(C))))
+    ref = jaccard_score(y, p, labels=[0, 1, 2, 3], average=None, zero_division=0)
+    np.testing.assert_allclose(out["per_class_iou"][:4], ref, rtol=1e-12)
+    assert math.isnan(out["per_class_iou"][4])
+    assert out["per_class_iou"][3] == 0.0  # predicted but absent: counts as 0
+    assert out["miou"] == pytest.approx(ref.mean(), rel=1e-12)
+    assert out["pixel_acc"] == pytest.approx((y == p).mean(), rel=1e-12)
+
+
+def test_segmentation_metric_errors_name_the_problem():
+    metric = SegmentationMetric(3)
+    with pytest.raises(ValueError, match="target values must be in"):
+        metric.update(torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 5, 255]))
+    with pytest.raises(ValueError, match="same shape"):
+        metric.update(torch.zeros(4, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        SegmentationMetric(0)
+
+
+def test_segmentation_metric_empty_is_nan():
+    out = SegmentationMetric(2).compute()
+    assert math.isnan(out["miou"]) and math.isnan(out["pixel_acc"])
+
+
+# ---------------------------------------------------------------------------------------------- anomaly, exact
+
+
+def _random_anomaly_data(rng, n=20_000, ties=True):
+    labels = (rng.random(n) < 0.2).astype(np.int64)
+    scores = rng.normal(size=n) + 1.2 * labels
+    if ties:
+        scores = np.round(scores, 1)  # heavy ties, across classes
+    labels[rng.random(n) < 0.05] = 255
+    return scores, labels
+
+
+def _sklearn_reference(scores, labels):
+    keep = labels != 255
+    s, y = scores[keep], labels[keep]
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return {"auroc": roc_auc_score(y, s), "ap": average_precision_score(y, s),
+            "fpr95": fpr[np.argmax(tpr >= 0.95)]}
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_anomaly_metrics_exact_matches_sklearn(rng, ties):
+    scores, labels = _random_anomaly_data(rng, ties=ties)
+    out = anomaly_metrics(torch.from_numpy(scores).reshape(4, 50, 100), torch.from_numpy(labels).reshape(4, 50, 100))
+    ref = _sklearn_reference(scores, labels)
+    for k in ("auroc", "ap", "fpr95"):
+        assert abs(out[k] - ref[k]) < 1e-9, k
+
+
+def test_anomaly_metrics_perfect_and_reversed():
+    s = torch.tensor([0.1, 0.2, 0.9, 0.8])
+    y = torch.tensor([0, 0, 1, 1])
+    out = anomaly_metrics(s, y)
+    assert out["auroc"] == 1.0 and out["ap"] == 1.0 and out["fpr95"] == 0.0
+    out = anomaly_metrics(-s, y)
+    assert out["auroc"] == 0.0 and out["fpr95"] == 1.0
+
+
+def test_anomaly_metrics_curves_and_errors(rng):
+    scores, labels = _random_anomaly_data(rng, n=2000)
+    out = anomaly_metrics(scores, labels, return_curves=True, max_curve_points=50)
+    c = out["curves"]
+    assert len(c["fpr"]) <= 50 and c["fpr"][-1] == 1.0 and c["tpr"][-1] == 1.0
+    assert np.all(np.diff(c["fpr"]) >= 0) and np.all(np.diff(c["thresholds"]) < 0)
+    with pytest.raises(ValueError, match="need both classes"):
+        anomaly_metrics(torch.rand(10), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels must be 0"):
+        anomaly_metrics(torch.rand(3), torch.tensor([0, 1, 2]))
+
+
+# ---------------------------------------------------------------------------------------------- anomaly, streaming
+
+
+@pytest.mark.parametrize("offset, spread", [(0.0, 1.0), (300.0, 40.0)])
+def test_streaming_anomaly_metric_matches_sklearn(rng, offset, spread):
+    scores, labels = _random_anomaly_data(rng, n=60_000)
+    scores = offset + spread * scores
+    metric = AnomalyMetric()
+    # first chunk has a narrow range: later chunks must not overflow the histogram
+    order = np.argsort(np.abs(scores - np.median(scores)), kind="stable")
+    for chunk in np.array_split(order, 7):
+        metric.update(torch.from_numpy(scores[chunk]), torch.from_numpy(labels[chunk]))
+    out = metric.compute()
+    ref = _sklearn_reference(scores, labels)
+    for k in ("auroc", "ap", "fpr95"):
+        assert abs(out[k] - ref[k]) < 1e-3, (k, out[k], ref[k])
+    assert out["n_pos"] + out["n_neg"] == int((labels != 255).sum())
+    c = out["curves"]
+    assert c["fpr"][-1] == 1.0 and np.all(np.diff(c["recall"]) >= 0)
+
+
+def test_streaming_anomaly_metric_handles_extreme_outliers(rng):
+    scores, labels = _random_anomaly_data(rng, n=20_000, ties=False)
+    scores[:5] = [1e30, -1e30, np.inf, -np.inf, 1e12]
+    metric = AnomalyMetric()
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    ref = _sklearn_reference(np.clip(scores, -1e300, 1e300), labels)
+    out = metric.compute()
+    for k in ("auroc", "ap", "fpr95"):
+        assert abs(out[k] - ref[k]) < 1e-3, k
+
+
+def test_streaming_constant_scores_are_one_tie():
+    metric = AnomalyMetric()
+    metric.update(torch.full((100,), 7.0), torch.tensor([0, 1] * 50))
+    out = metric.compute()
+    assert out["auroc"] == pytest.approx(0.5) and out["ap"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+
+def _ece_reference(conf, correct, n_bins):
+    ece = 0.0
+    edges = np.linspace(0, 1, n_bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inb = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if inb.any():
+            ece += inb.mean() * abs(correct[inb].mean() - conf[inb].mean())
+    return ece
+
+
+def test_expected_calibration_error_matches_loop(rng):
+    logits = torch.from_numpy(rng.normal(size=(2, 4, 8, 8)) * 3)
+    labels = torch.from_numpy(rng.integers(0, 4, size=(2, 8, 8)))
+    labels[0, 0] = 255
+    probs = logits.softmax(1)
+    ece = expected_calibration_error(probs, labels, n_bins=10)
+    flat_p = probs.movedim(1, -1).reshape(-1, 4).numpy()
+    flat_y = labels.reshape(-1).numpy()
+    keep = flat_y != 255
+    conf, pred = flat_p[keep].max(1), flat_p[keep].argmax(1)
+    assert ece == pytest.approx(_ece_reference(conf, pred == flat_y[keep], 10), abs=1e-6)
+    # (N, C) input gives the same value; streaming over two halves as well
+    assert expected_calibration_error(torch.from_numpy(flat_p), torch.from_numpy(flat_y), n_bins=10) == \
+        pytest.approx(ece, abs=1e-9)
+    m = CalibrationMetric(n_bins=10)
+    m.update(probs[:1], labels[:1])
+    m.update(probs[1:], labels[1:])
+    assert m.compute()["ece"] == pytest.approx(ece, abs=1e-9)
+    diag = reliability_diagram(probs, labels, n_bins=10)
+    assert diag["bin_count"].sum() == keep.sum() and len(diag["bin_edges"]) == 11
+
+
+def test_perfectly_calibrated_is_zero():
+    probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
+    assert expected_calibration_error(probs, torch.tensor([1, 0])) == 1.0

@@ -1,0 +1,79 @@
+"""Anomaly scorers against direct numpy / torch.distributions computations."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp, softmax
+
+from gmmseg_core.scoring import SCORERS, SMLStatistics, compute_scores, fit_sml_statistics
+
+
+@pytest.fixture
+def outputs(rng):
+    logits = torch.from_numpy(rng.normal(size=(2, 4, 5, 6)) * 2).float()
+    return {"logits": logits, "log_likelihood": logits - 100.0}
+
+
+def test_logit_scorers_match_numpy(outputs):
+    z = outputs["logits"].double().numpy()
+    p = softmax(z, axis=1)
+    expected = {
+        "msp": 1 - p.max(1),
+        "max_logit": -z.max(1),
+        "energy": -logsumexp(z, axis=1),
+        "entropy": torch.distributions.Categorical(probs=torch.from_numpy(p).movedim(1, -1)).entropy().numpy(),
+        "gmm": -(z - 100.0).max(1),
+    }
+    for name, ref in expected.items():
+        got = SCORERS[name](outputs)
+        assert got.shape == (2, 5, 6)
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_energy_temperature(outputs):
+    z = outputs["logits"].double().numpy()
+    got = SCORERS["energy"](outputs, temperature=2.0).numpy()
+    np.testing.assert_allclose(got, -2.0 * logsumexp(z / 2.0, axis=1), rtol=1e-5)
+
+
+def test_higher_is_more_anomalous_on_a_flat_posterior():
+    confident = torch.tensor([10.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    flat = torch.zeros(1, 3, 1, 1)
+    for name in ("msp", "entropy", "max_logit", "energy"):
+        assert SCORERS[name]({"logits": flat}) > SCORERS[name]({"logits": confident}), name
+
+
+def test_gmm_scorer_needs_log_likelihood(outputs):
+    with pytest.raises(ValueError, match="needs outputs\\['log_likelihood'\\]"):
+        SCORERS["gmm"]({"logits": outputs["logits"]})
+    with pytest.raises(ValueError, match="unknown scorer 'foo'"):
+        compute_scores(outputs, ["msp", "foo"])
+
+
+def test_sml_statistics_and_score(rng):
+    logits = torch.from_numpy(rng.normal(size=(3, 3, 8, 8))).float()
+    labels = torch.zeros(3, 8, 8, dtype=torch.long)
+    labels[0, 0] = 255
+    stats = fit_sml_statistics([(logits[:2], labels[:2]), (logits[2:], labels[2:])])
+    # reference: per predicted class mean / std of the max logit over non-ignored pixels
+    m, k = logits.max(1)
+    keep = labels != 255
+    m, k = m[keep].double().numpy(), k[keep].numpy()
+    for c in range(3):
+        np.testing.assert_allclose(stats["mean"][c], m[k == c].mean(), rtol=1e-5)
+        np.testing.assert_allclose(stats["std"][c], m[k == c].std(), rtol=1e-4)
+    score = SCORERS["sml"]({"logits": logits}, sml_stats=stats)
+    mm, kk = logits.max(1)
+    np.testing.assert_allclose(score.numpy(), (-(mm - stats["mean"][kk]) / stats["std"][kk]).numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs sml_stats"):
+        SCORERS["sml"]({"logits": logits})
+
+
+def test_sml_unseen_class_falls_back_to_pooled_stats():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[:, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # class 0 always predicted
+    stats = SMLStatistics(3)
+    stats.update(logits)
+    out = stats.compute()
+    assert out["count"].tolist() == [4.0, 0.0, 0.0]
+    assert torch.isfinite(out["std"]).all() and out["mean"][1] == out["mean"][0]

@@ -1,0 +1,174 @@
+"""Training loop, run directory, resume, caching and TrainConfig."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from gmmseg_core.config import TrainConfig, parse_overrides
+from gmmseg_core.train import _StepBatches, is_finished, load_run, lr_factor, train, train_cached
+
+
+def tiny_cfg(tmp_path, **kw):
+    base = dict(arch="fcn", head="gmm", iters=4, batch_size=2, model_kwargs=dict(width=4),
+                head_kwargs=dict(embed_dim=4, num_components=2), dataset_kwargs=dict(image_size=32, num_images=6),
+                val_dataset_kwargs=dict(num_images=2), out_dir=str(tmp_path), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip_and_overrides(tmp_path):
+    cfg = tiny_cfg(tmp_path, grad_clip=1.0, amp="bf16")
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    assert TrainConfig.from_json(path) == cfg
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    new = cfg.with_overrides(["iters=7", "lr=3e-4", "head_kwargs.variant=official", "data_root=null"])
+    assert new.iters == 7 and new.lr == 3e-4 and new.head_kwargs["variant"] == "official"
+    assert new.head_kwargs["embed_dim"] == 4
+    assert parse_overrides(["arch=segformer", "resume=true"]) == {"arch": "segformer", "resume": True}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("head", "svm", "head must be one of"),
+    ("iters", 0, "iters must be a positive int, got 0"),
+    ("lr", -1.0, "lr must be a positive number, got -1.0"),
+    ("amp", "fp8", "amp must be one of"),
+    ("grad_clip", 0, "grad_clip must be None or a positive number"),
+])
+def test_config_validation_names_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_cfg(tmp_path, **{field: value})
+
+
+def test_config_unknown_fields_are_rejected():
+    with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['itres'\]"):
+        TrainConfig.from_dict({"itres": 3})
+    with pytest.raises(ValueError, match="unknown TrainConfig field 'foo'"):
+        TrainConfig().with_overrides(["foo=1"])
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["iters"])
+
+
+def test_cache_key_ignores_run_location_only(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    same = cfg.replace(out_dir="elsewhere", run_name="x", resume=True, num_workers=2, log_interval=3,
+                       checkpoint_interval=2, device="cpu")
+    assert cfg.cache_key() == same.cache_key()
+    assert len(cfg.cache_key()) == 16
+    assert cfg.cache_key() != cfg.replace(seed=1).cache_key()
+    assert cfg.cache_key() != cfg.replace(head_kwargs=dict(embed_dim=4, num_components=3)).cache_key()
+    assert cfg.cache_key() != cfg.replace(device="cuda:0").cache_key()
+    moved = cfg.replace(dataset_kwargs={**cfg.dataset_kwargs, "cache_dir": "/somewhere/data"})
+    assert moved.cache_key() == cfg.cache_key()
+
+
+def test_lr_schedule_warmup_then_poly():
+    cfg = TrainConfig(iters=10, warmup_iters=4, poly_power=1.0)
+    factors = [lr_factor(s, cfg) for s in range(10)]
+    assert factors[0] == pytest.approx(0.25 * 1.0) and factors[3] == pytest.approx(1.0 * 0.7)
+    assert all(a > b for a, b in zip(factors[3:], factors[4:]))
+    assert lr_factor(5, TrainConfig(iters=10, poly_power=0.0)) == 1.0
+
+
+def test_step_batches_shard_a_global_batch_like_one_process():
+    ds = list(range(5))
+    one = _StepBatches(ds, 4, seed=3, start_step=0, num_steps=4)
+    ranks = [_StepBatches(ds, 2, seed=3, start_step=0, num_steps=4, rank=r, world=2) for r in range(2)]
+    for step in range(4):
+        assert one.batch(step) == ranks[0].batch(step) + ranks[1].batch(step)
+    # every epoch is a permutation; resuming at step 2 yields the same batches
+    first = [i for s in range(5) for i, _ in one.batch(s)][:5]
+    assert sorted(first) == ds
+    assert list(_StepBatches(ds, 4, 3, start_step=2, num_steps=4)) == [one.batch(2), one.batch(3)]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_train_writes_a_complete_run_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=3, eval_interval=2, head_lr_mult=10.0)
+    run_dir = train(cfg)
+    assert run_dir == cfg.run_dir and is_finished(run_dir)
+    assert TrainConfig.from_json(run_dir / "config.json") == cfg
+    with open(run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["loss"]) > 0 for r in rows)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["evals"]] == [2, 3]
+    assert metrics["final"]["step"] == 3 and 0 <= metrics["final"]["miou"] <= 1
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    lrs = sorted({g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]})
+    assert lrs == pytest.approx([cfg.lr, cfg.lr * 10.0])
+    model, cfg2, metrics2 = load_run(run_dir)
+    assert cfg2 == cfg and metrics2["final"] == metrics["final"]
+    assert not model.training and model.is_generative
+    x = torch.randn(1, 3, 32, 32)
+    assert model(x).shape == (1, 8, 32, 32) and torch.isfinite(model.class_log_likelihood(x)).all()
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, eval_interval=2, warmup_iters=2)
+    full = train(cfg.replace(run_name="full"))
+    part_cfg = cfg.replace(run_name="part")
+    train(part_cfg, stop_after=4)  # interrupted after step 4; last checkpoint at step 3
+    assert not is_finished(part_cfg.run_dir)
+    part = train(part_cfg.replace(resume=True))
+    a = torch.load(full / "checkpoint.pt", weights_only=False)
+    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:  # parameters and every GMM buffer (means, variances, memory, pointers)
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for s1, s2 in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+    def losses(run_dir):
+        with open(run_dir / "log.csv") as f:
+            return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+    assert losses(full) == losses(part)
+    assert json.loads((full / "metrics.json").read_text())["final"] == \
+        json.loads((part / "metrics.json").read_text())["final"]
+
+
+def test_train_cached_reuses_a_finished_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
+    first = train_cached(cfg, tmp_path / "cache")
+    stamp = (first / "checkpoint.pt").stat().st_mtime_ns
+    again = train_cached(cfg.replace(out_dir="ignored", run_name="other"), tmp_path / "cache")
+    assert again == first and (first / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert first.name.endswith(cfg.cache_key()[:8])
+
+
+def test_balanced_sampler_option(tmp_path):
+    sampler = pytest.importorskip("gmmseg_core.data.sampler")
+    from gmmseg_core.data import build_dataset
+
+    ds = build_dataset("scenes", "train", image_size=32, num_images=6)
+    stream = _StepBatches(ds, 2, seed=0, start_step=0, num_steps=3, balanced=True)
+    ref = sampler.ClassBalancedSampler(ds, seed=0)
+    ref.set_epoch(0)
+    assert [i for s in range(3) for i, _ in stream.batch(s)] == list(ref)
+    run_dir = train(tiny_cfg(tmp_path, iters=2, balanced_sampler=True))
+    assert is_finished(run_dir)
+
+
+def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
+    with pytest.warns(UserWarning, match="amp='bf16' needs CUDA"):
+        run_dir = train(tiny_cfg(tmp_path, iters=1, amp="bf16", head="softmax", head_kwargs={}))
+    model, _, _ = load_run(run_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fresh_start_discards_an_earlier_run_in_the_same_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={}, run_name="same")
+    train(cfg)
+    train(cfg.replace(iters=1))  # resume=False: starts over, the old log and checkpoint do not leak in
+    with open(cfg.run_dir / "log.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1]
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 1
