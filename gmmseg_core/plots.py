@@ -1,0 +1,272 @@
+"""Figure and table helpers shared by the study notebooks.
+
+Everything here draws on matplotlib axes or writes files; nothing computes model outputs. Figures are saved as
+PNG with stable names (``savefig``); tables are written as Markdown and CSV side by side (``write_table``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+
+HEAD_COLORS = {"softmax": "#d62728", "gmm_paper": "#1f77b4", "gmm_official": "#2ca02c", "gmm": "#1f77b4"}
+
+
+def to_numpy(x) -> np.ndarray:
+    """Tensor (any device) or array-like -> numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def savefig(fig, figures_dir, name: str, dpi: int = 110) -> Path:
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` (stable name, tight bounding box) and return the path."""
+    if not name or "/" in name or name.endswith(".png"):
+        raise ValueError(f"name must be a bare file stem like 'closed_set_miou', got {name!r}")
+    path = Path(figures_dir) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``[0.61, 0.63] -> "62.0 ± 1.4"`` (sample std; a single value prints without the spread)."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float) * scale
+    if v.size == 0:
+        return "n/a"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def markdown_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int = 3) -> str:
+    """GitHub Markdown table of ``rows`` (dicts) restricted to ``columns``; floats with ``digits`` decimals."""
+
+    def cell(v):
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[Mapping], columns: Sequence[str], figures_dir, stem: str,
+                title: str | None = None, notes: str | None = None, csv_rows: Sequence[Mapping] | None = None,
+                csv_columns: Sequence[str] | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` (title, table, notes) and ``<stem>.csv`` into ``figures_dir``.
+
+    The CSV holds ``csv_rows`` / ``csv_columns`` when given (raw numbers for machines), else the same rows
+    as the Markdown table.
+
+    Returns
+    -------
+    (md_path, csv_path)
+    """
+    figures_dir = Path(figures_dir)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    md_path, csv_path = figures_dir / f"{stem}.md", figures_dir / f"{stem}.csv"
+    text = (f"# {title}\n\n" if title else "") + markdown_table(rows, columns)
+    if notes:
+        text += "\n" + notes.strip() + "\n"
+    md_path.write_text(text)
+    csv_rows = rows if csv_rows is None else csv_rows
+    csv_columns = list(columns if csv_columns is None else csv_columns)
+    with open(csv_path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=csv_columns, extrasaction="ignore")
+        w.writeheader()
+        for r in csv_rows:
+            w.writerow({c: r.get(c) for c in csv_columns})
+    return md_path, csv_path
+
+
+# ---------------------------------------------------------------- 2-D toy figures
+
+
+def decision_regions(ax, xx, yy, probs, X, y, title: str = "", colors: Sequence[str] | None = None,
+                     show_confidence: bool = True):
+    """Draw the argmax regions of ``probs`` (G1, G2, C) over the grid (xx, yy) with the points ``X`` (N,2).
+
+    The shading is the max posterior (confidence), so a reader sees where the classifier is sure.
+    """
+    probs = to_numpy(probs)
+    C = probs.shape[-1]
+    colors = colors or plt.cm.tab10.colors[:C]
+    pred = probs.argmax(-1)
+    rgb = np.asarray([matplotlib.colors.to_rgb(colors[c]) for c in range(C)])[pred]
+    if show_confidence:
+        conf = probs.max(-1)
+        conf = (conf - 1.0 / C) / (1 - 1.0 / C)  # 0 at chance, 1 at certainty
+        rgb = 1 - (1 - rgb) * (0.15 + 0.6 * np.clip(conf, 0, 1))[..., None]
+    ax.imshow(rgb, origin="lower", extent=(xx.min(), xx.max(), yy.min(), yy.max()), aspect="auto")
+    X, y = to_numpy(X), to_numpy(y)
+    for c in range(C):
+        m = y == c
+        ax.scatter(X[m, 0], X[m, 1], s=6, color=colors[c], edgecolor="k", linewidth=0.2)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def density_contours(ax, xx, yy, log_density, X=None, y=None, title: str = "", levels: int = 12):
+    """Filled contours of a log-density (G1, G2) with optional points coloured by class."""
+    ld = to_numpy(log_density)
+    lo = np.percentile(ld, 5)
+    cs = ax.contourf(xx, yy, np.maximum(ld, lo), levels=levels, cmap="viridis")
+    if X is not None:
+        X, y = to_numpy(X), to_numpy(y)
+        ax.scatter(X[:, 0], X[:, 1], c=y, s=3, cmap="tab10", vmin=0, vmax=9, alpha=0.5)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return cs
+
+
+def reliability(ax, diagram: Mapping, label: str = "", color=None, min_count: int = 5):
+    """Reliability diagram from ``gmmseg_core.metrics.reliability_diagram`` output: accuracy per confidence
+    bin against the diagonal (perfect calibration); bins with fewer than ``min_count`` samples are skipped."""
+    count = to_numpy(diagram["bin_count"])
+    keep = count >= min_count
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.plot(to_numpy(diagram["bin_confidence"])[keep], to_numpy(diagram["bin_accuracy"])[keep], "o-", label=label,
+            color=color, ms=3)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+
+
+# ---------------------------------------------------------------- curves
+
+
+def band(ax, x, curves, label: str, color=None, quantiles=(0.1, 0.9)):
+    """Median of ``curves`` (R, T) with a shaded quantile band (spread over restarts/seeds)."""
+    curves = to_numpy(curves)
+    x = to_numpy(x)
+    med = np.nanmedian(curves, 0)
+    lo, hi = np.nanquantile(curves, quantiles[0], 0), np.nanquantile(curves, quantiles[1], 0)
+    (line,) = ax.plot(x, med, label=label, color=color)
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+    return line
+
+
+def pad_curves(curves: Sequence[Sequence[float]]) -> np.ndarray:
+    """Ragged per-run curves -> (R, T) array, each run's last value carried forward (a converged run stays put)."""
+    T = max(len(c) for c in curves)
+    out = np.full((len(curves), T), np.nan)
+    for i, c in enumerate(curves):
+        c = np.asarray(c, dtype=float)
+        out[i, : len(c)] = c
+        if len(c):
+            out[i, len(c):] = c[-1]
+    return out
+
+
+def roc_pr_axes(curves: Mapping[str, Mapping], title: str = "", axes=None):
+    """ROC (left) and precision-recall (right) curves.
+
+    ``curves[name]`` holds ``fpr``, ``tpr``, ``recall``, ``precision`` arrays (e.g. the ``curves`` of
+    ``gmmseg_core.metrics.anomaly_metrics(..., return_curves=True)``) and optionally ``auroc``/``ap`` (shown in
+    the legend) and ``color``/``ls``.
+    """
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, c in curves.items():
+        kw = dict(color=c.get("color"), ls=c.get("ls", "-"), lw=1.5)
+        auroc, ap = c.get("auroc"), c.get("ap")
+        axes[0].plot(to_numpy(c["fpr"]), to_numpy(c["tpr"]), label=f"{name}" + (f" ({auroc:.3f})" if auroc else ""), **kw)
+        axes[1].plot(to_numpy(c["recall"]), to_numpy(c["precision"]), label=f"{name}" + (f" ({ap:.3f})" if ap else ""),
+                     **kw)
+    axes[0].plot([0, 1], [0, 1], "k:", lw=1)
+    axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {title}".strip())
+    axes[1].set(xlabel="recall", ylabel="precision", title=f"precision-recall {title}".strip(), ylim=(0, 1.02))
+    axes[0].legend(fontsize=7, title="AUROC", title_fontsize=7)
+    axes[1].legend(fontsize=7, title="AP", title_fontsize=7)
+    return axes
+
+
+def training_curves(ax, logs: Mapping[str, Sequence[Mapping]], key: str, step_key: str = "step",
+                    colors: Mapping[str, str] | None = None, smooth: int = 1):
+    """One line per run label from rows of a training log (e.g. ``log.csv`` rows) for column ``key``."""
+    for label, rows in logs.items():
+        xs = [float(r[step_key]) for r in rows if r.get(key) not in (None, "")]
+        ys = np.asarray([float(r[key]) for r in rows if r.get(key) not in (None, "")])
+        if ys.size == 0:
+            continue
+        if smooth > 1 and ys.size > smooth:  # trailing moving average: no edge artefacts
+            ys = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
+            xs = xs[smooth - 1:]
+        ax.plot(xs, ys, label=label, color=(colors or {}).get(label), lw=1)
+    ax.set_xlabel(step_key)
+    ax.set_ylabel(key)
+
+
+def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                 ylabel: str = "", colors: Mapping[str, str] | None = None):
+    """Grouped bar chart: ``series[name] = (means per group, stds per group)`` with error bars."""
+    n = len(series)
+    width = 0.8 / max(n, 1)
+    x = np.arange(len(groups))
+    for i, (name, (means, stds)) in enumerate(series.items()):
+        ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name,
+               color=(colors or HEAD_COLORS).get(name))
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+
+
+# ---------------------------------------------------------------- images
+
+
+def colorize(label, palette, ignore_index: int = 255) -> np.ndarray:
+    """Label map (H, W) -> RGB float image (H, W, 3) in [0, 1]; ignored pixels are black."""
+    label = to_numpy(label).astype(np.int64)
+    palette = to_numpy(palette).astype(np.float64) / 255.0
+    out = np.zeros(label.shape + (3,))
+    valid = (label != ignore_index) & (label >= 0) & (label < len(palette))
+    out[valid] = palette[label[valid]]
+    return out
+
+
+def to_rgb(image) -> np.ndarray:
+    """(3, H, W) image in [0, 1] -> (H, W, 3) for imshow (clipped)."""
+    return np.clip(to_numpy(image).transpose(1, 2, 0), 0, 1)
+
+
+def image_grid(rows: Sequence[Sequence], titles: Sequence[str] | None = None, cmaps=None, size: float = 2.0,
+               colorbar_cols: Sequence[int] = ()):
+    """A grid of panels: ``rows[i][j]`` an (H, W, 3) image or an (H, W) map (drawn with ``cmaps[j]``).
+
+    Returns the figure.
+    """
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    first = to_numpy(rows[0][0])
+    aspect = first.shape[0] / first.shape[1]  # panel height / width, so wide images leave no blank bands
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows * aspect + 0.4 * (titles is not None)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j, panel in enumerate(row):
+            ax = axes[i, j]
+            p = to_numpy(panel)
+            if p.ndim == 3:
+                ax.imshow(p, interpolation="nearest")
+            else:
+                im = ax.imshow(p, cmap=(cmaps or {}).get(j, "magma") if isinstance(cmaps, dict) else
+                               (cmaps[j] if cmaps else "magma"), interpolation="nearest")
+                if j in colorbar_cols:
+                    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            if i == 0 and titles:
+                ax.set_title(titles[j], fontsize=9)
+            ax.axis("off")
+        for j in range(len(row), n_cols):
+            axes[i, j].axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,160 @@
+"""Named parameter sets for the study notebooks: ``smoke``, ``cpu`` and ``gpu``.
+
+``PROFILES[profile][notebook]`` is the flat dict of parameter overrides for that notebook (names as in the
+notebook's ``parameters`` cell). The run-wide parameters ``device``, ``data_root``, ``figures_dir``,
+``cache_dir`` and ``out_dir`` are added by :func:`gmmseg_core.reproduce.reproduce`.
+
+Notebooks 02-06 train through ``train_cached``; they share the training parameters of ``TRAIN`` so that the
+same (architecture, head, dataset, seed) gives the same configuration, hence the same cache key, in every
+notebook: a model is trained once per run and reused.
+
+- ``smoke``: seconds per notebook (32x32 images, 3 training steps, one seed, one architecture); used by the
+  test suite. The numbers it produces are meaningless.
+- ``cpu``: the reference run on a 2-core CPU (its figures and tables are the ones committed under
+  ``figures/``): tiny models (width 8) on 32x64 images, 400 steps of batch 8, three architectures x three heads
+  x two data sets x two seeds, plus the ablation runs of notebook 05. Measured: 10 min 32 s for all six notebooks on the 2-core machine while other work shared it (notebook 03 alone 8 min).
+- ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
+  data sets when ``data_root`` is given. Runtime is an estimate, not measured here: about 1.5-2.5 hours on
+  one modern GPU for the shipped data; real data sets add training time in proportion to their schedules.
+
+Kernels run with one intra-op thread on the CPU (see ``reproduce(threads=...)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+NOTEBOOKS = (
+    "01_discriminative_vs_generative",
+    "02_sinkhorn_em",
+    "03_closed_set",
+    "04_anomaly",
+    "05_components",
+    "06_explorer",
+)
+
+# Shared training parameters (notebooks 02-06): identical values -> identical configs -> one training per model.
+TRAIN = {
+    "smoke": dict(image_size=[32, 32], num_train_images=8, num_val_images=4, train_iters=3, batch_size=4,
+                  width=8, embed_dim=8, num_components=3, lr=1e-3, update_interval=1, mean_momentum=0.5),
+    "cpu": dict(image_size=[32, 64], num_train_images=160, num_val_images=32, train_iters=400, batch_size=8,
+                width=8, embed_dim=16, num_components=3, lr=3e-3, update_interval=5, mean_momentum=0.9),
+    "gpu": dict(image_size=[256, 512], num_train_images=2000, num_val_images=200, train_iters=4000,
+                batch_size=16, width=64, embed_dim=64, num_components=5, lr=1e-3, update_interval=5,
+                mean_momentum=0.99),
+}
+
+_NOTEBOOK = {
+    "smoke": {
+        "01_discriminative_vs_generative": dict(n_per_blob=40, softmax_steps=20, mlp_hidden=8, n_components=2,
+                                                gmm_max_iter=5, grid_size=40),
+        "02_sinkhorn_em": dict(toy_n=200, n_starts=2, max_iter=3, epsilons=[0.05, 0.5], sinkhorn_iters=[1, 3],
+                               real_arch="fcn", real_max_points=200),
+        "03_closed_set": dict(archs=["fcn"], datasets=["scenes", "fashion"], seeds=[0], n_examples=2),
+        "04_anomaly": dict(archs=["fcn"], datasets=["scenes", "fashion"], n_examples=2),
+        "05_components": dict(arch="fcn", component_counts=[1, 3], n_examples=2, max_points=300),
+        "06_explorer": dict(arch="fcn", interactive=False, image_index=0, threshold_quantiles=[0.9, 0.99]),
+    },
+    "cpu": {
+        "01_discriminative_vs_generative": dict(n_per_blob=150, softmax_steps=600, mlp_hidden=32, n_components=3,
+                                                gmm_max_iter=100, grid_size=200),
+        "02_sinkhorn_em": dict(toy_n=600, n_starts=12, max_iter=40, epsilons=[0.01, 0.05, 0.2, 1.0],
+                               sinkhorn_iters=[1, 3, 10], real_arch="deeplabv3plus", real_max_points=2000),
+        "03_closed_set": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
+                              seeds=[0, 1]),
+        "04_anomaly": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
+                           n_examples=3),
+        "05_components": dict(arch="deeplabv3plus", component_counts=[1, 3, 5], n_examples=3, max_points=3000),
+        "06_explorer": dict(arch="deeplabv3plus", interactive=False, image_index=0),
+    },
+    "gpu": {
+        "01_discriminative_vs_generative": dict(n_per_blob=300, softmax_steps=2000, mlp_hidden=64,
+                                                n_components=3, gmm_max_iter=200, grid_size=300),
+        "02_sinkhorn_em": dict(toy_n=2000, n_starts=50, max_iter=100, epsilons=[0.01, 0.05, 0.2, 1.0],
+                               sinkhorn_iters=[1, 3, 10, 30], real_arch="segformer", real_max_points=20000),
+        "03_closed_set": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
+                              seeds=[0, 1, 2]),
+        "04_anomaly": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
+                           n_examples=4),
+        "05_components": dict(arch="segformer", component_counts=[1, 3, 5, 8], n_examples=4, max_points=20000),
+        "06_explorer": dict(arch="segformer", interactive=False, image_index=0),
+    },
+}
+
+_TRAINING_NOTEBOOKS = ("02_sinkhorn_em", "03_closed_set", "04_anomaly", "05_components", "06_explorer")
+
+PROFILES: dict[str, dict[str, dict]] = {
+    profile: {nb: {**(TRAIN[profile] if nb in _TRAINING_NOTEBOOKS else {}), **params}
+              for nb, params in per_nb.items()}
+    for profile, per_nb in _NOTEBOOK.items()
+}
+
+
+HEAD_KINDS = ("softmax", "gmm_paper", "gmm_official")
+
+
+def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, seed: int, device=None,
+                      data_root=None, cache_dir="runs/cache", **head_overrides):
+    """The ``TrainConfig`` of one cell of the experiment matrix, built the same way by every notebook.
+
+    Parameters
+    ----------
+    train_params : dict
+        The shared training parameters (keys of ``TRAIN[profile]``: ``image_size``, ``num_train_images``,
+        ``num_val_images``, ``train_iters``, ``batch_size``, ``width``, ``embed_dim``, ``num_components``,
+        ``lr``, ``update_interval``, ``mean_momentum``).
+    arch : str
+        ``"fcn"``, ``"deeplabv3plus"``, ``"segformer"`` or ``"smp:<Arch>:<encoder>"``.
+    kind : {"softmax", "gmm_paper", "gmm_official"}
+        The head: softmax, or the GMM head in its paper or official variant.
+    dataset : str
+        A ``build_dataset`` name.
+    seed : int
+    device, data_root : passed through
+    cache_dir : path
+        Where ``train_cached`` keeps runs; generated scenes are also cached there (``<cache_dir>/data``).
+    **head_overrides
+        GMM head knobs for ablations (``num_components=1``, ``em="classic"``, ...).
+
+    Returns
+    -------
+    TrainConfig
+    """
+    from .config import TrainConfig
+
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
+    missing = sorted(set(TRAIN["cpu"]) - set(train_params))
+    if missing:
+        raise ValueError(f"train_params is missing {missing}")
+    p = train_params
+    head_kwargs = {}
+    if kind != "softmax":
+        # mean_momentum is scaled to the schedule: the released 0.999 assumes 16k+ M-steps; with a few hundred
+        # the means would stay ~90% at their random start.
+        head_kwargs = dict(variant=kind.split("_", 1)[1], num_components=int(p["num_components"]),
+                           embed_dim=int(p["embed_dim"]), update_interval=int(p["update_interval"]),
+                           mean_momentum=float(p["mean_momentum"]))
+        head_kwargs.update(head_overrides)
+    elif head_overrides:
+        raise ValueError(f"head_overrides are GMM knobs; the softmax head takes none, got {head_overrides}")
+    size = p["image_size"]
+    dataset_kwargs = {"image_size": list(size) if isinstance(size, (list, tuple)) else int(size),
+                      "num_images": int(p["num_train_images"])}
+    if dataset in ("scenes", "fashion", "digits"):  # generated once, then read back from disk
+        dataset_kwargs["cache_dir"] = str(Path(cache_dir) / "data")
+    return TrainConfig(arch=arch, head="softmax" if kind == "softmax" else "gmm", head_kwargs=head_kwargs,
+                       model_kwargs={"width": int(p["width"])}, dataset=dataset, data_root=data_root,
+                       dataset_kwargs=dataset_kwargs, val_dataset_kwargs={"num_images": int(p["num_val_images"])},
+                       iters=int(p["train_iters"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
+                       seed=int(seed), device=device, out_dir=str(cache_dir), progress=False)
+
+
+def notebook_parameters(profile: str, notebook: str) -> dict:
+    """The parameter overrides of ``notebook`` (a name such as ``"03_closed_set"``) under ``profile``.
+
+    Unknown notebooks (e.g. one passed by path to ``reproduce``) get no overrides.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    return dict(PROFILES[profile].get(notebook, {}))

@@ -1,0 +1,257 @@
+"""Run the study notebooks for a named profile with papermill.
+
+The notebooks under ``notebooks/`` are executed in order, each with the parameters of the chosen profile
+(:data:`gmmseg_core.profiles.PROFILES`) plus the run-wide ones (``device``, ``data_root``, ``figures_dir``,
+``cache_dir``, ``out_dir``). Trained models are shared between notebooks through ``train_cached``: the same
+configuration gives the same cache key under ``cache_dir``, so a model trained by one notebook is reused by the
+next. Executed notebooks go to ``out_dir``; figures (PNG) and the two tables (Markdown and CSV) to
+``figures_dir``.
+
+Usage::
+
+    python -m gmmseg_core.reproduce --profile cpu
+    gmmseg reproduce --profile smoke --out-dir /tmp/smoke --figures-dir /tmp/smoke/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+RUN_PARAMETERS = ("device", "data_root", "figures_dir", "cache_dir", "out_dir")
+
+
+class NotebookExecutionError(RuntimeError):
+    """A notebook failed; the message names the notebook, the failing cell and the exception.
+
+    Attributes
+    ----------
+    notebook : Path
+        The source notebook.
+    output_path : Path
+        The executed copy (with outputs up to the failure).
+    cell_index : int or None
+        Index of the failing cell in the *source* notebook (0-based), None when unknown (e.g. a dead kernel).
+    ename, evalue : str
+        Exception name and message raised in the cell.
+    """
+
+    def __init__(self, notebook, output_path, cell_index, ename, evalue, source=""):
+        self.notebook = Path(notebook)
+        self.output_path = Path(output_path)
+        self.cell_index = cell_index
+        self.ename = ename
+        self.evalue = evalue
+        self.source = source
+        where = f"cell {cell_index}" if cell_index is not None else "an unknown cell"
+        first_line = next((ln for ln in source.splitlines() if ln.strip()), "")
+        msg = f"notebook {self.notebook} failed in {where}: {ename}: {evalue}"
+        if first_line:
+            msg += f"\n  cell starts with: {first_line[:100]}"
+        msg += f"\n  executed copy with the traceback: {self.output_path}"
+        super().__init__(msg)
+
+
+def _resolve_notebooks(notebooks) -> list[Path]:
+    """Names (``"03_closed_set"``), file names or paths -> existing notebook paths, in the given order."""
+    if notebooks is None:
+        return [NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS]
+    if isinstance(notebooks, (str, os.PathLike)):
+        notebooks = [notebooks]
+    paths = []
+    for item in notebooks:
+        p = Path(item)
+        candidates = [p, NOTEBOOK_DIR / p, NOTEBOOK_DIR / f"{p}.ipynb"]
+        candidates += [NOTEBOOK_DIR / f"{n}.ipynb" for n in NOTEBOOKS if n.startswith(str(item))]
+        found = next((c for c in candidates if c.suffix == ".ipynb" and c.is_file()), None)
+        if found is None:
+            raise ValueError(f"notebooks: no notebook found for {item!r}; expected a path or one of {NOTEBOOKS}")
+        paths.append(found.resolve())
+    return paths
+
+
+def _kernel_name() -> str:
+    """Name of a kernelspec that runs *this* interpreter (so the notebooks see this environment).
+
+    Uses the ``python3`` kernelspec when its command is a bare ``python`` (jupyter_client substitutes the
+    running interpreter) or lives in ``sys.prefix``; otherwise writes a private kernelspec pointing at
+    ``sys.executable`` into a temporary Jupyter data directory and registers that directory.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        exe = spec.argv[0]
+        if exe in ("python", "python3") or Path(exe).resolve().is_relative_to(Path(sys.prefix).resolve()):
+            return "python3"
+    except NoSuchKernel:
+        pass
+    name = "gmmseg-python"
+    root = Path(tempfile.mkdtemp(prefix="gmmseg-kernels-"))
+    kdir = root / "kernels" / name
+    kdir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "gmmseg (this interpreter)", "language": "python"}
+    (kdir / "kernel.json").write_text(json.dumps(spec))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")]))
+    return name
+
+
+def _source_cell_index(notebook: Path, err) -> int | None:
+    """Map papermill's cell index (counted in the executed copy, which has an injected-parameters cell)
+    back to the source notebook by matching the failing cell's source."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception:  # pragma: no cover - unreadable source, keep papermill's index
+        return err.cell_index
+    matches = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source == err.source]
+    if len(matches) == 1:
+        return matches[0]
+    return err.cell_index
+
+
+def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | None = None) -> float:
+    """Execute one notebook with papermill; returns its duration in seconds.
+
+    Raises
+    ------
+    NotebookExecutionError
+        When a cell raises or the kernel dies; the message names the notebook and the cell.
+    """
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    notebook = Path(notebook)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    env_backend = os.environ.get("MPLBACKEND")
+    os.environ["MPLBACKEND"] = "Agg"  # figures are files; no display in the kernel
+    try:
+        pm.execute_notebook(
+            str(notebook), str(output_path), parameters=parameters, kernel_name=kernel_name or _kernel_name(),
+            cwd=str(notebook.parent), progress_bar=False, log_output=False,
+        )
+    except PapermillExecutionError as err:
+        raise NotebookExecutionError(notebook, output_path, _source_cell_index(notebook, err), err.ename,
+                                     err.evalue, err.source) from None
+    except Exception as err:  # dead kernel, timeout, bad notebook file
+        raise NotebookExecutionError(notebook, output_path, None, type(err).__name__, str(err)) from err
+    finally:
+        if env_backend is None:
+            os.environ.pop("MPLBACKEND", None)
+        else:
+            os.environ["MPLBACKEND"] = env_backend
+    return time.perf_counter() - start
+
+
+def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir="figures",
+              cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
+              log=print) -> dict:
+    """Execute the study notebooks for ``profile`` and collect their timings.
+
+    Parameters
+    ----------
+    profile : {"smoke", "cpu", "gpu"}
+        Named parameter set from :data:`gmmseg_core.profiles.PROFILES`.
+    data_root : str or None
+        Root of the real datasets (Cityscapes, ADE20K, Fishyscapes, ...); None uses the shipped/generated data.
+    device : str or None
+        Torch device for the notebooks; None -> "cpu".
+    out_dir : path or None
+        Where the executed notebooks and ``timings.json`` go; default ``outputs/<profile>``.
+    figures_dir : path
+        Where the figures (PNG) and the tables (``*_table.md`` / ``*_table.csv``) go.
+    cache_dir : path or None
+        Trained-model cache shared by the notebooks; default ``<out_dir>/cache``.
+    notebooks : list of names or paths, optional
+        Subset (or other notebooks) to run, in the given order; default all of them.
+    parameters : dict, optional
+        Extra parameters passed to every notebook (override the profile's).
+    threads : int, optional
+        Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``). Default: 1 on
+        the CPU, the library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
+        shared machine oversubscribed threads that spin-wait for each other make every step 10-100x slower.
+    log : callable
+        Progress printer (``print`` by default).
+
+    Returns
+    -------
+    dict
+        ``{"profile", "notebooks": {name: {"output": path, "seconds": float}}, "total_seconds",
+        "figures_dir", "out_dir"}``.
+
+    Raises
+    ------
+    NotebookExecutionError
+        When a notebook fails (names the notebook and the cell); later notebooks are not run.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    out_dir = Path(out_dir if out_dir is not None else Path("outputs") / profile).resolve()
+    figures_dir = Path(figures_dir).resolve()
+    cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
+    for d in (out_dir, figures_dir, cache_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    paths = _resolve_notebooks(notebooks)
+    kernel = _kernel_name()
+    if threads is None and not str(device or "cpu").startswith("cuda"):
+        threads = 1
+    if threads is not None:
+        if not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
+            os.environ[var] = str(threads)
+    run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
+                  "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
+    result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir)}
+    total_start = time.perf_counter()
+    for i, nb_path in enumerate(paths, 1):
+        name = nb_path.stem
+        params = {**notebook_parameters(profile, name), **run_params, **(parameters or {})}
+        output = out_dir / nb_path.name
+        log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
+        seconds = run_notebook(nb_path, output, params, kernel_name=kernel)
+        log(f"[{i}/{len(paths)}] {name}: done in {seconds:.1f} s", flush=True)
+        result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2)}
+    result["total_seconds"] = round(time.perf_counter() - total_start, 2)
+    (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
+    log(f"all {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}", flush=True)
+    for name, info in result["notebooks"].items():
+        log(f"  {name:<36} {info['seconds']:8.1f} s", flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    """``python -m gmmseg_core.reproduce``; exits non-zero (naming the notebook and cell) on failure."""
+    p = argparse.ArgumentParser(prog="gmmseg reproduce", description=reproduce.__doc__.splitlines()[0])
+    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--figures-dir", default="figures")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--notebooks", nargs="*", default=None)
+    p.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
+    a = p.parse_args(argv)
+    try:
+        reproduce(a.profile, data_root=a.data_root, device=a.device, out_dir=a.out_dir,
+                  figures_dir=a.figures_dir, cache_dir=a.cache_dir, notebooks=a.notebooks, threads=a.threads)
+    except NotebookExecutionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

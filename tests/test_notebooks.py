@@ -1,0 +1,126 @@
+"""The study notebooks: clean sources, a well-formed parameters cell, profiles that match it, and a smoke run.
+
+The smoke run executes every notebook once (module-scoped) through ``reproduce("smoke")`` into a temporary
+directory (executed notebooks, figures, tables and the model cache all under tmp_path) and then checks the
+artefacts each notebook promises.
+"""
+
+import ast
+import csv
+
+import nbformat
+import pytest
+
+from gmmseg_core.profiles import NOTEBOOKS, PROFILES
+from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
+
+PATHS = {name: NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS}
+
+# Figures each notebook must write under the smoke profile (stable names; README links some of them).
+EXPECTED_FIGURES = {
+    "01_discriminative_vs_generative": ["01_decision_regions", "01_class_densities", "01_far_from_data",
+                                        "01_calibration"],
+    "02_sinkhorn_em": ["02_toy_lower_bounds", "02_toy_unbalanced", "02_epsilon_iterations", "02_real_embeddings",
+                       "02_time_per_iteration"],
+    "03_closed_set": ["03_closed_set_miou", "03_per_class_iou", "03_training_curves", "03_examples"],
+    "04_anomaly": ["04_roc_pr", "04_score_maps", "04_anomaly_ap"],
+    "05_components": ["05_component_maps", "05_vehicle_components", "05_embedding_pca", "05_ablation"],
+    "06_explorer": ["06_pixel_explorer", "06_threshold_masks"],
+}
+
+
+def _parameters(nb):
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    return cells
+
+
+def _parameter_names(name):
+    nb = nbformat.read(PATHS[name], as_version=4)
+    (cell,) = _parameters(nb)
+    return {node.targets[0].id for node in ast.parse(cell.source).body}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_source_is_clean(name):
+    nb = nbformat.read(PATHS[name], as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{name} cell {i} has outputs"
+            assert cell.execution_count is None, f"{name} cell {i} has an execution count"
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), "starts with a title"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_one_parameters_cell_of_plain_literals(name):
+    nb = nbformat.read(PATHS[name], as_version=4)
+    cells = _parameters(nb)
+    assert len(cells) == 1, f"{name}: expected exactly one cell tagged 'parameters', found {len(cells)}"
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name), \
+            f"{name}: parameters cell may only hold `name = literal` lines, got {ast.unparse(node)!r}"
+        ast.literal_eval(node.value)  # raises for anything but a plain literal
+    assert set(RUN_PARAMETERS) <= _parameter_names(name), "run-wide parameters are declared"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profile_keys_are_notebook_parameters(profile):
+    for name, overrides in PROFILES[profile].items():
+        unknown = set(overrides) - _parameter_names(name)
+        assert not unknown, f"profile {profile!r} sets unknown parameters of {name}: {sorted(unknown)}"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    result = reproduce("smoke", out_dir=root / "out", figures_dir=root / "figures", cache_dir=root / "cache",
+                       log=lambda *a, **k: None)
+    return root, result
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_writes_its_figures(smoke_run, name):
+    root, result = smoke_run
+    assert result["notebooks"][name]["seconds"] > 0
+    executed = nbformat.read(root / "out" / f"{name}.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
+    for fig in EXPECTED_FIGURES[name]:
+        path = root / "figures" / f"{fig}.png"
+        assert path.is_file() and path.stat().st_size > 1000, f"{name} did not write {path.name}"
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_closed_set_table(smoke_run):
+    root, _ = smoke_run
+    rows = _read_csv(root / "figures" / "closed_set_table.csv")
+    smoke = PROFILES["smoke"]["03_closed_set"]
+    assert {r["arch"] for r in rows} == set(smoke["archs"])
+    assert "scenes" in {r["dataset"] for r in rows}
+    for head in ("softmax", "gmm_paper", "gmm_official"):
+        for r in rows:
+            assert 0.0 <= float(r[f"{head}_miou"]) <= 1.0
+    md = (root / "figures" / "closed_set_table.md").read_text()
+    assert "| dataset | arch | constant | softmax | GMM (paper) | GMM (official) | best |" in md
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_anomaly_table(smoke_run):
+    root, _ = smoke_run
+    rows = _read_csv(root / "figures" / "anomaly_table.csv")
+    assert {"scenes/anomaly", "scenes/anomaly_near"} <= {r["split"] for r in rows}
+    scores = {(r["model"], r["score"]) for r in rows}
+    for s in ("msp", "max_logit", "energy", "entropy", "sml"):
+        assert ("softmax", s) in scores
+    assert ("gmm_paper", "gmm") in scores
+    for r in rows:
+        assert 0.0 <= float(r["auroc"]) <= 1.0 and 0.0 <= float(r["fpr95"]) <= 1.0
+    assert "AUROC" in (root / "figures" / "anomaly_table.md").read_text()

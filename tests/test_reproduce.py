@@ -1,0 +1,86 @@
+"""reproduce(): parameters reach the notebook, timings come back, and a failing notebook is named with its cell."""
+
+import json
+
+import nbformat
+import pytest
+
+from gmmseg_core.profiles import NOTEBOOKS, PROFILES, notebook_parameters
+from gmmseg_core.reproduce import NotebookExecutionError, main, reproduce
+
+
+def _write_notebook(path, cells):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("value = 1\nout_dir = None\nfigures_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(src) for src in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture
+def failing_notebook(tmp_path):
+    return _write_notebook(tmp_path / "broken_study.ipynb", [
+        "x = value + 1",
+        "import math\nmath.sqrt(x)",
+        "raise ValueError('deliberate failure for the test')",
+        "never = 'reached'",
+    ])
+
+
+def test_failing_notebook_names_notebook_and_cell(tmp_path, failing_notebook):
+    with pytest.raises(NotebookExecutionError) as info:
+        reproduce("smoke", notebooks=[failing_notebook], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+                  log=lambda *a, **k: None)
+    err = info.value
+    msg = str(err)
+    assert "broken_study.ipynb" in msg
+    assert "cell 3" in msg  # index in the source notebook: params=0, then 1, 2, 3 (the raise)
+    assert err.cell_index == 3
+    assert err.ename == "ValueError" and "deliberate failure for the test" in msg
+    assert "raise ValueError" in msg  # the failing cell's first line
+    assert err.output_path.exists()  # executed copy kept for the traceback
+
+
+def test_cli_exit_code_nonzero_on_failure(tmp_path, failing_notebook, capsys):
+    rc = main(["--profile", "smoke", "--notebooks", str(failing_notebook), "--out-dir", str(tmp_path / "o"),
+               "--figures-dir", str(tmp_path / "f")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "broken_study.ipynb" in err and "cell 3" in err and "ValueError" in err
+
+
+def test_parameters_injected_and_timings_returned(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # reproduce() sets them for its kernels; restore after
+        monkeypatch.setenv(var, "7")
+    nb = _write_notebook(tmp_path / "ok.ipynb", [
+        "import json, os, pathlib\n"
+        "pathlib.Path(figures_dir, 'seen.json').write_text(json.dumps({'value': value, 'out_dir': out_dir,\n"
+        "    'threads': os.environ.get('OMP_NUM_THREADS')}))",
+    ])
+    res = reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+                    parameters={"value": 7}, log=lambda *a, **k: None)
+    seen = json.loads((tmp_path / "fig" / "seen.json").read_text())
+    assert seen == {"value": 7, "out_dir": str((tmp_path / "out").resolve()), "threads": "1"}  # 1 on the CPU
+    assert set(res["notebooks"]) == {"ok"} and res["notebooks"]["ok"]["seconds"] > 0
+    assert (tmp_path / "out" / "ok.ipynb").exists() and (tmp_path / "out" / "timings.json").exists()
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(ValueError, match="profile must be one of"):
+        reproduce("laptop", out_dir=tmp_path)
+    with pytest.raises(ValueError, match="notebooks: no notebook found for 'nope'"):
+        reproduce("smoke", notebooks=["nope"], out_dir=tmp_path, figures_dir=tmp_path)
+    with pytest.raises(ValueError, match="threads must be a positive int or None, got 0"):
+        reproduce("smoke", notebooks=["01_discriminative_vs_generative"], out_dir=tmp_path,
+                  figures_dir=tmp_path, threads=0)
+
+
+def test_profiles_cover_every_notebook():
+    for profile in ("smoke", "cpu", "gpu"):
+        assert set(PROFILES[profile]) == set(NOTEBOOKS)
+        # shared training parameters are identical across the training notebooks (same cache key)
+        trained = [notebook_parameters(profile, nb) for nb in NOTEBOOKS[1:]]
+        for key in ("image_size", "train_iters", "width", "embed_dim", "num_components", "lr"):
+            assert len({repr(p[key]) for p in trained}) == 1, (profile, key)
