@@ -10,13 +10,15 @@ import json
 import sys
 from pathlib import Path
 
+from gmmseg_core import reproduce as reproduce_cli
+
 __all__ = ["main", "build_parser"]
 
 MAIN_EPILOG = """\
 examples:
   gmmseg train --arch fcn --head gmm --iters 200 --out-dir runs
   gmmseg train --config my_run.json --set lr=3e-4 --set head_kwargs.variant=official
-  gmmseg evaluate runs/fcn_gmm_scenes_s0_1a2b3c4d --split anomaly --scorers msp energy gmm
+  gmmseg evaluate runs/fcn_gmm-paper_scenes_s0_1a2b3c4d --split anomaly --scorers msp energy gmm
   gmmseg reproduce --profile cpu
   gmmseg bench --quick
 
@@ -139,11 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run the study notebooks for a profile", epilog=REPRO_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Execute the notebooks with papermill and regenerate figures and tables.")
-    p.add_argument("--profile", default="cpu", choices=["smoke", "cpu", "gpu"], help="parameter set (default cpu)")
-    p.add_argument("--data-root", help="root of real datasets (default: shipped/generated data)")
-    p.add_argument("--device", help="torch device for the notebooks (default cpu)")
-    p.add_argument("--out-dir", help="executed notebooks and timings (default outputs/<profile>)")
-    p.add_argument("--figures-dir", default="figures", help="figures and tables (default figures)")
+    reproduce_cli.add_arguments(p)
 
     p = sub.add_parser("bench", help="run the benchmarks (from a source checkout)",
                        description="Run every benchmarks/bench_*.py and update benchmarks/RESULTS.md. "
@@ -244,16 +242,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    try:
-        from gmmseg_core.reproduce import reproduce
-    except ImportError as err:
-        print(f"gmmseg reproduce is unavailable: {err}", file=sys.stderr)
-        return 2
-    kw = dict(profile=args.profile, data_root=args.data_root, device=args.device, figures_dir=args.figures_dir)
-    if args.out_dir is not None:
-        kw["out_dir"] = args.out_dir
-    reproduce(**kw)
-    return 0
+    return reproduce_cli.run_from_args(args)
 
 
 def cmd_bench(args) -> int:

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gmmseg_core import __version__
 from gmmseg_core.profiles import PROFILES
 
 __all__ = ["TrainConfig", "PROFILES", "parse_overrides"]
@@ -176,7 +177,9 @@ class TrainConfig:
 
         Left out: ``out_dir``, ``run_name``, ``resume``, ``num_workers``, ``log_interval``,
         ``checkpoint_interval``, ``progress`` and a ``cache_dir`` entry of the dataset kwargs (where generated
-        data is cached). ``device`` enters only by its type (``"cuda:1"`` -> ``"cuda"``).
+        data is cached). ``device`` enters only by its type (``"cuda:1"`` -> ``"cuda"``). The package version
+        enters too, so a cache written by another release (whose checkpoints may hold other buffers) is not
+        reused.
         """
         d = self.to_dict()
         for name in _NON_KEY_FIELDS:
@@ -184,11 +187,15 @@ class TrainConfig:
         for name in ("dataset_kwargs", "val_dataset_kwargs"):  # where generated data is cached: a location
             d[name].pop("cache_dir", None)
         d["device"] = (self.device or "cpu").split(":")[0]
+        d["gmmseg_version"] = __version__
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def default_run_name(self) -> str:
-        return f"{self.arch.replace(':', '-')}_{self.head}_{self.dataset}_s{self.seed}_{self.cache_key()[:8]}"
+        head = self.head
+        if head == "gmm":
+            head += "-" + str(self.head_kwargs.get("variant", "paper"))
+        return f"{self.arch.replace(':', '-')}_{head}_{self.dataset}_s{self.seed}_{self.cache_key()[:8]}"
 
     @property
     def run_dir(self) -> Path:

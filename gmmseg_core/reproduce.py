@@ -232,25 +232,35 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     return result
 
 
-def main(argv=None) -> int:
-    """``python -m gmmseg_core.reproduce``; exits non-zero (naming the notebook and cell) on failure."""
-    p = argparse.ArgumentParser(prog="gmmseg reproduce", description=reproduce.__doc__.splitlines()[0])
-    p.add_argument("--profile", default="cpu", choices=sorted(PROFILES))
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out-dir", default=None)
-    p.add_argument("--figures-dir", default="figures")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--notebooks", nargs="*", default=None)
-    p.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
-    a = p.parse_args(argv)
+def add_arguments(parser):
+    """Add the ``reproduce`` options to an argparse parser (shared by ``gmmseg reproduce`` and ``main``)."""
+    parser.add_argument("--profile", default="cpu", choices=sorted(PROFILES), help="parameter set (default cpu)")
+    parser.add_argument("--data-root", default=None, help="root of real datasets (default: generated/shipped data)")
+    parser.add_argument("--device", default=None, help="torch device for the notebooks (default cpu)")
+    parser.add_argument("--out-dir", default=None, help="executed notebooks and timings (default outputs/<profile>)")
+    parser.add_argument("--figures-dir", default="figures", help="figures and tables (default figures)")
+    parser.add_argument("--cache-dir", default=None, help="trained-model cache (default <out-dir>/cache)")
+    parser.add_argument("--notebooks", nargs="*", default=None, help="run only these notebooks (names or paths)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
+
+
+def run_from_args(args) -> int:
+    """Run :func:`reproduce` from parsed options; 1 (with the notebook and cell named) when a notebook fails."""
     try:
-        reproduce(a.profile, data_root=a.data_root, device=a.device, out_dir=a.out_dir,
-                  figures_dir=a.figures_dir, cache_dir=a.cache_dir, notebooks=a.notebooks, threads=a.threads)
+        reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
+                  figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
+                  threads=args.threads)
     except NotebookExecutionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    """``python -m gmmseg_core.reproduce``; exits non-zero (naming the notebook and cell) on failure."""
+    parser = argparse.ArgumentParser(prog="gmmseg reproduce", description=reproduce.__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

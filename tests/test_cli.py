@@ -69,10 +69,23 @@ def test_reproduce_delegates(monkeypatch):
     import gmmseg_core.reproduce as rep
 
     calls = []
-    monkeypatch.setattr(rep, "reproduce", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setattr(rep, "reproduce", lambda *args, **kw: calls.append((args, kw)) or {})
     assert main(["reproduce", "--profile", "smoke", "--data-root", "/data", "--device", "cpu",
-                 "--out-dir", "o"]) == 0
-    assert calls == [dict(profile="smoke", data_root="/data", device="cpu", figures_dir="figures", out_dir="o")]
+                 "--out-dir", "o", "--threads", "2"]) == 0
+    assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir="figures",
+                                       cache_dir=None, notebooks=None, threads=2))]
+
+
+def test_reproduce_reports_a_failing_notebook_without_a_traceback(monkeypatch, capsys):
+    import gmmseg_core.reproduce as rep
+
+    def fail(*args, **kw):
+        raise rep.NotebookExecutionError("notebooks/03_closed_set.ipynb", "out/03.ipynb", 4, "ValueError", "bad")
+
+    monkeypatch.setattr(rep, "reproduce", fail)
+    assert main(["reproduce", "--profile", "smoke"]) == 1
+    err = capsys.readouterr().err
+    assert "03_closed_set.ipynb" in err and "cell 4" in err and "Traceback" not in err
 
 
 def test_bench_rejects_unknown_benchmarks(monkeypatch, capsys):
