@@ -11,8 +11,10 @@ notebook: a model is trained once per run and reused.
 - ``smoke``: seconds per notebook (32x32 images, 3 training steps, one seed, one architecture); used by the
   test suite. The numbers it produces are meaningless.
 - ``cpu``: the reference run on a 2-core CPU (its figures and tables are the ones committed under
-  ``figures/``): tiny models (width 8) on 32x64 images, 400 steps of batch 8, three architectures x three heads
-  x two data sets x two seeds, plus the ablation runs of notebook 05. Measured: 10 min 32 s for all six notebooks on the 2-core machine while other work shared it (notebook 03 alone 8 min).
+  ``figures/``): tiny models (width 8) on 64x128 images (8x16 FCN features at stride 8), 300 steps
+  of batch 8, three architectures x three heads x two data sets x two seeds, plus the ablation runs of notebook
+  05. Measured: 13 min 3 s for all six notebooks on an otherwise idle 2-core machine (notebook 03, 36
+  trainings of ~15-18 s each plus evaluation, 10 min; notebook 05 1 min 40 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Runtime is an estimate, not measured here: about 1.5-2.5 hours on
   one modern GPU for the shipped data; real data sets add training time in proportion to their schedules.
@@ -37,7 +39,7 @@ NOTEBOOKS = (
 TRAIN = {
     "smoke": dict(image_size=[32, 32], num_train_images=8, num_val_images=4, train_iters=3, batch_size=4,
                   width=8, embed_dim=8, num_components=3, lr=1e-3, update_interval=1, mean_momentum=0.5),
-    "cpu": dict(image_size=[32, 64], num_train_images=160, num_val_images=32, train_iters=400, batch_size=8,
+    "cpu": dict(image_size=[64, 128], num_train_images=160, num_val_images=32, train_iters=300, batch_size=8,
                 width=8, embed_dim=16, num_components=3, lr=3e-3, update_interval=5, mean_momentum=0.9),
     "gpu": dict(image_size=[256, 512], num_train_images=2000, num_val_images=200, train_iters=4000,
                 batch_size=16, width=64, embed_dim=64, num_components=5, lr=1e-3, update_interval=5,
