@@ -12,7 +12,6 @@ Run ``python -m benchmarks.bench_gmm_fit`` (writes its section of benchmarks/RES
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import statistics
 import time
@@ -25,7 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from threadpoolctl import threadpool_limits
 
-from benchmarks.bench_loglik import load_caveat, machine_note, write_section
+from benchmarks.bench_loglik import load_caveat, run_thread_sweep
 from gmmseg_core.mixture import GaussianMixture
 
 
@@ -59,7 +58,7 @@ def run(
     n_test=50_000,
     d=64,
     k=5,
-    separation=0.1,
+    separation=0.06,
     tol=1e-4,
     max_iter=300,
     repeats=3,
@@ -160,27 +159,14 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-    parts, results = [], []
-    previous = torch.get_num_threads()
-    for threads in counts:
-        note = machine_note(threads)
-        res = (
-            run(n_train=2_000, n_test=500, d=8, k=3, max_iter=20, repeats=1, threads=threads)
-            if args.quick
-            else run(repeats=args.repeats, threads=threads)
-        )
-        results.append(res)
-        parts.append(f"### {threads} thread(s)\n\n" + report(res, note))
-    torch.set_num_threads(previous)
-    flags = f" --threads {args.threads}" if args.threads else ""
-    text = "\n\n".join(parts) + (
-        f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.bench_gmm_fit{flags}`."
+    quick = dict(n_train=2_000, n_test=500, d=8, k=3, max_iter=20, repeats=1)
+    return run_thread_sweep(
+        "bench_gmm_fit",
+        args.threads,
+        lambda threads: run(threads=threads, **(quick if args.quick else {"repeats": args.repeats})),
+        report,
+        write=not (args.no_write or args.quick),
     )
-    print(text)
-    if not args.no_write and not args.quick:
-        write_section("bench_gmm_fit", text)
-    return results
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.bench_loglik import load_caveat
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
@@ -277,8 +279,7 @@ def _section(results, cfg, args):
     lines = [SECTION, "",
              f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch "
              f"{torch.__version__}, {args.threads} thread(s) per worker, device `{args.device}`; "
-             f"{time.strftime('%Y-%m-%d %H:%M')}. Load when run: `{uptime}`"
-             " (other work shared the machine, so absolute times are inflated; the ratio is side by side).", "",
+             f"{time.strftime('%Y-%m-%d %H:%M')}. Load when run: `{uptime}`." + load_caveat(), "",
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "
              f"{cfg['batch'] * cfg['height'] * cfg['width']:,} pixels, {cfg['classes']} classes x "
              f"{cfg['components']} components, D = {cfg['dim']}, memory {cfg['memory']:,} per component, "
@@ -306,7 +307,7 @@ def _section(results, cfg, args):
               f"ReLU + LayerNorm + L2 on every pixel, costs the same in both). Both processes hold a full "
               f"memory bank of {bank:.2f} GiB (float32), included in the peaks.",
               "", f"Noise: the embedding row runs identical code in both columns and still differs by "
-              f"{abs(ref['embed_s'] / ours['embed_s'] - 1) * 100:.0f}% here; on this shared machine ratios move by "
+              f"{abs(ref['embed_s'] / ours['embed_s'] - 1) * 100:.0f}% here; ratios move by "
               "tens of percent between runs, so read them as orders of magnitude.", ""]
     return "\n".join(lines)
 

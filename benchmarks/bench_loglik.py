@@ -153,6 +153,27 @@ def report(res, note):
     return "\n".join(lines)
 
 
+
+def run_thread_sweep(name, threads_arg, run_once, report, write):
+    """Run ``run_once(threads)`` for each thread count of ``threads_arg`` ("1,2"; default torch's), print the
+    reports and, if ``write``, replace the benchmark's section of RESULTS.md. Returns the results."""
+    counts = [int(t) for t in threads_arg.split(",")] if threads_arg else [torch.get_num_threads()]
+    parts, results = [], []
+    previous = torch.get_num_threads()
+    for threads in counts:
+        note = machine_note(threads)
+        res = run_once(threads)
+        results.append(res)
+        parts.append(f"### {threads} thread(s)\n\n" + report(res, note))
+    torch.set_num_threads(previous)
+    flags = f" --threads {threads_arg}" if threads_arg else ""
+    text = "\n\n".join(parts) + f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.{name}{flags}`."
+    print(text)
+    if write:
+        write_section(name, text)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -161,23 +182,14 @@ def main(argv=None):
         "--threads", default=None, help="comma-separated thread counts to run, e.g. 1,2 (default: torch's)"
     )
     args = parser.parse_args(argv)
-    counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
-    parts, results = [], []
-    previous = torch.get_num_threads()
-    for threads in counts:
-        note = machine_note(threads)
-        res = run(n=512, d=8, m=6, min_run_time=0.01, threads=threads) if args.quick else run(threads=threads)
-        results.append(res)
-        parts.append(f"### {threads} thread(s)\n\n" + report(res, note))
-    torch.set_num_threads(previous)
-    flags = f" --threads {args.threads}" if args.threads else ""
-    text = "\n\n".join(parts) + (
-        f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.bench_loglik{flags}`."
+    quick = dict(n=512, d=8, m=6, min_run_time=0.01)
+    return run_thread_sweep(
+        "bench_loglik",
+        args.threads,
+        lambda threads: run(threads=threads, **(quick if args.quick else {})),
+        report,
+        write=not (args.no_write or args.quick),
     )
-    print(text)
-    if not args.no_write and not args.quick:
-        write_section("bench_loglik", text)
-    return results
 
 
 if __name__ == "__main__":

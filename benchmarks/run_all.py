@@ -50,8 +50,10 @@ def machine_line(how: str = "ratios were measured interleaved in one run") -> st
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
-            f"1-minute load average at the start {load:.1f} (the machine was shared with other work, so "
-            f"absolute times are noisy; {how}).")
+            f"1-minute load average at the start {load:.1f}"
+            + (" (the machine was shared with other work, so absolute times are noisy" if load > cores else " (")
+            + (f"; {how})." if load > cores else f"{how}).")
+            )
 
 
 def discover() -> list[str]:
