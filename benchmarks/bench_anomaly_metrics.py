@@ -117,9 +117,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        from benchmarks.run_all import machine_line, update_results_section
+        from benchmarks.results import machine_line, write_section
 
-        update_results_section("bench_anomaly_metrics",
+        write_section("bench_anomaly_metrics",
                                machine_line("the rows ran one after another, each in a fresh process") + "\n\n"
                                + text)
     return 0

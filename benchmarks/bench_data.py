@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.results import RESULTS, write_section
 from gmmseg_core.data import build_dataset, train_transforms
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "bench_data"
 
 
@@ -94,8 +92,6 @@ def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
 def format_section(rows, info) -> str:
     today = datetime.date.today().isoformat()
     lines = [
-        f"## {SECTION}",
-        "",
         f"Machine: 2-core CPU, torch {torch.__version__}, {today}; 1-minute load average at the start "
         f"{info['load']:.1f}" + (" (the machine was shared with other work: absolute rates are noisy)."
                                  if info["load"] > 1.0 else "."),
@@ -127,14 +123,6 @@ def format_section(rows, info) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the ``## bench_data`` section of ``path``, leaving other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new.rstrip("\n") + "\n")
-
-
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
@@ -142,10 +130,11 @@ def main(argv=None) -> str:
     parser.add_argument("--no-write", action="store_true", help="do not write RESULTS.md")
     args = parser.parse_args(argv)
     rows, info = run(quick=args.quick)
-    text = format_section(rows, info)
+    body = format_section(rows, info)
+    text = f"## {SECTION}\n\n{body}"
     print(text)
     if not args.no_write and (not args.quick or args.write):
-        write_section(text)
+        write_section(SECTION, body, RESULTS)
     return text
 
 

@@ -24,7 +24,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from threadpoolctl import threadpool_limits
 
-from benchmarks.bench_loglik import load_caveat, run_thread_sweep
+from benchmarks.bench_loglik import run_thread_sweep
+from benchmarks.results import load_caveat
 from gmmseg_core.mixture import GaussianMixture
 
 

@@ -34,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_loglik import load_caveat
+from benchmarks.results import RESULTS, load_caveat, write_section
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-SECTION = "## bench_gmm_head"
+SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
 QUICK = dict(batch=1, height=16, width=16, in_channels=16, classes=4, components=3, dim=8, memory=64)
 INTERVAL, MAX_PER_COMPONENT, EPS, ITERS = 5, 20, 0.05, 3
@@ -276,8 +275,7 @@ def _section(results, cfg, args):
             ("M-step (one call; amortised / 5 in the total)", "m_step_s"), ("**whole head per step**", "step_s"),
             ("of which the embedding (identical code; fwd + bwd)", "embed_s"),
             ("**GMM part per step** (whole head minus embedding)", "gmm_step_s")]
-    lines = [SECTION, "",
-             f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch "
+    lines = [f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch "
              f"{torch.__version__}, {args.threads} thread(s) per worker, device `{args.device}`; "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Load when run: `{uptime}`." + load_caveat(), "",
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "
@@ -310,17 +308,6 @@ def _section(results, cfg, args):
               f"{abs(ref['embed_s'] / ours['embed_s'] - 1) * 100:.0f}% here; ratios move by "
               "tens of percent between runs, so read them as orders of magnitude.", ""]
     return "\n".join(lines)
-
-
-def _write_section(text):
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = body.find(SECTION)
-    if start >= 0:
-        nxt = body.find("\n## ", start + len(SECTION))
-        body = body[:start] + text + ("\n" + body[nxt + 1:] if nxt >= 0 else "")
-    else:
-        body = body.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(body.rstrip("\n") + "\n")
 
 
 def main(argv=None):
@@ -357,10 +344,10 @@ def main(argv=None):
         for out in results.values():               # totals from the best parts
             out["step_s"] = out["fwd_bwd_s"] + out["e_push_s"] + out["m_step_s"] / INTERVAL
             out["gmm_step_s"] = out["step_s"] - out["embed_s"]
-    text = _section(results, cfg, args)
-    print(text)
+    body = _section(results, cfg, args)
+    print(f"## {SECTION}\n\n{body}")
     if not args.quick:
-        _write_section(text)
+        write_section(SECTION, body, RESULTS)
     return results
 
 

@@ -19,50 +19,12 @@ import argparse
 import datetime
 import math
 import os
-import platform
-import re
-from pathlib import Path
 
 import torch
 from torch.utils import benchmark as tbench
 
+from benchmarks.results import RESULTS, load_caveat, machine_note, write_section
 from gmmseg_core.mixture import diag_gaussian_log_prob
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def machine_note(threads):
-    """One line: CPU count, torch version, threads, load average before the run."""
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
-        f"{threads} thread(s); load average before the run (1, 5, 15 min): {load}"
-    )
-
-
-def load_caveat(load=None):
-    """A sentence for reports measured while other work loaded the machine ('' when it was not)."""
-    load = os.getloadavg()[0] if load is None else load
-    if load <= (os.cpu_count() or 1):
-        return ""
-    return (
-        f" The 1-minute load average ({load:.1f}) exceeded the core count: other work shared this CPU, so "
-        "absolute times are inflated and noisy, and multi-threaded runs suffer most (threads stall waiting for "
-        "each other, scikit-learn's numpy/BLAS worst of all). Compare within one table and prefer the "
-        "1-thread one."
-    )
-
-
-def write_section(name, body, path=RESULTS):
-    """Replace (or append) the ``## name`` section of RESULTS.md, leaving the other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"## {name}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
 
 
 def broadcast_log_prob(x, means, variances, chunk=1024):
@@ -170,7 +132,7 @@ def run_thread_sweep(name, threads_arg, run_once, report, write):
     text = "\n\n".join(parts) + f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.{name}{flags}`."
     print(text)
     if write:
-        write_section(name, text)
+        write_section(name, text, RESULTS)
     return results
 
 

@@ -110,9 +110,9 @@ def main(argv=None) -> int:
     text = format_results(results, args)
     print(text)
     if not args.quick:
-        from benchmarks.run_all import machine_line, update_results_section
+        from benchmarks.results import machine_line, write_section
 
-        update_results_section("bench_train_step", machine_line() + "\n\n" + text)
+        write_section("bench_train_step", machine_line() + "\n\n" + text)
     return 0
 
 

@@ -17,45 +17,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 
 
-def update_results_section(name: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the section ``## <name>`` of RESULTS.md with ``body``; other sections are kept."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    heading = f"## {name}"
-    out, skipping, replaced = [], False, False
-    for line in lines:
-        if line.strip() == heading:
-            skipping, replaced = True, True
-            out.extend([heading, "", body.strip(), ""])
-            continue
-        if skipping and line.startswith("## "):
-            skipping = False
-        if not skipping:
-            out.append(line)
-    if not replaced:
-        while out and not out[-1].strip():
-            out.pop()
-        out.extend(["", heading, "", body.strip(), ""])
-    path.write_text("\n".join(out).rstrip() + "\n")
-
-
-def machine_line(how: str = "ratios were measured interleaved in one run") -> str:
-    """``<cores>-core CPU, torch <version>, <date>``, the load and ``how`` the numbers were taken, for the
-    RESULTS.md sections."""
-    import datetime
-    import os
-
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
-            f"1-minute load average at the start {load:.1f}"
-            + (" (the machine was shared with other work, so absolute times are noisy" if load > cores else " (")
-            + (f"; {how})." if load > cores else f"{how}).")
-            )
-
-
 def discover() -> list[str]:
     """Module names of the benchmarks, sorted: ``bench_*.py`` beside this file."""
     return sorted(p.stem for p in HERE.glob("bench_*.py"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from benchmarks import bench_gmm_fit, bench_loglik
+from benchmarks.results import write_section
 
 
 def test_bench_loglik_quick(tmp_path, monkeypatch):
@@ -30,9 +31,9 @@ def test_write_section_replaces_only_its_own(tmp_path):
         "# Benchmark results\n\nintro\n\n## other\n\nkeep me\n\n"
         "## bench_loglik\n\nold\n\n## last\n\nkeep too\n"
     )
-    bench_loglik.write_section("bench_loglik", "new body", path)
+    write_section("bench_loglik", "new body", path)
     text = path.read_text()
     assert "old" not in text and "new body" in text
     assert "keep me" in text and "keep too" in text and text.index("keep me") < text.index("new body")
-    bench_loglik.write_section("bench_gmm_fit", "appended", path)
+    write_section("bench_gmm_fit", "appended", path)
     assert path.read_text().rstrip().endswith("appended")

@@ -4,6 +4,7 @@ is left alone)."""
 from pathlib import Path
 
 from benchmarks import bench_anomaly_metrics, bench_train_step, run_all
+from benchmarks.results import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def test_run_all_discovers_benchmarks_and_update_section(tmp_path):
     assert {"bench_train_step", "bench_anomaly_metrics"} <= set(run_all.discover())
     results = tmp_path / "RESULTS.md"
     results.write_text("# R\n\n## other\n\nkeep me\n")
-    run_all.update_results_section("bench_x", "first", results)
-    run_all.update_results_section("bench_x", "second", results)
+    write_section("bench_x", "first", results)
+    write_section("bench_x", "second", results)
     text = results.read_text()
     assert "keep me" in text and "second" in text and "first" not in text and text.count("## bench_x") == 1

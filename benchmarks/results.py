@@ -1,0 +1,57 @@
+"""Writing benchmark results: one ``## <name>`` section of RESULTS.md per benchmark, with the machine it ran on."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def write_section(name, body, path=RESULTS):
+    """Replace (or append) the ``## name`` section of ``path`` with ``body``, leaving the other sections alone."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"## {name}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text)
+
+
+def machine_note(threads):
+    """One line: CPU count, torch version, threads, load average before the run."""
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (
+        f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"{threads} thread(s); load average before the run (1, 5, 15 min): {load}"
+    )
+
+
+def load_caveat(load=None):
+    """A sentence for reports measured while other work loaded the machine ('' when it was not)."""
+    load = os.getloadavg()[0] if load is None else load
+    if load <= (os.cpu_count() or 1):
+        return ""
+    return (
+        f" The 1-minute load average ({load:.1f}) exceeded the core count: other work shared this CPU, so "
+        "absolute times are inflated and noisy, and multi-threaded runs suffer most (threads stall waiting for "
+        "each other, scikit-learn's numpy/BLAS worst of all). Compare within one table and prefer the "
+        "1-thread one."
+    )
+
+
+def machine_line(how: str = "ratios were measured interleaved in one run") -> str:
+    """``Machine: <cores>-core CPU, torch <version>, <date>``, the load and ``how`` the numbers were taken."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    shared = "the machine was shared with other work, so absolute times are noisy; " if load > cores else ""
+    return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
+            f"1-minute load average at the start {load:.1f} ({shared}{how}).")
