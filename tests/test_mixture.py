@@ -101,6 +101,16 @@ def test_log_prob_blocks_and_grad_path_agree():
     torch.testing.assert_close(xs.grad, xr.grad)
 
 
+def test_log_prob_input_gradient_over_several_blocks_matches_reference():
+    # 40,000 rows of D = 8: the CPU backward runs its row blocks several times
+    means, variances = _random_params(4, 8, torch.float64)
+    x = (torch.randn(40_000, 8, dtype=torch.float64) + 3).requires_grad_(True)
+    weights = torch.randn(40_000, 4, dtype=torch.float64)
+    (ours,) = torch.autograd.grad((diag_gaussian_log_prob(x, means, variances) * weights).sum(), x)
+    (ref,) = torch.autograd.grad((_broadcast_log_prob(x, means, variances) * weights).sum(), x)
+    torch.testing.assert_close(ours, ref)
+
+
 def test_log_prob_backward_passes_gradcheck():
     x = (torch.randn(7, 3, dtype=torch.float64) + 5).requires_grad_(True)
     means = (torch.randn(4, 3, dtype=torch.float64) + 5).requires_grad_(True)

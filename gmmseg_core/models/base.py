@@ -78,7 +78,8 @@ class SegmentationModel(nn.Module):
             aux = self.head.extra_loss(features, labels)
         logits = self._upsample(small, images.shape[-2:])
         target = labels.to(logits.device).long()
-        loss_logits = self._upsample(small, target.shape[-2:])
+        same_size = tuple(target.shape[-2:]) == tuple(images.shape[-2:])
+        loss_logits = logits if same_size else self._upsample(small, target.shape[-2:])
         if bool((target != self.ignore_index).any()):
             ce = F.cross_entropy(loss_logits, target, ignore_index=self.ignore_index)
         else:
