@@ -335,7 +335,7 @@ class GMMHead(nn.Module):
             resp = torch.empty_like(logp)
             resp[order] = q[slot, rank]
         if self.hard_assign:
-            resp = F.one_hot(resp.argmax(dim=-1), K).to(logp.dtype)
+            resp = F.one_hot(_argmax_last(resp), K).to(logp.dtype)
         return resp
 
     def _assignments(self, cache: dict, labels: Tensor) -> dict:
@@ -347,8 +347,10 @@ class GMMHead(nn.Module):
         valid = (y >= 0) & (y < self.num_classes) & (y != self.ignore_index)
         idx = valid.nonzero().squeeze(1)
         yv = y[idx]
-        logp = comp.reshape(-1, self.num_classes, self.num_components)[idx, yv]
-        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=self.e_step(logp, yv))
+        # rows (pixel, own class) of the (pixels * C, K) table: one flat gather of n x K values
+        logp = comp.reshape(-1, self.num_components).index_select(0, idx * self.num_classes + yv)
+        resp = self.e_step(logp, yv)
+        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=_argmax_last(resp))
         cache["assign"] = assign
         return assign
 
@@ -385,7 +387,7 @@ class GMMHead(nn.Module):
         logits = comp.reshape(-1, self.num_classes * self.num_components)
         # a target for every pixel (ignored ones -100): no (n, C*K) gather and scatter in the backward
         target = torch.full((logits.shape[0],), -100, dtype=torch.long, device=logits.device)
-        target[assign["idx"]] = assign["labels"] * self.num_components + assign["resp"].argmax(dim=-1)
+        target[assign["idx"]] = assign["labels"] * self.num_components + assign["component"]
         return self.component_loss_weight * F.cross_entropy(logits, target, ignore_index=-100)
 
     # ------------------------------------------------------------------ EM bookkeeping
@@ -416,7 +418,7 @@ class GMMHead(nn.Module):
         pred = (cache["logits"] if logits is None else logits).max(dim=1).indices
         pred = resize_labels(pred, (h, w)).reshape(-1)[idx]
         correct = pred == yv
-        logp, resp = assign["logp"], assign["resp"]
+        logp, resp, component = assign["logp"], assign["resp"], assign["component"]
         if world_size() > 1:
             packed = torch.cat([x.float(), logp.float(), yv[:, None].float(), correct[:, None].float()], dim=1)
             packed = all_gather_rows(packed)
@@ -424,7 +426,8 @@ class GMMHead(nn.Module):
             x, logp = packed[:, :D], packed[:, D:D + K]
             yv, correct = packed[:, D + K].long(), packed[:, D + K + 1].bool()
             resp = self.e_step(logp, yv)
-        self._push(x, yv, resp, correct)
+            component = _argmax_last(resp)
+        self._push(x, yv, resp, component, correct)
         batch_classes = torch.bincount(yv, minlength=self.num_classes) > 0
         self.seen |= batch_classes
         if int(self.num_updates) % self.update_interval == 0:
@@ -432,11 +435,14 @@ class GMMHead(nn.Module):
             self.seen.zero_()
         self.num_updates += 1
 
-    def _push(self, x: Tensor, labels: Tensor, resp: Tensor, correct: Tensor) -> None:
-        keep = correct.nonzero().squeeze(1) if self.correct_only else torch.arange(labels.numel(), device=x.device)
-        group = labels[keep] * self.num_components + resp[keep].argmax(dim=-1)
-        sel = keep[select_evenly_spaced(group, self.num_classes * self.num_components, self.max_per_component)]
-        group = labels[sel] * self.num_components + resp[sel].argmax(dim=-1)
+    def _push(self, x: Tensor, labels: Tensor, resp: Tensor, component: Tensor, correct: Tensor) -> None:
+        group = labels * self.num_components + component                       # ring of every pixel
+        keep = correct.nonzero().squeeze(1) if self.correct_only else None
+        if keep is not None:
+            group = group[keep]
+        chosen = select_evenly_spaced(group, self.num_classes * self.num_components, self.max_per_component)
+        sel = chosen if keep is None else keep[chosen]
+        group = group[chosen]
         extras = () if self.memory_resp is None else ((self.memory_resp, resp[sel]),)
         stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
         ring_push(self.memory, self.memory_ptr, self.memory_count, x[sel], group, extras, stats)
@@ -470,10 +476,11 @@ class GMMHead(nn.Module):
             var = var + self.variance_floor
         else:                                          # soft: weighted statistics over the class's memory
             filled = torch.arange(M, device=self.memory.device) < self.memory_count[:, None]  # (C*K, M)
-            weight = self.memory_resp * filled[..., None]
+            mask = None if bool(filled.all()) else filled.reshape(C, K * M)     # a full memory needs no mask
+            # the current means as expansion centres: same result, one pass over the memory instead of two
             nk, mu, var = mixture.estimate_diag_gaussian_parameters(
-                self.memory.reshape(C, K * M, D), weight.reshape(C, K * M, K), reg_covar=self.variance_floor,
-                mask=filled.reshape(C, K * M))
+                self.memory.reshape(C, K * M, D), self.memory_resp.reshape(C, K * M, K),
+                reg_covar=self.variance_floor, mask=mask, centres=self.means)
         nk, mu, var = nk.reshape(C, K), mu.reshape(C, K, D), var.reshape(C, K, D)
         if self.normalize_means:
             target = F.normalize(mu, dim=-1)
@@ -530,6 +537,11 @@ class _MaxOverLast(torch.autograd.Function):
     def backward(ctx, grad):
         x, values = ctx.saved_tensors
         return (x == values.unsqueeze(-1)).to(grad.dtype).mul_(grad.unsqueeze(-1))
+
+
+def _argmax_last(t: Tensor) -> Tensor:
+    """``t.argmax(dim=-1)`` (first maximal index) through ``max``, which is faster over a short last dimension."""
+    return t.max(dim=-1).indices
 
 
 @contextmanager

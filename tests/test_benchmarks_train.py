@@ -14,7 +14,7 @@ def test_bench_train_step_quick(capsys):
     assert bench_train_step.main(["--quick", "--archs", "fcn"]) == 0
     out = capsys.readouterr().out
     for name in ("softmax", "gmm paper", "gmm official"):
-        assert f"| fcn | {name} |" in out
+        assert f"| fcn | 4 | {name} |" in out
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == before
 
 

@@ -377,13 +377,14 @@ def test_official_m_step_matches_released_code_loop():
         torch.testing.assert_close(head.variances[c, k], var, rtol=1e-5, atol=1e-6)
 
 
-def test_paper_m_step_is_responsibility_weighted():
+@pytest.mark.parametrize("counts", [[6, 2, 4, 4, 0, 0], [6] * 6])    # partly filled (masked) and full memory
+def test_paper_m_step_is_responsibility_weighted(counts):
     head = _head(variant="paper", mean_momentum=0.0, memory_size=6)
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         head.memory.copy_(torch.randn(head.memory.shape, generator=g))
         head.memory_resp.copy_(torch.softmax(torch.randn(head.memory_resp.shape, generator=g), -1))
-        head.memory_count.copy_(torch.tensor([6, 2, 4, 4, 0, 0]))
+        head.memory_count.copy_(torch.tensor(counts))
     old_means = head.means.clone()
     head.m_step()
     for c in range(C):
