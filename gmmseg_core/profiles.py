@@ -12,9 +12,10 @@ notebook: a model is trained once per run and reused.
   test suite. The numbers it produces are meaningless.
 - ``cpu``: the reference run on a 2-core CPU (its figures and tables are the ones committed under
   ``figures/``): tiny models (width 8) on 64x128 images (8x16 FCN features at stride 8), 300 steps
-  of batch 8, three architectures x three heads x two data sets x two seeds, plus the ablation runs of notebook
-  05. Measured: 13 min 3 s for all six notebooks on an otherwise idle 2-core machine (notebook 03, 36
-  trainings of ~15-18 s each plus evaluation, 10 min; notebook 05 1 min 40 s).
+  of batch 8, three architectures x three heads x two data sets x two seeds, plus the ablation runs of notebooks
+  04 (class LayerNorm, 2 extra trainings) and 05. Measured: 15 min 29 s for all six notebooks on an otherwise
+  idle 2-core machine (notebook 03, 36 trainings of ~15-20 s each plus evaluation, 11 min 14 s; notebook 04
+  1 min 6 s; notebook 05 2 min 3 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Runtime is an estimate, not measured here: about 1.5-2.5 hours on
   one modern GPU for the shipped data; real data sets add training time in proportion to their schedules.

@@ -63,6 +63,15 @@ def test_one_parameters_cell_of_plain_literals(name):
     assert set(RUN_PARAMETERS) <= _parameter_names(name), "run-wide parameters are declared"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_papermill_reads_every_parameter(name):
+    # papermill parses the cell itself (for --help-notebook and its "unknown parameter" warnings); a comment
+    # with an "=" in it makes it skip that line
+    import papermill
+
+    assert set(papermill.inspect_notebook(str(PATHS[name]))) == _parameter_names(name)
+
+
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_profile_keys_are_notebook_parameters(profile):
     for name, overrides in PROFILES[profile].items():
@@ -124,3 +133,17 @@ def test_anomaly_table(smoke_run):
     for r in rows:
         assert 0.0 <= float(r["auroc"]) <= 1.0 and 0.0 <= float(r["fpr95"]) <= 1.0
     assert "AUROC" in (root / "figures" / "anomaly_table.md").read_text()
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_class_norm_ablation_table(smoke_run):
+    root, _ = smoke_run
+    rows = _read_csv(root / "figures" / "anomaly_class_norm_ablation.csv")
+    # four variants (paper / official, each with and without the class LayerNorm) on every scenes split
+    assert {(r["variant"], r["class_norm"]) for r in rows} == {
+        ("GMM (paper)", "False"), ("GMM (paper) + class LayerNorm", "True"),
+        ("GMM (official)", "True"), ("GMM (official) without class LayerNorm", "False")}
+    assert {r["split"] for r in rows} == {"scenes/anomaly", "scenes/anomaly_near"}
+    for r in rows:
+        assert 0.0 <= float(r["auroc"]) <= 1.0 and float(r["logit_spread"]) >= 0.0
