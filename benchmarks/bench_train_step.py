@@ -100,6 +100,20 @@ def format_results(results, args) -> str:
               "step (embedding, log-densities of all C x K components at feature resolution, component loss) "
               "over the softmax head's 1x1 convolution; \"update_head\" is the EM bookkeeping (Sinkhorn E-step, "
               "memory push, M-step amortised). Step times vary by ~10% between runs on this shared machine."]
+    lines += ["", "The GMM head's extra time per step (step minus the softmax step, both variants) by backbone width, "
+              "and the widths at which both variants meet the target:", ""]
+    for arch in dict.fromkeys(a for a, _ in results):
+        extra, met = [], []
+        for (a, width), per in results.items():
+            if a != arch:
+                continue
+            gmm = [r for name, r in per.items() if name != "softmax"]
+            extra.append(f"width {width}: " + " / ".join(f"{1000 * (r['step_s'] - per['softmax']['step_s']):+.1f}"
+                                                         for r in gmm) + " ms")
+            if all(r["overhead"] <= 0.15 for r in gmm):
+                met.append(str(width))
+        verdict = f"target met at width {', '.join(met)}" if met else "target missed at every width measured"
+        lines.append(f"- {arch}: {'; '.join(extra)}; {verdict}.")
     return "\n".join(lines)
 
 
