@@ -476,11 +476,13 @@ class GMMHead(nn.Module):
             var = var + self.variance_floor
         else:                                          # soft: weighted statistics over the class's memory
             filled = torch.arange(M, device=self.memory.device) < self.memory_count[:, None]  # (C*K, M)
-            mask = None if bool(filled.all()) else filled.reshape(C, K * M)     # a full memory needs no mask
-            # the current means as expansion centres: same result, one pass over the memory instead of two
+            # Unfilled rows get zero weight (a pass over the small responsibility buffer, not over the memory);
+            # the memory holds finite values everywhere (zeros until written), so no mask is needed. The current
+            # means as expansion centres: same result, one pass over the memory instead of two.
+            weight = self.memory_resp if bool(filled.all()) else self.memory_resp * filled[..., None]
             nk, mu, var = mixture.estimate_diag_gaussian_parameters(
-                self.memory.reshape(C, K * M, D), self.memory_resp.reshape(C, K * M, K),
-                reg_covar=self.variance_floor, mask=mask, centres=self.means)
+                self.memory.reshape(C, K * M, D), weight.reshape(C, K * M, K), reg_covar=self.variance_floor,
+                centres=self.means)
         nk, mu, var = nk.reshape(C, K), mu.reshape(C, K, D), var.reshape(C, K, D)
         if self.normalize_means:
             target = F.normalize(mu, dim=-1)
