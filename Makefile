@@ -9,7 +9,7 @@ STAMP := $(VENV)/.gmmseg-installed
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 PROFILE ?= cpu
 
-.PHONY: env test lint pytest reproduce bench fashion-data clean
+.PHONY: env test lint pytest reproduce bench gpu-check fashion-data clean
 
 env: $(STAMP)
 
@@ -40,6 +40,10 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# A few minutes on a CUDA machine: device-vs-CPU agreement, a bf16 training run, the head and train-step benchmarks.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --device cuda
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

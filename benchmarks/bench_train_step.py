@@ -4,11 +4,13 @@ A step is what ``gmmseg_core.train.train`` does per iteration: ``forward_train``
 head's EM bookkeeping (``update_head``: Sinkhorn E-step, memory push, M-step every ``update_interval`` steps).
 The variants run interleaved (round robin) on the same batch so machine load hits them alike; a step's time is
 amortised over a cycle of ``update_interval`` steps (one M-step each) and the median over cycles is reported. The
-GMM head costs a fixed amount per feature pixel, so the overhead is reported for the cpu profile's backbone
-width and for two wider backbones of the same architecture. Target: GMM overhead <= 15% over softmax.
+GMM head's cost grows with the feature pixels, not with the backbone's channels, so the overhead is reported for
+the profile's backbone width and for two wider backbones of the same architecture. Target: GMM overhead <= 15%
+over softmax.
 
-    python -m benchmarks.bench_train_step            # cpu profile sizes, updates RESULTS.md
-    python -m benchmarks.bench_train_step --quick    # tiny smoke run, prints only
+    python -m benchmarks.bench_train_step                               # cpu profile sizes, updates RESULTS.md
+    python -m benchmarks.bench_train_step --device cuda --profile gpu   # its own RESULTS.md section
+    python -m benchmarks.bench_train_step --quick                       # tiny smoke run, prints only
 """
 
 from __future__ import annotations
@@ -25,45 +27,56 @@ from gmmseg_core.models import build_model
 VARIANTS = (("softmax", {}), ("gmm paper", {"variant": "paper"}), ("gmm official", {"variant": "official"}))
 
 
-def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_components, update_interval):
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_components, update_interval,
+              device="cpu"):
     torch.manual_seed(0)
     hk = dict(head_kwargs)
     if head == "gmm":
         hk.update(embed_dim=embed_dim, num_components=num_components, update_interval=update_interval)
-    model = build_model(arch, head, num_classes=num_classes, width=width, head_kwargs=hk)
+    model = build_model(arch, head, num_classes=num_classes, width=width, head_kwargs=hk).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step(images, labels):
-        """One step; returns the seconds spent in update_head."""
+        """One step; returns the seconds spent in update_head (the device is synchronised around it)."""
         out = model.forward_train(images, labels)
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync(device)
         t0 = time.perf_counter()
         model.update_head(out["features"], labels)  # as gmmseg_core.train does
+        _sync(device)
         return time.perf_counter() - t0
 
     return step
 
 
-def run(archs, widths, image_size, batch_size, embed_dim, num_components, update_interval, reps, warmup):
+def run(archs, widths, image_size, batch_size, embed_dim, num_components, update_interval, reps, warmup,
+        device="cpu"):
     """Per (arch, width, head): step and update_head times, amortised over cycles of ``update_interval`` steps."""
     ds = build_dataset("scenes", "train", image_size=image_size, num_images=batch_size)
-    images = torch.stack([ds[i][0] for i in range(batch_size)])
-    labels = torch.stack([ds[i][1] for i in range(batch_size)])
+    images = torch.stack([ds[i][0] for i in range(batch_size)]).to(device)
+    labels = torch.stack([ds[i][1] for i in range(batch_size)]).to(device)
     cycles = max(1, reps // update_interval)
     results = {}
     for arch in archs:
         for width in widths:
             steps = {name: make_step(arch, kw, "softmax" if name == "softmax" else "gmm", ds.num_classes, width,
-                                     embed_dim, num_components, update_interval) for name, kw in VARIANTS}
+                                     embed_dim, num_components, update_interval, device) for name, kw in VARIANTS}
             times = {name: [] for name in steps}
             update = {name: [] for name in steps}
             for i in range(warmup + cycles * update_interval):
                 for name, step in steps.items():
+                    _sync(device)
                     t0 = time.perf_counter()
                     t_update = step(images, labels)
+                    _sync(device)
                     if i >= warmup:
                         times[name].append(time.perf_counter() - t0)
                         update[name].append(t_update)
@@ -80,9 +93,11 @@ def run(archs, widths, image_size, batch_size, embed_dim, num_components, update
 
 
 def format_results(results, args) -> str:
-    lines = [f"One training step (forward_train + backward + AdamW + update_head), batch {args.batch_size} of "
+    lines = [f"Device `{args.device}`. One training step (forward_train + backward + AdamW + update_head), "
+             f"batch {args.batch_size} of "
              f"{args.image_size[0]}x{args.image_size[1]} scenes images, in-house `tiny` backbones of width "
-             f"{', '.join(map(str, args.widths))} (the cpu profile trains width {args.profile_width}); GMM head "
+             f"{', '.join(map(str, args.widths))} (the {args.profile} profile trains width {args.profile_width}); "
+             f"GMM head "
              f"D={args.embed_dim}, K={args.num_components}, M-step every {args.update_interval} steps; "
              f"{args.threads} torch thread(s). Heads run interleaved on the same batch; a step's time is the mean "
              f"over a cycle of {args.update_interval} steps (so the M-step is amortised), the median over "
@@ -123,31 +138,35 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", nargs="+", default=["fcn", "deeplabv3plus", "segformer"])
     parser.add_argument("--reps", type=int, default=50, help="measured steps per head (whole M-step cycles)")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
-                        help="backbone widths (default: the cpu profile's, then 2x and 4x)")
+                        help="backbone widths (default: the profile's, then 2x and 4x)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    parser.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                        help="take image size, batch, width, D and K from this profile's training parameters")
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.batch_size, args.profile_width, args.embed_dim = (32, 32), 2, 4, 4
         args.num_components, args.update_interval, args.reps, args.warmup = 2, 1, 2, 1
     else:
-        # the cpu profile's sizes, read from the profile itself
+        # the profile's sizes, read from the profile itself
         from gmmseg_core.profiles import TRAIN
 
-        cpu = TRAIN["cpu"]
-        args.image_size, args.batch_size = tuple(cpu["image_size"]), cpu["batch_size"]
-        args.profile_width, args.embed_dim, args.num_components = cpu["width"], cpu["embed_dim"], cpu["num_components"]
-        args.update_interval, args.warmup = cpu["update_interval"], 3
+        sizes = TRAIN[args.profile]
+        args.image_size, args.batch_size = tuple(sizes["image_size"]), sizes["batch_size"]
+        args.profile_width, args.embed_dim = sizes["width"], sizes["embed_dim"]
+        args.num_components, args.update_interval, args.warmup = sizes["num_components"], sizes["update_interval"], 3
     torch.set_num_threads(args.threads)
     default_widths = [args.profile_width] if args.quick else [args.profile_width * f for f in (1, 2, 4)]
     args.widths = args.widths or default_widths
     results = run(args.archs, args.widths, args.image_size, args.batch_size, args.embed_dim, args.num_components,
-                  args.update_interval, args.reps, args.warmup)
+                  args.update_interval, args.reps, args.warmup, args.device)
     text = format_results(results, args)
     print(text)
     if not args.quick:
         from benchmarks.results import machine_line, write_section
 
-        write_section("bench_train_step", machine_line() + "\n\n" + text)
+        where = "" if (args.device, args.profile) == ("cpu", "cpu") else f" ({args.device}, {args.profile} profile)"
+        write_section("bench_train_step" + where, machine_line() + "\n\n" + text)
     return 0
 
 

@@ -1,0 +1,245 @@
+"""A short accelerator check, for the few minutes a GPU is lent: the GMM code on the device against the CPU, a
+short mixed-precision training run, and the speed benchmarks at GPU sizes, in one command.
+
+    python -m benchmarks.gpu_check --device cuda --out DIR     # a few minutes on one GPU
+    python -m benchmarks.gpu_check --device cpu --quick        # tiny sizes; what the test suite runs
+
+Writes ``DIR/gpu_check.md`` and ``DIR/gpu_check.json`` (default: ``benchmarks/``) and prints the Markdown;
+``RESULTS.md`` is left alone (copy the sections over by hand once read). Every check runs even when an earlier one
+failed; a failure is reported with its exception and makes the exit status 1.
+
+Checks
+------
+``loglik``     ``diag_gaussian_log_prob`` and its input gradient on the device (float32) vs a float64 CPU reference
+``sinkhorn``   batched, masked ``sinkhorn`` on the device vs the CPU in float64
+``head``       ``GMMHead`` (both variants) copied to the device: logits, gradients and EM state after a few steps
+``train``      a short ``train()`` run per head (bf16 autocast on CUDA): finite losses and seconds per step
+``gmm_head``   ``bench_gmm_head``'s reference and ours, in this process, with the device's peak memory
+``train_step`` ``bench_train_step`` at the gpu profile's sizes: the GMM head's overhead over softmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+
+
+def _max_abs(a, b) -> float:
+    return float((a.detach().double().cpu() - b.detach().double().cpu()).abs().max())
+
+
+def check_loglik(device, quick):
+    from gmmseg_core.mixture import diag_gaussian_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    n, m, d = (500, 6, 8) if quick else (73_728, 95, 64)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    means = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
+    variances = torch.rand(m, d, generator=g, dtype=torch.float64) * 0.05 + 0.01
+    weights = torch.randn(n, m, generator=g, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    ref = diag_gaussian_log_prob(xr, means, variances)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), xr)
+    xd = x.float().to(device).requires_grad_(True)
+    out = diag_gaussian_log_prob(xd, means.float().to(device), variances.float().to(device))
+    (grad,) = torch.autograd.grad((out * weights.float().to(device)).sum(), xd)
+    value_err, grad_err = _max_abs(out, ref), _max_abs(grad, ref_grad) / max(float(ref_grad.abs().max()), 1e-12)
+    return dict(ok=value_err < 1e-2 and grad_err < 1e-4, max_abs_error_nats=value_err,
+                max_rel_grad_error=grad_err, shape=[n, m, d])
+
+
+def check_sinkhorn(device, quick):
+    from gmmseg_core.mixture import sinkhorn
+
+    g = torch.Generator().manual_seed(1)
+    b, n, k = (3, 50, 3) if quick else (19, 4000, 5)
+    scores = torch.rand(b, n, k, generator=g, dtype=torch.float64) * 2 - 1
+    mask = torch.rand(b, n, generator=g) < 0.8
+    ref = sinkhorn(scores, epsilon=0.05, n_iters=3, mask=mask)
+    out = sinkhorn(scores.float().to(device), epsilon=0.05, n_iters=3, mask=mask.to(device))
+    err = _max_abs(out, ref)
+    return dict(ok=err < 1e-4, max_abs_error=err, shape=[b, n, k])
+
+
+def check_head(device, quick):
+    from gmmseg_core.heads import GMMHead
+
+    c, k, d, cf = (3, 2, 4, 6) if quick else (19, 5, 64, 64)
+    b, h, w = (2, 8, 8) if quick else (2, 96, 96)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(b, cf, h, w, generator=g), torch.randint(0, c, (b, 4 * h, 4 * w), generator=g))
+               for _ in range(3)]
+    report = {}
+    for variant in ("paper", "official"):
+        torch.manual_seed(0)
+        cpu_head = GMMHead(cf, c, embed_dim=d, num_components=k, variant=variant, update_interval=1,
+                           mean_momentum=0.5, memory_size=256)
+        dev_head = GMMHead(cf, c, embed_dim=d, num_components=k, variant=variant, update_interval=1,
+                           mean_momentum=0.5, memory_size=256).to(device)
+        dev_head.load_state_dict(cpu_head.state_dict())
+        errs = {"logits": 0.0, "embed_grad": 0.0}
+        for feats, labels in batches:
+            for head, dev in ((cpu_head, "cpu"), (dev_head, device)):
+                head.zero_grad(set_to_none=True)
+                f, y = feats.to(dev), labels.to(dev)
+                logits, comp = head(f, return_component_logp=True)
+                up = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+                (F.cross_entropy(up, y) + head.extra_loss(f, y, component_logp=comp)).backward()
+                head.update(f, y, None)
+                if head is cpu_head:
+                    cpu_logits = logits
+                else:
+                    errs["logits"] = max(errs["logits"], _max_abs(logits, cpu_logits))
+                    errs["embed_grad"] = max(errs["embed_grad"], _max_abs(dev_head.embed[0].weight.grad,
+                                                                           cpu_head.embed[0].weight.grad))
+        errs["means"] = _max_abs(dev_head.means, cpu_head.means)
+        errs["variances"] = _max_abs(dev_head.variances, cpu_head.variances)
+        errs["memory_count_equal"] = bool(torch.equal(dev_head.memory_count.cpu(), cpu_head.memory_count))
+        # hard assignments may flip on near ties between devices; the means then differ by one row's share
+        errs["ok"] = errs["logits"] < 1e-2 and errs["means"] < 1e-2 and errs["variances"] < 1e-2
+        report[variant] = errs
+    report["ok"] = all(r["ok"] for r in report.values())
+    return report
+
+
+def check_train(device, quick, work):
+    from gmmseg_core.config import TrainConfig
+    from gmmseg_core.train import train
+
+    amp = "bf16" if torch.device(device).type == "cuda" else "none"
+    size, iters, width = ([32, 32], 3, 4) if quick else ([256, 512], 60, 32)
+    report = {}
+    for head, kw in (("softmax", {}), ("gmm", {"variant": "paper"}), ("gmm", {"variant": "official"})):
+        name = head if not kw else f"gmm_{kw['variant']}"
+        head_kwargs = dict(kw, embed_dim=16 if quick else 64) if head == "gmm" else {}
+        cfg = TrainConfig(arch="segformer", head=head, head_kwargs=head_kwargs,
+                          model_kwargs={"width": width}, dataset="scenes",
+                          dataset_kwargs={"image_size": size, "num_images": 16},
+                          val_dataset_kwargs={"num_images": 4}, iters=iters, batch_size=4 if quick else 16,
+                          amp=amp, device=device, out_dir=str(work), run_name=name, progress=False)
+        run_dir = Path(train(cfg))
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        with open(run_dir / "log.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        losses = [float(r["loss"]) for r in rows]
+        step_times = sorted(float(r["step_time_s"]) for r in rows[min(5, len(rows) - 1):])   # after warm-up
+        report[name] = dict(amp=amp, final_miou=metrics["final"]["miou"], losses_finite=all(map(math.isfinite, losses)),
+                            seconds_per_step=step_times[len(step_times) // 2])
+    report["ok"] = all(r["losses_finite"] for r in report.values())
+    report["summary"] = f"{iters} steps, amp {amp}: " + "; ".join(
+        f"{n} {1000 * r['seconds_per_step']:.1f} ms/step, losses finite {r['losses_finite']}"
+        for n, r in report.items() if isinstance(r, dict))
+    return report
+
+
+def check_gmm_head(device, quick):
+    from benchmarks import bench_gmm_head as bench
+
+    cfg = bench.QUICK if quick else bench.FULL
+    dev = torch.device(device)
+    out = {}
+    for path in ("reference", "ours"):
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        out[path] = bench.run_path(path, cfg, dev, steps=3)
+    for key in ("step_s", "gmm_step_s", "fwd_bwd_s", "loglik_fwd_s"):
+        out[f"speedup_{key}"] = out["reference"][key] / out["ours"][key]
+    peak = "peak_bytes" if dev.type == "cuda" else "maxrss_after_setup_bytes"
+    out["summary"] = (f"whole head per step {out['reference']['step_s'] * 1e3:.1f} -> {out['ours']['step_s'] * 1e3:.1f} ms "
+                      f"({out['speedup_step_s']:.0f}x), without the embedding {out['speedup_gmm_step_s']:.0f}x; "
+                      f"{peak}: {out['reference'].get(peak, 0) / 2**30:.2f} vs {out['ours'].get(peak, 0) / 2**30:.2f} GiB")
+    out["ok"] = True
+    return out
+
+
+def check_train_step(device, quick):
+    from benchmarks import bench_train_step as bench
+    from gmmseg_core.profiles import TRAIN
+
+    p = TRAIN["gpu"]
+    if quick:
+        size, batch, widths, d, k, interval, reps = (32, 32), 2, [4], 4, 2, 1, 2
+    else:
+        size, batch, widths = tuple(p["image_size"]), p["batch_size"], [p["width"]]
+        d, k, interval, reps = p["embed_dim"], p["num_components"], p["update_interval"], 20
+    results = bench.run(["fcn", "deeplabv3plus", "segformer"], widths, size, batch, d, k, interval, reps, 2, device)
+    out = {f"{arch} width {width}": {name: dict(step_ms=1000 * r["step_s"], overhead=r["overhead"])
+                                     for name, r in per.items()} for (arch, width), per in results.items()}
+    out["summary"] = "; ".join(
+        f"{arch} w{width}: softmax {1000 * per['softmax']['step_s']:.1f} ms, GMM "
+        + " / ".join(f"{100 * r['overhead']:+.0f}%" for name, r in per.items() if name != "softmax")
+        for (arch, width), per in results.items())
+    out["ok"] = True
+    return out
+
+
+CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step")
+
+
+def _markdown(report) -> str:
+    env = report["environment"]
+    lines = [f"# Accelerator check: {env['device_name']}", "",
+             f"torch {env['torch']}, CUDA {env['cuda']}, {env['date']}, quick={report['quick']}; "
+             f"total {report['seconds']:.0f} s.", "", "| check | ok | seconds | details |", "|---|---|---|---|"]
+    for name, r in report["checks"].items():
+        details = {k: v for k, v in r.items() if k not in ("ok", "seconds", "error", "traceback")}
+        text = r.get("error") or r.get("summary") or json.dumps(details, default=str)[:600]
+        lines.append(f"| {name} | {r.get('ok')} | {r.get('seconds', float('nan')):.1f} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=str(HERE), help="folder for gpu_check.md / .json (default benchmarks/)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, also on a CPU)")
+    parser.add_argument("--only", nargs="+", choices=CHECKS, help="run only these checks")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device {args.device!r}: torch sees no CUDA device here (torch {torch.__version__})",
+              file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(device=str(device), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+               date=time.strftime("%Y-%m-%d %H:%M"),
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+               or platform.machine())
+    report = dict(environment=env, quick=args.quick, checks={})
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.only or CHECKS:
+            t0 = time.perf_counter()
+            print(f"== {name}", flush=True)
+            try:
+                fn = globals()[f"check_{name}"]
+                result = fn(args.device, args.quick, Path(work)) if name == "train" else fn(args.device, args.quick)
+            except Exception as err:  # report and go on: the machine time is precious
+                result = dict(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+            result["seconds"] = time.perf_counter() - t0
+            report["checks"][name] = result
+            print(f"   ok={result.get('ok')} in {result['seconds']:.1f} s", flush=True)
+    report["seconds"] = time.perf_counter() - t_all
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    md = _markdown(report)
+    (out_dir / "gpu_check.md").write_text(md)
+    print(md)
+    return 0 if all(r.get("ok") for r in report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
