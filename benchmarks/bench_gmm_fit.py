@@ -24,8 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 from threadpoolctl import threadpool_limits
 
-from benchmarks.bench_loglik import run_thread_sweep
-from benchmarks.results import load_caveat
+from benchmarks.results import add_sweep_arguments, load_caveat, run_thread_sweep
 from gmmseg_core.mixture import GaussianMixture
 
 
@@ -153,11 +152,7 @@ def report(res, note):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
-    parser.add_argument(
-        "--threads", default=None, help="comma-separated thread counts to run, e.g. 1,2 (default: torch's)"
-    )
+    add_sweep_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     quick = dict(n_train=2_000, n_test=500, d=8, k=3, max_iter=20, repeats=1)

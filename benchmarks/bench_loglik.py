@@ -16,14 +16,13 @@ Run ``python -m benchmarks.bench_loglik`` (writes its section of benchmarks/RESU
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 
 import torch
 from torch.utils import benchmark as tbench
 
-from benchmarks.results import RESULTS, load_caveat, machine_note, write_section
+from benchmarks.results import add_sweep_arguments, load_caveat, run_thread_sweep
 from gmmseg_core.mixture import diag_gaussian_log_prob
 
 
@@ -116,33 +115,9 @@ def report(res, note):
 
 
 
-def run_thread_sweep(name, threads_arg, run_once, report, write):
-    """Run ``run_once(threads)`` for each thread count of ``threads_arg`` ("1,2"; default torch's), print the
-    reports and, if ``write``, replace the benchmark's section of RESULTS.md. Returns the results."""
-    counts = [int(t) for t in threads_arg.split(",")] if threads_arg else [torch.get_num_threads()]
-    parts, results = [], []
-    previous = torch.get_num_threads()
-    for threads in counts:
-        note = machine_note(threads)
-        res = run_once(threads)
-        results.append(res)
-        parts.append(f"### {threads} thread(s)\n\n" + report(res, note))
-    torch.set_num_threads(previous)
-    flags = f" --threads {threads_arg}" if threads_arg else ""
-    text = "\n\n".join(parts) + f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.{name}{flags}`."
-    print(text)
-    if write:
-        write_section(name, text, RESULTS)
-    return results
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
-    parser.add_argument(
-        "--threads", default=None, help="comma-separated thread counts to run, e.g. 1,2 (default: torch's)"
-    )
+    add_sweep_arguments(parser)
     args = parser.parse_args(argv)
     quick = dict(n=512, d=8, m=6, min_run_time=0.01)
     return run_thread_sweep(

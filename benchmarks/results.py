@@ -55,3 +55,32 @@ def machine_line(how: str = "ratios were measured interleaved in one run") -> st
     shared = "the machine was shared with other work, so absolute times are noisy; " if load > cores else ""
     return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
             f"1-minute load average at the start {load:.1f} ({shared}{how}).")
+
+
+def add_sweep_arguments(parser):
+    """The options every thread-sweep benchmark takes: ``--quick``, ``--no-write`` and ``--threads``."""
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--threads", default=None, help="comma-separated thread counts to run, e.g. 1,2 (default: torch's)"
+    )
+
+
+def run_thread_sweep(name, threads_arg, run_once, report, write):
+    """Run ``run_once(threads)`` for each thread count of ``threads_arg`` ("1,2"; default torch's), print the
+    reports and, if ``write``, replace the benchmark's section of RESULTS.md. Returns the results."""
+    counts = [int(t) for t in threads_arg.split(",")] if threads_arg else [torch.get_num_threads()]
+    parts, results = [], []
+    previous = torch.get_num_threads()
+    for threads in counts:
+        note = machine_note(threads)
+        res = run_once(threads)
+        results.append(res)
+        parts.append(f"### {threads} thread(s)\n\n" + report(res, note))
+    torch.set_num_threads(previous)
+    flags = f" --threads {threads_arg}" if threads_arg else ""
+    text = "\n\n".join(parts) + f"\n\nRun {datetime.date.today().isoformat()}: `python -m benchmarks.{name}{flags}`."
+    print(text)
+    if write:
+        write_section(name, text, RESULTS)
+    return results

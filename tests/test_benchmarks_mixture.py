@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from benchmarks import bench_gmm_fit, bench_loglik
+from benchmarks import bench_gmm_fit, bench_loglik, results
 from benchmarks.results import write_section
 
 
 def test_bench_loglik_quick(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_loglik, "RESULTS", tmp_path / "RESULTS.md")
+    monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
     (res,) = bench_loglik.main(["--quick", "--no-write"])
     assert set(res["times_ms"]) == {"matmul", "ours", "ours+grad", "broadcast"}
     assert res["max_abs_err_ours"] < 1e-3

@@ -339,28 +339,13 @@ def test_em_follows_sklearn_lower_bound_trajectory(rng):
     means0 = X[rng.choice(len(X), k, replace=False)]
     precisions0 = 1.0 / (rng.uniform(0.5, 2.0, size=(k, X.shape[1])))
     weights0 = np.array([0.2, 0.3, 0.5])
+    # the same start and stopping rule for both libraries
+    start = dict(means_init=means0, precisions_init=precisions0, weights_init=weights0, reg_covar=1e-4, tol=0,
+                 max_iter=n_iter)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        sk = SkGaussianMixture(
-            k,
-            covariance_type="diag",
-            means_init=means0,
-            precisions_init=precisions0,
-            weights_init=weights0,
-            reg_covar=1e-4,
-            tol=0,
-            max_iter=n_iter,
-        ).fit(X)
-        ours = GaussianMixture(
-            k,
-            method="em",
-            means_init=means0,
-            precisions_init=precisions0,
-            weights_init=weights0,
-            reg_covar=1e-4,
-            tol=0,
-            max_iter=n_iter,
-        ).fit(X)
+        sk = SkGaussianMixture(k, covariance_type="diag", **start).fit(X)
+        ours = GaussianMixture(k, method="em", **start).fit(X)
     assert len(sk.lower_bounds_) == len(ours.lower_bounds_) == n_iter
     np.testing.assert_allclose(ours.lower_bounds_, sk.lower_bounds_, atol=1e-6, rtol=0)
     assert ours.means_.dtype == torch.float64
