@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.results import RESULTS, load_caveat, write_section
+from benchmarks.results import RESULTS, load_caveat, synchronize, write_section
 
 SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
@@ -137,18 +137,13 @@ def _reference_sinkhorn(out, iters=ITERS, eps=EPS):
 
 
 # ----------------------------------------------------------------------------- one path, in this process
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timeit(fn, device, repeats):
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return min(times)
 

@@ -21,15 +21,11 @@ import time
 
 import torch
 
+from benchmarks.results import synchronize
 from gmmseg_core.data import build_dataset
 from gmmseg_core.models import build_model
 
 VARIANTS = (("softmax", {}), ("gmm paper", {"variant": "paper"}), ("gmm official", {"variant": "official"}))
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_components, update_interval,
@@ -48,10 +44,10 @@ def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_compon
         out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         model.update_head(out["features"], labels)  # as gmmseg_core.train does
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - t0
 
     return step
@@ -73,10 +69,10 @@ def run(archs, widths, image_size, batch_size, embed_dim, num_components, update
             update = {name: [] for name in steps}
             for i in range(warmup + cycles * update_interval):
                 for name, step in steps.items():
-                    _sync(device)
+                    synchronize(device)
                     t0 = time.perf_counter()
                     t_update = step(images, labels)
-                    _sync(device)
+                    synchronize(device)
                     if i >= warmup:
                         times[name].append(time.perf_counter() - t0)
                         update[name].append(t_update)

@@ -1,4 +1,5 @@
-"""Writing benchmark results: one ``## <name>`` section of RESULTS.md per benchmark, with the machine it ran on."""
+"""Shared by the benchmarks: one ``## <name>`` section of RESULTS.md per benchmark with the machine it ran on, the
+thread-sweep driver, and device synchronisation around timings."""
 
 from __future__ import annotations
 
@@ -84,3 +85,10 @@ def run_thread_sweep(name, threads_arg, run_once, report, write):
     if write:
         write_section(name, text, RESULTS)
     return results
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on ``device`` (a no-op off CUDA), so wall-clock timings cover it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -74,6 +74,11 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _BLOCK_ELEMENTS = 1 << 18
 
 
+def _row_block(x, row_elements):
+    """Rows per block for a row-blocked loop over ``x``: all of them off the CPU, else ~``_BLOCK_ELEMENTS`` values."""
+    return x.shape[0] if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // row_elements)
+
+
 def _check_tensor(name, value, ndim=None):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -141,7 +146,7 @@ def _log_prob_table(x, means, variances):
     lin = torch.cat([mu_prec.T, const.unsqueeze(0)], 0)  # (D+1, M)
     quad = torch.cat([-0.5 * precisions.T, torch.zeros(1, n_comp, dtype=dtype, device=x.device)], 0)
     out = torch.empty(n_samples, n_comp, dtype=dtype, device=x.device)
-    block = n_samples if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // (n_features + 1))
+    block = _row_block(x, n_features + 1)
     buf = torch.empty(min(block, n_samples), n_features + 1, dtype=dtype, device=x.device)
     for start in range(0, n_samples, block):
         stop = min(start + block, n_samples)
@@ -200,7 +205,7 @@ def _grad_x_blocked(grad, x, shift, mc_prec, prec):
     """
     n_samples, n_features = x.shape
     rhs = torch.cat([mc_prec, prec], 1)  # (M, 2D)
-    block = n_samples if x.device.type != "cpu" else max(1, _BLOCK_ELEMENTS // (2 * n_features))
+    block = _row_block(x, 2 * n_features)
     out = torch.empty_like(x)
     both = torch.empty(min(block, n_samples), 2 * n_features, dtype=x.dtype, device=x.device)
     centred = torch.empty(min(block, n_samples), n_features, dtype=x.dtype, device=x.device)
