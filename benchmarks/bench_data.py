@@ -1,11 +1,13 @@
 """Data pipeline throughput: images per second for generation and through a DataLoader.
 
-For ``scenes``, ``fashion`` (when the IDX files are installed) and ``digits`` at the CPU profile's image size:
+For ``scenes``, ``fashion`` (when the IDX files are installed) and ``digits`` at the CPU profile's image size,
+and ``scenes`` at the GPU profile's size (where the main process must keep up with a GPU step of ~35 ms):
 
 - generation: items drawn one after another in the main process, no cache (the cost of a cold epoch);
 - DataLoader, cold: a fresh dataset (every item generated inside the loader), ``num_workers`` 0 and 2;
 - DataLoader, warm: the in-memory cache filled first (every later epoch), ``num_workers`` 0 and 2;
-- DataLoader, warm + ``train_transforms`` (mmseg's augmentations), ``num_workers`` 0.
+- DataLoader, warm + ``train_transforms`` (mmseg's augmentations), ``num_workers`` 0;
+- the per-image normalisation at the GPU size against the numpy expression it replaced, in the same run.
 
 Run ``python -m benchmarks.bench_data`` (writes the ``## bench_data`` section of ``benchmarks/RESULTS.md``) or
 ``--quick`` (tiny sizes, no file written unless ``--write``).
@@ -63,6 +65,32 @@ def bench_dataset(name: str, image_size, n: int, batch_size: int, seed: int = 0)
     return row
 
 
+def _numpy_normalize(ds, image):
+    """The previous normalisation, kept as the reference: float copy, ``(x - mean) / std``, transpose copy."""
+    import numpy as np
+
+    mean = np.asarray(ds.mean, dtype=np.float32) * 255.0
+    std = np.asarray(ds.std, dtype=np.float32) * 255.0
+    out = (image.astype(np.float32) - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def bench_normalize(image_size, repeats: int) -> dict:
+    """Milliseconds per image of ``normalize`` and of the numpy reference (median), and whether they agree."""
+    ds = build_dataset("scenes", "train", image_size=image_size, num_images=1, cache=False)
+    image = ds.load(0)[0]
+    out = {}
+    for key, fn in (("numpy_ms", lambda: _numpy_normalize(ds, image)), ("ours_ms", lambda: ds.normalize(image))):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[key] = 1000 * sorted(times)[len(times) // 2]
+    out["bitwise_equal"] = bool(torch.equal(_numpy_normalize(ds, image), ds.normalize(image)))
+    return out
+
+
 def _available(name: str) -> bool:
     try:
         build_dataset(name, "train", num_images=1)
@@ -74,18 +102,20 @@ def _available(name: str) -> bool:
 def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
     torch.set_num_threads(1)
     if quick:
-        sizes = {"scenes": (32, 64), "fashion": (32, 32), "digits": (32, 32)}
-        n, batch = 8, 4
+        cases = [("scenes", (32, 64), 8), ("fashion", (32, 32), 8), ("digits", (32, 32), 8), ("scenes", (64, 64), 4)]
+        batch, gpu_size, repeats = 4, (64, 64), 3
     else:
-        sizes = {"scenes": (64, 128), "fashion": (64, 128), "digits": (64, 128)}
-        n, batch = 256, 16
+        cases = [("scenes", (64, 128), 256), ("fashion", (64, 128), 256), ("digits", (64, 128), 256),
+                 ("scenes", (256, 512), 64)]
+        batch, gpu_size, repeats = 16, (256, 512), 50
     rows = []
-    for name, size in sizes.items():
+    for name, size, n in cases:
         if not _available(name):
-            rows.append((name, f"{size[0]}x{size[1]}", None))
+            rows.append((name, f"{size[0]}x{size[1]}", n, None))
             continue
-        rows.append((name, f"{size[0]}x{size[1]}", bench_dataset(name, size, n, batch)))
-    info = dict(n=n, batch=batch, load=os.getloadavg()[0])
+        rows.append((name, f"{size[0]}x{size[1]}", n, bench_dataset(name, size, n, batch)))
+    info = dict(batch=batch, load=os.getloadavg()[0], gpu_size=gpu_size,
+                normalize=bench_normalize(gpu_size, repeats))
     return rows, info
 
 
@@ -96,7 +126,7 @@ def format_section(rows, info) -> str:
         f"{info['load']:.1f}" + (" (the machine was shared with other work: absolute rates are noisy)."
                                  if info["load"] > 1.0 else "."),
         "",
-        f"Images per second, {info['n']} training images per dataset, batch {info['batch']}, 1 torch thread. "
+        f"Images per second over the number of training images in `n`, batch {info['batch']}, 1 torch thread. "
         "`generate`: items drawn in the main process without cache (a cold epoch). `cold`: a fresh dataset "
         "through a DataLoader (items generated inside it). `warm`: in-memory cache filled first (later epochs). "
         "`+aug`: warm, with `train_transforms` (resize 0.5-2, crop with cat_max_ratio, flip, photometric). "
@@ -104,16 +134,23 @@ def format_section(rows, info) -> str:
         "is less sensitive to other work on the machine. Target for scene generation: hundreds of images per "
         "second.",
         "",
-        "| dataset | size | generate | generate (CPU) | cold w0 | cold w2 | warm w0 | warm w2 | warm +aug w0 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dataset | size | n | generate | generate (CPU) | cold w0 | cold w2 | warm w0 | warm w2 | warm +aug w0 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, size, r in rows:
+    for name, size, n, r in rows:
         if r is None:
-            lines.append(f"| {name} | {size} | not installed | | | | | | |")
+            lines.append(f"| {name} | {size} | {n} | not installed | | | | | | |")
             continue
-        lines.append(f"| {name} | {size} | {r['generate']:.0f} | {r['generate_cpu']:.0f} | {r['cold_w0']:.0f} | "
-                     f"{r['cold_w2']:.0f} | {r['warm_w0']:.0f} | {r['warm_w2']:.0f} | {r['warm_aug_w0']:.0f} |")
-    scenes = next((r for name, _, r in rows if name == "scenes" and r is not None), None)
+        lines.append(f"| {name} | {size} | {n} | {r['generate']:.0f} | {r['generate_cpu']:.0f} | "
+                     f"{r['cold_w0']:.0f} | {r['cold_w2']:.0f} | {r['warm_w0']:.0f} | {r['warm_w2']:.0f} | "
+                     f"{r['warm_aug_w0']:.0f} |")
+    norm, (h, w) = info["normalize"], info["gpu_size"]
+    lines += ["", f"Normalising one {h}x{w} image (median of repeated calls): the numpy expression "
+                  f"`(x.astype(float32) - mean) / std` + transpose copy {norm['numpy_ms']:.2f} ms, `normalize` "
+                  f"(one conversion into the channel-first layout, then in-place `sub_` / `div_`) "
+                  f"{norm['ours_ms']:.2f} ms: {norm['numpy_ms'] / max(norm['ours_ms'], 1e-9):.1f}x; bitwise equal: "
+                  f"{norm['bitwise_equal']}."]
+    scenes = next((r for name, _, _, r in rows if name == "scenes" and r is not None), None)
     if scenes is not None:
         wall, cpu = scenes["generate"], scenes["generate_cpu"]
         verdict = "met" if wall >= 200 else ("met in CPU time only" if cpu >= 200 else "**missed**")

@@ -74,7 +74,7 @@ class ReferenceHead(nn.Module):
         seg = self.mask_norm(probs.amax(-1))
         gt = gt.view(-1)
         pred = seg.argmax(1)
-        target, qs = gt.clone().float(), torch.zeros(x.shape[0], self.K)
+        target, qs = gt.clone().float(), torch.zeros(x.shape[0], self.K, device=x.device)
         with torch.no_grad():
             for k in gt.unique().long():                                    # per-class Sinkhorn E-step
                 if k == 255:

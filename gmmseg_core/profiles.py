@@ -17,8 +17,11 @@ notebook: a model is trained once per run and reused.
   idle 2-core machine (notebook 03, 36 trainings of ~15-20 s each plus evaluation, 11 min 14 s; notebook 04
   1 min 6 s; notebook 05 2 min 3 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
-  data sets when ``data_root`` is given. Runtime is an estimate, not measured here: about 1.5-2.5 hours on
-  one modern GPU for the shipped data; real data sets add training time in proportion to their schedules.
+  data sets when ``data_root`` is given. Float32 with 4 DataLoader workers: on an H100 bf16 autocast was
+  slower for these launch-bound models (46 vs 40 ms per step), and without workers the main process could not
+  feed the GPU. Runtime extrapolated from 100-step runs on one H100 (``benchmarks/RESULTS.md``, gpu_check;
+  no full run yet): about 2.4 hours for notebook 03, 2.5-3 hours for all six with the shipped data; real
+  data sets add training time in proportion to their schedules.
 
 Kernels run with one intra-op thread on the CPU (see ``reproduce(threads=...)``).
 """
@@ -39,12 +42,14 @@ NOTEBOOKS = (
 # Shared training parameters (notebooks 02-06): identical values -> identical configs -> one training per model.
 TRAIN = {
     "smoke": dict(image_size=[32, 32], num_train_images=8, num_val_images=4, train_iters=3, batch_size=4,
-                  width=8, embed_dim=8, num_components=3, lr=1e-3, update_interval=1, mean_momentum=0.5),
+                  width=8, embed_dim=8, num_components=3, lr=1e-3, update_interval=1, mean_momentum=0.5,
+                  amp="none", num_workers=0),
     "cpu": dict(image_size=[64, 128], num_train_images=160, num_val_images=32, train_iters=300, batch_size=8,
-                width=8, embed_dim=16, num_components=3, lr=3e-3, update_interval=5, mean_momentum=0.9),
+                width=8, embed_dim=16, num_components=3, lr=3e-3, update_interval=5, mean_momentum=0.9,
+                amp="none", num_workers=0),
     "gpu": dict(image_size=[256, 512], num_train_images=2000, num_val_images=200, train_iters=4000,
                 batch_size=16, width=64, embed_dim=64, num_components=5, lr=1e-3, update_interval=5,
-                mean_momentum=0.99),
+                mean_momentum=0.99, amp="none", num_workers=4),
 }
 
 _NOTEBOOK = {
@@ -94,6 +99,7 @@ PROFILES: dict[str, dict[str, dict]] = {
 
 
 HEAD_KINDS = ("softmax", "gmm_paper", "gmm_official")
+_OPTIONAL_TRAIN_PARAMS = ("amp", "num_workers")
 
 
 def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, seed: int, device=None,
@@ -105,7 +111,8 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
     train_params : dict
         The shared training parameters (keys of ``TRAIN[profile]``: ``image_size``, ``num_train_images``,
         ``num_val_images``, ``train_iters``, ``batch_size``, ``width``, ``embed_dim``, ``num_components``,
-        ``lr``, ``update_interval``, ``mean_momentum``).
+        ``lr``, ``update_interval``, ``mean_momentum``; optional: ``amp`` and ``num_workers``, default
+        ``"none"`` and 0).
     arch : str
         ``"fcn"``, ``"deeplabv3plus"``, ``"segformer"`` or ``"smp:<Arch>:<encoder>"``.
     kind : {"softmax", "gmm_paper", "gmm_official"}
@@ -127,7 +134,7 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
 
     if kind not in HEAD_KINDS:
         raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
-    missing = sorted(set(TRAIN["cpu"]) - set(train_params))
+    missing = sorted(set(TRAIN["cpu"]) - set(train_params) - set(_OPTIONAL_TRAIN_PARAMS))
     if missing:
         raise ValueError(f"train_params is missing {missing}")
     p = train_params
@@ -150,6 +157,7 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
                        model_kwargs={"width": int(p["width"])}, dataset=dataset, data_root=data_root,
                        dataset_kwargs=dataset_kwargs, val_dataset_kwargs={"num_images": int(p["num_val_images"])},
                        iters=int(p["train_iters"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
+                       amp=str(p.get("amp", "none")), num_workers=int(p.get("num_workers", 0)),
                        seed=int(seed), device=device, out_dir=str(cache_dir), progress=False)
 
 

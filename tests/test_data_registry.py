@@ -45,3 +45,20 @@ def test_normalisation_contract():
     with pytest.raises(ValueError, match="image must have shape"):
         ds.denormalize(torch.zeros(4, 4))
     assert ds.colorize(torch.tensor([[0, 255]])).shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("layout", ["uint8", "float32", "flipped float32"])
+def test_normalize_is_the_numpy_expression_bit_for_bit(layout):
+    ds = build_dataset("digits", "val", num_images=1, image_size=16)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    if layout != "uint8":
+        image = image.astype(np.float32) + rng.random((16, 24, 3), dtype=np.float32)
+    if layout.startswith("flipped"):
+        image = image[:, ::-1]  # a negative-stride view, as a horizontal-flip augmentation returns
+    mean = np.asarray(ds.mean, dtype=np.float32) * 255.0
+    std = np.asarray(ds.std, dtype=np.float32) * 255.0
+    expected = np.ascontiguousarray(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1))
+    out = ds.normalize(image)
+    assert out.dtype == torch.float32 and out.is_contiguous() and tuple(out.shape) == (3, 16, 24)
+    assert torch.equal(out, torch.from_numpy(expected))
