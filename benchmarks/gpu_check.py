@@ -16,6 +16,7 @@ Checks
 ``train``      a short ``train()`` run per head (bf16 autocast on CUDA): finite losses and seconds per step
 ``gmm_head``   ``bench_gmm_head``'s reference and ours, in this process, with the device's peak memory
 ``train_step`` ``bench_train_step`` at the gpu profile's sizes: the GMM head's overhead over softmax
+``launches``   kernel launches and host synchronisations per training step, per head (``torch.profiler``)
 ``profile``    the gpu profile's trainings, shortened: seconds per step (data loading included), an extrapolated
                notebook-03 runtime, and bf16 / DataLoader workers tried on one model
 """
@@ -266,7 +267,50 @@ def check_profile(device, quick, work, settings=None, iters=None, n_images=None,
     return dict(ok=True, runs=runs, generation_s_per_image=gen_s, notebook03_hours=nb03_s / 3600, summary=summary)
 
 
-CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step", "profile")
+def check_launches(device, quick):
+    """Kernel launches and host synchronisations per training step, per head (``torch.profiler``).
+
+    On a GPU the GMM head is bound by launches, not arithmetic: this is the number to bring down. On a CPU
+    the launch count is the number of aten operations dispatched.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks import bench_train_step as bench
+    from gmmseg_core.profiles import TRAIN
+
+    p, dev = TRAIN["smoke" if quick else "gpu"], torch.device(device)
+    size, batch = tuple(p["image_size"]), p["batch_size"]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).to(dev)
+    labels = torch.randint(0, 8, (batch, *size), generator=g).to(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    (steps, warmup), out = ((2, 1) if quick else (5, 3)), {}
+    for name, head, kw in (("softmax", "softmax", {}), ("gmm official", "gmm", {"variant": "official"}),
+                           ("gmm paper", "gmm", {"variant": "paper"})):
+        step = bench.make_step("fcn", kw, head, 8, p["width"], p["embed_dim"], p["num_components"],
+                               p["update_interval"], dev)
+        for _ in range(warmup):
+            step(images, labels)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                step(images, labels)
+        events = prof.key_averages()
+        if dev.type == "cuda":
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC"))
+            syncs = sum(e.count for e in events if e.key == "cudaStreamSynchronize")
+        else:
+            launches = sum(e.count for e in events if e.key.startswith("aten::"))
+            syncs = sum(e.count for e in events if e.key in ("aten::item", "aten::nonzero"))
+        cpu_ms = sum(e.self_cpu_time_total for e in events) / 1000 / steps
+        out[name] = dict(launches_per_step=launches / steps, syncs_per_step=syncs / steps, host_ms_per_step=cpu_ms)
+    out["summary"] = "fcn at the profile's sizes, per step: " + "; ".join(
+        f"{k} {v['launches_per_step']:.0f} launches, {v['syncs_per_step']:.0f} syncs, host {v['host_ms_per_step']:.1f} ms"
+        for k, v in out.items()) + (" (CPU: aten events at every nesting level, item/nonzero calls)" if dev.type != "cuda" else "")
+    out["ok"] = True
+    return out
+
+
+CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step", "launches", "profile")
 
 
 def _markdown(report) -> str:
