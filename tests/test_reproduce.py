@@ -84,3 +84,18 @@ def test_profiles_cover_every_notebook():
         trained = [notebook_parameters(profile, nb) for nb in NOTEBOOKS[1:]]
         for key in ("image_size", "train_iters", "width", "embed_dim", "num_components", "lr"):
             assert len({repr(p[key]) for p in trained}) == 1, (profile, key)
+
+
+def test_experiment_config_carries_amp_and_workers_without_changing_the_cache_key():
+    from gmmseg_core.profiles import TRAIN, experiment_config
+
+    gpu = experiment_config(TRAIN["gpu"], "fcn", "gmm_official", "scenes", 0)
+    assert (gpu.amp, gpu.num_workers) == (TRAIN["gpu"]["amp"], TRAIN["gpu"]["num_workers"])
+    cpu = experiment_config(TRAIN["cpu"], "fcn", "softmax", "scenes", 0)
+    legacy = {k: v for k, v in TRAIN["cpu"].items() if k not in ("amp", "num_workers")}
+    old = experiment_config(legacy, "fcn", "softmax", "scenes", 0)  # optional keys default to none / 0
+    assert (old.amp, old.num_workers) == ("none", 0) and old.cache_key() == cpu.cache_key()
+    # workers say how a run is fed, not what is trained: the trained-model cache is shared
+    assert cpu.replace(num_workers=4).cache_key() == cpu.cache_key()
+    with pytest.raises(ValueError, match=r"train_params is missing \['lr'\]"):
+        experiment_config({k: v for k, v in TRAIN["cpu"].items() if k != "lr"}, "fcn", "softmax", "scenes", 0)
