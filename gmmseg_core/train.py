@@ -357,15 +357,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             if on_step is not None:
                 on_step(step, raw_model, out)
 
+            # one host synchronisation per step for everything logged (the gradient norm is the same on every
+            # process under DDP, so the mean leaves it unchanged)
             logged = torch.stack([loss.detach().float(), torch.as_tensor(out.get("ce", loss)).detach().float(),
-                                  torch.as_tensor(out.get("aux", 0.0), device=device).detach().float()])
+                                  torch.as_tensor(out.get("aux", 0.0), device=device).detach().float(),
+                                  torch.as_tensor(grad_norm, device=device).detach().float()])
             if ddp:  # log the means over processes: the losses of the global batch
                 dist.all_reduce(logged)
                 logged /= world
             if master:
-                loss_value, ce_value, aux_value = logged.tolist()
+                loss_value, ce_value, aux_value, grad_norm_value = logged.tolist()
                 row = {"step": step, "loss": loss_value, "ce": ce_value, "aux": aux_value, "lr": lr,
-                       "grad_norm": float(grad_norm),
+                       "grad_norm": grad_norm_value,
                        "step_time_s": time.perf_counter() - t0}
                 if writer is None:
                     writer = csv.DictWriter(log_file, fieldnames=list(row))
