@@ -130,8 +130,8 @@ class SegmentationDataset(Dataset):
         """(H, W, 3) array in 0..255 (uint8 or float) -> normalised float32 tensor (3, H, W).
 
         One conversion pass into the channel-first layout, then two in-place passes: the same float32
-        arithmetic as ``(image - mean) / std`` in numpy, about 7x faster at 256x512, which matters when the
-        main process feeds a GPU.
+        arithmetic as ``(image - mean) / std`` in numpy, bit for bit, and about 5x faster at 256x512
+        (``benchmarks/RESULTS.md``, bench_data), which matters when the main process feeds a GPU.
         """
         mean = torch.tensor(self.mean, dtype=torch.float32).mul_(255.0).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).mul_(255.0).view(3, 1, 1)
