@@ -13,7 +13,8 @@ Checks
 ``loglik``     ``diag_gaussian_log_prob`` and its input gradient on the device (float32) vs a float64 CPU reference
 ``sinkhorn``   batched, masked ``sinkhorn`` on the device vs the CPU in float64
 ``head``       ``GMMHead`` (both variants) copied to the device: logits, gradients and EM state after a few steps
-``train``      a short ``train()`` run per head (bf16 autocast on CUDA): finite losses and seconds per step
+``train``      a short ``train()`` run per head (bf16 autocast on CUDA; the official head also with fp16):
+               finite losses and seconds per step
 ``gmm_head``   ``bench_gmm_head``'s reference and ours, in this process, with the device's peak memory
 ``train_step`` ``bench_train_step`` at the gpu profile's sizes: the GMM head's overhead over softmax
 ``launches``   kernel launches and host synchronisations per training step, per head (``torch.profiler``)
@@ -130,14 +131,18 @@ def _compare_head(device, variant, batches, c, k, d, cf):
 
 
 def check_train(device, quick, work):
+    """A short ``train()`` per head with bf16 autocast, and the official head once more with fp16 (GradScaler)."""
     from gmmseg_core.config import TrainConfig
     from gmmseg_core.train import train
 
-    amp = "bf16" if torch.device(device).type == "cuda" else "none"
+    cuda = torch.device(device).type == "cuda"
     size, iters, width = ([32, 32], 3, 4) if quick else ([256, 512], 60, 32)
+    runs = (("softmax", "softmax", {}, "bf16"), ("gmm_paper", "gmm", {"variant": "paper"}, "bf16"),
+            ("gmm_official", "gmm", {"variant": "official"}, "bf16"),
+            ("gmm_official_fp16", "gmm", {"variant": "official"}, "fp16"))
     report = {}
-    for head, kw in (("softmax", {}), ("gmm", {"variant": "paper"}), ("gmm", {"variant": "official"})):
-        name = head if not kw else f"gmm_{kw['variant']}"
+    for name, head, kw, amp in runs:
+        amp = amp if cuda else "none"
         head_kwargs = dict(kw, embed_dim=16 if quick else 64) if head == "gmm" else {}
         cfg = TrainConfig(arch="segformer", head=head, head_kwargs=head_kwargs,
                           model_kwargs={"width": width}, dataset="scenes",
@@ -153,8 +158,8 @@ def check_train(device, quick, work):
         report[name] = dict(amp=amp, final_miou=metrics["final"]["miou"], losses_finite=all(map(math.isfinite, losses)),
                             seconds_per_step=step_times[len(step_times) // 2])
     report["ok"] = all(r["losses_finite"] for r in report.values())
-    report["summary"] = f"{iters} steps, amp {amp}: " + "; ".join(
-        f"{n} {1000 * r['seconds_per_step']:.1f} ms/step, losses finite {r['losses_finite']}"
+    report["summary"] = f"{iters} steps: " + "; ".join(
+        f"{n} ({r['amp']}) {1000 * r['seconds_per_step']:.1f} ms/step, losses finite {r['losses_finite']}"
         for n, r in report.items() if isinstance(r, dict))
     return report
 
