@@ -410,3 +410,13 @@ def test_max_over_components_gradient_matches_amax():
     ref = torch.autograd.grad((x.amax(-1) * g).sum(), x)[0]
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(_MaxOverLast.apply(x), x.amax(-1))
+
+
+@pytest.mark.parametrize("size", [(8, 16), (4, 4), (16, 32), (5, 7), (32, 64)])
+def test_resize_labels_is_nearest_interpolation(size):
+    from gmmseg_core.heads import resize_labels
+
+    labels = torch.randint(0, 255, (2, 32, 64), generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    out = resize_labels(labels, size)
+    assert out.dtype == torch.long and torch.equal(out, expected)
