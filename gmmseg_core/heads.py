@@ -343,7 +343,8 @@ class GMMHead(nn.Module):
             resp = torch.empty_like(logp)
             resp[order] = q[slot, rank]
         if self.hard_assign:
-            resp = F.one_hot(_argmax_last(resp), K).to(logp.dtype)
+            # scatter rather than F.one_hot, which checks the index range on the host (a GPU synchronisation)
+            resp = torch.zeros_like(resp).scatter_(1, _argmax_last(resp).unsqueeze(1), 1.0)
         return resp
 
     def _assignments(self, cache: dict, labels: Tensor) -> dict:

@@ -333,7 +333,9 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
             log_v = torch.where(has_rows, log_v + log_col_mass - log_c, log_v)
         if hard:
             best = z.transpose(-1, -2).contiguous().argmax(-1)  # (B, N)
-            q = torch.nn.functional.one_hot(best, n_cols).to(work_dtype) * valid.unsqueeze(-1)
+            # scatter rather than one_hot, which checks the index range on the host (a GPU synchronisation)
+            q = torch.zeros(*best.shape, n_cols, dtype=work_dtype, device=best.device)
+            q.scatter_(-1, best.unsqueeze(-1), valid.unsqueeze(-1).to(work_dtype))
         else:
             q = plan.transpose(-1, -2).contiguous()
         q = q.to(out_dtype)
