@@ -229,10 +229,10 @@ def check_profile(device, quick, work, settings=None, iters=None, n_images=None,
     data_dir = Path(work) / "data"
     size = list(p["image_size"])
     gen = build_dataset("scenes", "train", image_size=size, num_images=n_gen + 1, cache=False)
-    gen[0]                                      # textures load once per process
+    gen.load(0)                                 # textures load once per process
     t0 = time.perf_counter()
     for i in range(1, n_gen + 1):
-        gen[i]
+        gen.load(i)                             # generation alone, as bench_data times it
     gen_s = (time.perf_counter() - t0) / n_gen
     build_dataset("scenes", "train", image_size=size, num_images=n_images, cache_dir=str(data_dir)).preload()
     build_dataset("scenes", "val", image_size=size, num_images=n_val, cache_dir=str(data_dir)).preload()
