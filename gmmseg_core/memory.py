@@ -6,6 +6,7 @@ A memory holds ``G`` ring buffers of ``M`` rows each, stored as one tensor ``(G,
 
 Functions
 ---------
+ranks_in_group(group, num_groups)                          rank of every row among the rows of its group
 select_evenly_spaced(group, num_groups, max_per_group)   at most ``max_per_group`` rows per group
 ring_push(memory, ptr, count, values, group, extras=(), stats=None)  write rows into their group's ring
 """
@@ -21,6 +22,31 @@ def _group_ranks(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     counts = torch.bincount(group, minlength=num_groups)
     first = torch.cumsum(counts, 0) - counts
     ranks = torch.arange(group.numel(), device=group.device) - first[group]
+    return counts, ranks
+
+
+def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -> tuple[Tensor, Tensor]:
+    """Per-group counts ``(G,)`` and, for every row, how many earlier rows share its group ``(N,)``.
+
+    Rows in any order. With ``G * N <= dense_limit`` a cumulative sum over a ``(G, N)`` one-hot table gives the
+    ranks without sorting (about twice as fast on a CPU; 16 MB at the limit); larger inputs use a stable sort.
+
+    Parameters
+    ----------
+    group : LongTensor (N,)
+        Group of every row, in ``[0, num_groups)``.
+    num_groups : int
+    dense_limit : int
+        Largest ``G * N`` for the one-hot path.
+    """
+    counts = torch.bincount(group, minlength=num_groups)
+    if num_groups * group.numel() <= dense_limit:
+        table = torch.zeros(num_groups, group.numel(), dtype=torch.int32, device=group.device)
+        table.scatter_(0, group.unsqueeze(0), 1)
+        return counts, table.cumsum_(1).gather(0, group.unsqueeze(0)).squeeze(0).long() - 1
+    order = torch.sort(group, stable=True).indices
+    ranks = torch.empty_like(group)
+    ranks[order] = _group_ranks(group[order], num_groups)[1]
     return counts, ranks
 
 

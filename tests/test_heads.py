@@ -1,5 +1,6 @@
 """SoftmaxHead and GMMHead: likelihoods against torch.distributions, EM bookkeeping against naive references."""
 
+import math
 import os
 import socket
 import tempfile
@@ -13,7 +14,7 @@ from torch.distributions import Categorical, Independent, MixtureSameFamily, Nor
 
 from gmmseg_core import mixture
 from gmmseg_core.heads import VARIANT_DEFAULTS, GMMHead, SoftmaxHead
-from gmmseg_core.memory import ring_push, select_evenly_spaced
+from gmmseg_core.memory import ranks_in_group, ring_push, select_evenly_spaced
 
 C, K, D, CF = 3, 2, 4, 6
 
@@ -118,6 +119,49 @@ def test_gradients_reach_features_not_gaussians(variant):
     assert {"means", "variances", "memory", "memory_ptr", "memory_count", "num_updates"} <= set(head.state_dict())
 
 
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_training_gradients_match_plain_autograd(variant):
+    """Logits + component loss, backward: the head's hand-written pieces against the same step in plain ops."""
+    head = _head(variant=variant, component_loss_weight=0.05)
+    _randomise(head)
+    with torch.no_grad():
+        head.means.mul_(0.1)                      # near the unit-norm embeddings: no saturated softmax
+        head.embed[1].bias.fill_(1.0)             # no all-zero ReLU output, whose L2 gradient is ~1e12
+        if head.class_normalizer is not None:
+            head.class_normalizer.weight.uniform_(0.5, 2.0)
+            head.class_normalizer.bias.normal_()
+    ref_head = _head(variant=variant, component_loss_weight=0.05)
+    ref_head.load_state_dict(head.state_dict())
+    f = torch.randn(2, CF, 4, 5, requires_grad=True)
+    fr = f.detach().clone().requires_grad_(True)
+    labels = torch.randint(0, C, (2, 4, 5))
+    labels[0, 0] = 255
+
+    logits, comp = head(f, return_component_logp=True)
+    loss = F.cross_entropy(logits, labels, ignore_index=255) + head.extra_loss(f, labels, component_logp=comp)
+    loss.backward()
+
+    x = F.normalize(ref_head.embed_norm(ref_head.embed(fr).permute(0, 2, 3, 1)), dim=-1).reshape(-1, D)
+    flat = torch.stack([Independent(Normal(ref_head.means.reshape(-1, D)[m], ref_head.variances.reshape(-1, D)[m]
+                                           .sqrt()), 1).log_prob(x) for m in range(C * K)], 1)      # (N, C*K)
+    per_class = flat.reshape(-1, C, K)
+    scores = per_class.amax(-1) if variant == "official" else per_class.logsumexp(-1) - math.log(K)
+    if ref_head.class_normalizer is not None:
+        scores = ref_head.class_normalizer(scores)
+    y = labels.reshape(-1)
+    valid = (y != 255).nonzero().squeeze(1)
+    with torch.no_grad():
+        resp = ref_head.e_step(per_class[valid, y[valid]], y[valid])
+    ref_loss = (F.cross_entropy(scores, y, ignore_index=255)
+                + 0.05 * F.cross_entropy(flat[valid], y[valid] * K + resp.argmax(1)))
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    # float32 rounding of the two log-density formulas: tolerance relative to the largest entry
+    torch.testing.assert_close(f.grad, fr.grad, rtol=1e-3, atol=1e-4 * float(fr.grad.abs().max()))
+    for (name, p), (_, q) in zip(head.named_parameters(), ref_head.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * float(q.grad.abs().max()), msg=name)
+
+
 def test_extra_loss_is_weighted_component_cross_entropy():
     head = _head(variant="official").eval()
     _randomise(head)
@@ -187,6 +231,19 @@ def test_ring_buffer_wraps_like_naive_fifo():
                 assert memory[gi, m].tolist() == rings[gi][m]
         torch.testing.assert_close(stats[0], memory.double().sum(1))
         torch.testing.assert_close(stats[1], memory.double().square().sum(1))
+
+
+@pytest.mark.parametrize("dense_limit", [0, 1 << 22])                 # the sort path and the one-hot path
+def test_ranks_in_group_count_earlier_rows_of_the_group(dense_limit):
+    group = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(2))
+    group[group == 3] = 1                                                 # an empty group
+    counts, ranks = ranks_in_group(group, 6, dense_limit=dense_limit)
+    seen = [0] * 6
+    expected = []
+    for gi in group.tolist():
+        expected.append(seen[gi])
+        seen[gi] += 1
+    assert counts.tolist() == seen and ranks.tolist() == expected and ranks.dtype == torch.long
 
 
 def test_select_evenly_spaced_matches_linspace():
@@ -406,10 +463,17 @@ def test_max_over_components_gradient_matches_amax():
 
     x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(4, 3, dtype=torch.float64)
-    ours = torch.autograd.grad((_MaxOverLast.apply(x) * g).sum(), x)[0]
-    ref = torch.autograd.grad((x.amax(-1) * g).sum(), x)[0]
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(_MaxOverLast.apply(x), x.amax(-1))
+    gx = torch.randn(4, 3, 5, dtype=torch.float64)
+    values, passed = _MaxOverLast.apply(x)
+    torch.testing.assert_close(values, x.amax(-1))
+    assert torch.equal(passed, x)
+    # both outputs used, either alone: the same gradients as amax and the identity
+    for use_values, use_passed in ((True, True), (True, False), (False, True)):
+        values, passed = _MaxOverLast.apply(x)
+        loss = (values * g).sum() * use_values + (passed * gx).sum() * use_passed
+        ref = (x.amax(-1) * g).sum() * use_values + (x * gx).sum() * use_passed
+        torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, x)[0])
+    assert torch.autograd.gradcheck(lambda t: _MaxOverLast.apply(t), (x,))
 
 
 @pytest.mark.parametrize("size", [(8, 16), (4, 4), (16, 32), (5, 7), (32, 64)])

@@ -13,6 +13,7 @@ from gmmseg_core.mixture import (
     GaussianMixture,
     diag_gaussian_log_prob,
     estimate_diag_gaussian_parameters,
+    estimate_grouped_diag_gaussian_parameters,
     sinkhorn,
 )
 
@@ -319,6 +320,43 @@ def test_m_step_validation():
         estimate_diag_gaussian_parameters(torch.zeros(2, 5, 2), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="reg_covar must be a non-negative float, got -1"):
         estimate_diag_gaussian_parameters(torch.zeros(5, 2), torch.zeros(5, 3), reg_covar=-1)
+
+
+def test_grouped_m_step_equals_flat_m_step_batched_with_empty_slots():
+    g = torch.Generator().manual_seed(3)
+    B, K, M, D = 2, 3, 40, 5
+    x = torch.randn(B, K, M, D, dtype=torch.float64, generator=g) + 4 * torch.randn(B, K, 1, D, dtype=torch.float64,
+                                                                                  generator=g)
+    resp = torch.softmax(3 * torch.randn(B, K, M, K, dtype=torch.float64, generator=g), -1)
+    resp[:, 1, 25:] = 0.0                          # unfilled slots: zero weight
+    centres = torch.randn(B, K, D, dtype=torch.float64, generator=g)
+    ours = estimate_grouped_diag_gaussian_parameters(x, resp, centres, reg_covar=1e-3)
+    ref = estimate_diag_gaussian_parameters(x.reshape(B, K * M, D), resp.reshape(B, K * M, K), reg_covar=1e-3)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_grouped_m_step_variances_are_centred_in_float32():
+    # each group tight around its own point far from the origin, centred on that point: no cancellation
+    g = torch.Generator().manual_seed(4)
+    K, M, D = 2, 3000, 3
+    centres = 1000.0 + torch.randn(K, D, dtype=torch.float64, generator=g)
+    x = centres[:, None] + 0.01 * torch.randn(K, M, D, dtype=torch.float64, generator=g)
+    resp = torch.zeros(K, M, K, dtype=torch.float64)
+    resp[0, :, 0] = resp[1, :, 1] = 1.0
+    _, _, ref = estimate_grouped_diag_gaussian_parameters(x, resp, centres, reg_covar=0.0)
+    _, _, ours = estimate_grouped_diag_gaussian_parameters(x.float(), resp.float(), centres.float(), reg_covar=0.0)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=0)
+
+
+def test_grouped_m_step_validation():
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., K, M, D\)"):
+        estimate_grouped_diag_gaussian_parameters(torch.zeros(3, 4, 2), torch.zeros(3, 4, 2), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"centres must have shape \(3, 2\)"):
+        estimate_grouped_diag_gaussian_parameters(torch.zeros(3, 4, 2), torch.zeros(3, 4, 3), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="reg_covar must be a non-negative float, got -1"):
+        estimate_grouped_diag_gaussian_parameters(torch.zeros(3, 4, 2), torch.zeros(3, 4, 3), torch.zeros(3, 2),
+                                                  reg_covar=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------
