@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from gmmseg_core import mixture
 from gmmseg_core.distributed import all_gather_rows, world_size
-from gmmseg_core.memory import ranks_in_group, ring_push, select_evenly_spaced
+from gmmseg_core.memory import group_counts, ranks_in_group, ring_push, select_evenly_spaced
 
 IGNORE_INDEX = 255
 
@@ -319,9 +319,13 @@ class GMMHead(nn.Module):
             Rows sum to 1 (one-hot when ``hard_assign``). With ``em="sinkhorn"`` one batched Sinkhorn call over
             the classes (pixels padded to the largest class and masked) balances the components of every class.
         """
+        return self._e_step(logp, labels)[0]
+
+    def _e_step(self, logp: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``e_step``'s responsibilities ``(n, K)`` and each pixel's most responsible component ``(n,)``."""
         K = self.num_components
         if logp.numel() == 0:
-            return logp.new_zeros(0, K)
+            return logp.new_zeros(0, K), labels.new_zeros(0)
         if self.em == "classic":
             resp = torch.softmax(logp, dim=-1)
         else:
@@ -340,10 +344,11 @@ class GMMHead(nn.Module):
             q = mixture.sinkhorn(padded / scale, epsilon=self.sinkhorn_epsilon, n_iters=self.sinkhorn_iters,
                                  mask=mask)
             resp = q.view(-1, K).index_select(0, row)
+        component = _argmax_last(resp)
         if self.hard_assign:
             # scatter rather than F.one_hot, which checks the index range on the host (a GPU synchronisation)
-            resp = torch.zeros_like(resp).scatter_(1, _argmax_last(resp).unsqueeze(1), 1.0)
-        return resp
+            resp = torch.zeros_like(resp).scatter_(1, component.unsqueeze(1), 1.0)
+        return resp, component
 
     def _assignments(self, cache: dict, labels: Tensor) -> dict:
         """Valid pixels of the batch and their E-step (computed once per forward, shared by loss and update)."""
@@ -356,8 +361,8 @@ class GMMHead(nn.Module):
         yv = y[idx]
         # rows (pixel, own class) of the (pixels * C, K) table: one flat gather of n x K values
         logp = comp.reshape(-1, self.num_components).index_select(0, idx * self.num_classes + yv)
-        resp = self.e_step(logp, yv)
-        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=_argmax_last(resp))
+        resp, component = self._e_step(logp, yv)
+        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=component)
         cache["assign"] = assign
         return assign
 
@@ -434,10 +439,9 @@ class GMMHead(nn.Module):
             D, K = self.embed_dim, self.num_components
             x, rows, logp = packed[:, :D], None, packed[:, D:D + K]
             yv, correct = packed[:, D + K].long(), packed[:, D + K + 1].bool()
-            resp = self.e_step(logp, yv)
-            component = _argmax_last(resp)
+            resp, component = self._e_step(logp, yv)
         self._push(x, rows, yv, resp, component, correct)
-        batch_classes = torch.bincount(yv, minlength=self.num_classes) > 0
+        batch_classes = group_counts(yv, self.num_classes) > 0
         self.seen |= batch_classes
         if int(self.num_updates) % self.update_interval == 0:
             self.m_step(batch_classes if self.m_step_scope == "batch" else self.seen.clone())

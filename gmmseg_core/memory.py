@@ -6,6 +6,7 @@ A memory holds ``G`` ring buffers of ``M`` rows each, stored as one tensor ``(G,
 
 Functions
 ---------
+group_counts(group, num_groups)                            rows per group (bincount without a GPU sync)
 ranks_in_group(group, num_groups)                          rank of every row among the rows of its group
 select_evenly_spaced(group, num_groups, max_per_group)   at most ``max_per_group`` rows per group
 ring_push(memory, ptr, count, values, group, extras=(), stats=None)  write rows into their group's ring
@@ -17,9 +18,21 @@ import torch
 from torch import Tensor
 
 
+def group_counts(group: Tensor, num_groups: int) -> Tensor:
+    """Rows per group ``(G,)`` long, for ``group`` in ``[0, num_groups)``.
+
+    ``torch.bincount(group, minlength=G)`` on a CPU; elsewhere an ``index_add_`` of ones, because bincount reads
+    the largest value back to the host first to size its output (a GPU synchronisation). Integer additions, so
+    both give exactly the same counts.
+    """
+    if group.device.type == "cpu":
+        return torch.bincount(group, minlength=num_groups)
+    return torch.zeros(num_groups, dtype=torch.long, device=group.device).index_add_(0, group, torch.ones_like(group))
+
+
 def _group_ranks(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """Per-group counts ``(G,)`` and the rank of every row inside its group ``(N,)``, for group-sorted rows."""
-    counts = torch.bincount(group, minlength=num_groups)
+    counts = group_counts(group, num_groups)
     first = torch.cumsum(counts, 0) - counts
     ranks = torch.arange(group.numel(), device=group.device) - first[group]
     return counts, ranks
@@ -39,7 +52,7 @@ def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -
     dense_limit : int
         Largest ``G * N`` for the one-hot path.
     """
-    counts = torch.bincount(group, minlength=num_groups)
+    counts = group_counts(group, num_groups)
     if num_groups * group.numel() <= dense_limit:
         table = torch.zeros(num_groups, group.numel(), dtype=torch.int32, device=group.device)
         table.scatter_(0, group.unsqueeze(0), 1)
@@ -73,14 +86,17 @@ def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | No
     order = torch.sort(group, stable=True).indices
     if max_per_group is None or group.numel() == 0:
         return order
-    counts = torch.bincount(group, minlength=num_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    take = counts.clamp(max=max_per_group)
-    gid = torch.repeat_interleave(torch.arange(num_groups, device=group.device), take)
-    j = torch.arange(gid.numel(), device=group.device) - torch.repeat_interleave(torch.cumsum(take, 0) - take, take)
-    n, m = counts[gid], take[gid]
-    offset = torch.where(m > 1, (j * (n - 1)) // (m - 1).clamp(min=1), torch.zeros_like(j))
-    return order[starts[gid] + offset]
+    # A row of rank r in a group of n rows, m = min(n, max_per_group) kept, is kept iff some j has
+    # floor(j (n - 1) / (m - 1)) = r. The offsets rise by at least 1, so the only candidate is the smallest j
+    # whose offset reaches r: j = ceil(r (m - 1) / (n - 1)). One mask over the sorted rows, one nonzero.
+    sorted_group = group[order]
+    counts, rank = _group_ranks(sorted_group, num_groups)
+    n = counts[sorted_group]
+    m = n.clamp(max=max_per_group)
+    span, steps = (n - 1).clamp(min=1), (m - 1).clamp(min=1)
+    j = (rank * (m - 1) + span - 1) // span
+    kept = torch.where(m > 1, (j * (n - 1)) // steps == rank, rank == 0)
+    return order[kept.nonzero().squeeze(1)]
 
 
 def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
@@ -119,15 +135,14 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
     if group.numel() == 0:
         return
     counts, ranks = _group_ranks(group, num_groups)
-    keep = ranks >= counts[group] - size
-    slot = group * size + (ptr[group] + ranks) % size
-    slot, kept = slot[keep], keep.nonzero().squeeze(1)
+    kept = (ranks >= counts[group] - size).nonzero().squeeze(1)      # the last `size` rows of each group
+    slot = (group * size + (ptr[group] + ranks) % size)[kept]
     flat = memory.view(num_groups * size, -1)
     new = values[kept].to(memory.dtype)
     if stats is not None:
         total, total_sq = stats
         old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
-        kept_counts = torch.bincount(group[kept], minlength=num_groups)
+        kept_counts = counts.clamp(max=size)
         total += _segment_sums(fresh - old, kept_counts)
         total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
     flat.index_copy_(0, slot, new)

@@ -293,18 +293,17 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
         s = scores.to(work_dtype).transpose(-1, -2).contiguous()  # (B, K, N)
         row_max = s.amax(-2, keepdim=True)  # (B, 1, N)
         logits = torch.nan_to_num((s - row_max) / epsilon, nan=floor, neginf=floor).clamp(min=floor)
-        neg_inf = torch.tensor(float("-inf"), dtype=work_dtype, device=s.device)
         n_valid = valid.sum(1).to(work_dtype)  # (B,)
         has_rows = (n_valid > 0).unsqueeze(-1)  # (B, 1)
         n_safe = n_valid.clamp(min=1.0).unsqueeze(-1)  # (B, 1)
         log_col_mass = (n_safe / n_cols).log()  # (B, 1)
         # Start from the raw scores (row duals 0 up to one constant per problem), as POT and the released code
         # do: the row maxima removed above come back as the initial row duals.
-        row_max = torch.where(valid, row_max.squeeze(-2), neg_inf)  # (B, N)
+        row_max = torch.where(valid, row_max.squeeze(-2), float("-inf"))  # (B, N)
         top = row_max.amax(1, keepdim=True)
         top = torch.where(torch.isfinite(top), top, 0.0)
         log_u = torch.nan_to_num((row_max - top) / epsilon, nan=floor, neginf=floor).clamp(min=floor)
-        log_u = torch.where(valid, log_u, neg_inf)
+        log_u = torch.where(valid, log_u, float("-inf"))
         col = torch.logsumexp(logits + log_u.unsqueeze(-2), dim=-1)  # (B, K), exact first column step
         log_v = torch.where(has_rows, log_col_mass - col, 0.0)
         row_weight = valid.unsqueeze(-2).to(work_dtype)  # (B, 1, N)
