@@ -40,7 +40,7 @@ class TrainConfig:
         every split, e.g. ``image_size``), ``val_dataset_kwargs`` (overrides for the validation split, e.g.
         ``num_images``), ``balanced_sampler`` (class-balanced image sampling), ``num_workers``.
     Optimisation
-        ``iters`` steps of ``batch_size`` images per process; AdamW with ``lr`` (the head's parameters get
+        ``iters`` steps of ``batch_size`` images per process; AdamW (fused) with ``lr`` (the head's parameters get
         ``lr * head_lr_mult``) and ``weight_decay`` (not on biases and norm weights); linear warm-up over
         ``warmup_iters`` then poly decay ``(1 - step / iters) ** poly_power``; ``grad_clip`` (max global norm,
         None = off); ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``; CUDA only, ignored on CPU).

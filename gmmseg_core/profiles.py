@@ -15,8 +15,9 @@ notebook: a model is trained once per run and reused.
   of batch 8, three architectures x three heads x two data sets x two seeds, plus the ablation runs of notebooks
   04 (class LayerNorm, 2 extra trainings) and 05. Measured: 15 min 29 s for all six notebooks on an otherwise
   idle 2-core machine (notebook 03, 36 trainings of ~15-20 s each plus evaluation, 11 min 14 s; notebook 04
-  1 min 6 s; notebook 05 2 min 3 s). Later runs from an empty cache: 12 min 21 s (notebook 03 8 min 40 s) and,
-  on a slower day of the same machine, 16 min 9 s (notebook 03 11 min 42 s).
+  1 min 6 s; notebook 05 2 min 3 s). Later runs from an empty cache: 12 min 21 s (notebook 03 8 min 40 s);
+  16 min 9 s on a slower day of the same machine (notebook 03 11 min 42 s); 13 min 47 s that day with the fused
+  optimiser (notebook 03 9 min 53 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Float32 with 4 DataLoader workers: on an H100 bf16 autocast was
   slower for these launch-bound models (46 vs 40 ms per step), and without workers the main process could not
