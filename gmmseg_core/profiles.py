@@ -21,9 +21,10 @@ notebook: a model is trained once per run and reused.
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Float32 with 4 DataLoader workers: on an H100 bf16 autocast was
   slower for these launch-bound models (46 vs 40 ms per step), and without workers the main process could not
-  feed the GPU. Runtime extrapolated from 100-step runs on one H100 (``benchmarks/RESULTS.md``, gpu_check;
-  no full run yet): about 2.4 hours for notebook 03, 2.5-3 hours for all six with the shipped data; real
-  data sets add training time in proportion to their schedules.
+  feed the GPU. Runtime extrapolated from 120-step runs on one H100 (``benchmarks/RESULTS.md``, gpu_check;
+  no full run yet): about 2 hours for notebook 03 (2.4 in an earlier run, before the fused optimiser),
+  2-2.5 hours for all six with the shipped data; real data sets add training time in proportion to their
+  schedules.
 
 Kernels run with one intra-op thread on the CPU (see ``reproduce(threads=...)``).
 """
