@@ -24,6 +24,7 @@ import torch
 from benchmarks.results import synchronize
 from gmmseg_core.data import build_dataset
 from gmmseg_core.models import build_model
+from gmmseg_core.train import adamw
 
 VARIANTS = (("softmax", {}), ("gmm paper", {"variant": "paper"}), ("gmm official", {"variant": "official"}))
 
@@ -36,7 +37,7 @@ def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_compon
         hk.update(embed_dim=embed_dim, num_components=num_components, update_interval=update_interval)
     model = build_model(arch, head, num_classes=num_classes, width=width, head_kwargs=hk).to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as gmmseg_core.train builds it
+    opt = adamw(model.parameters(), lr=1e-4)  # as gmmseg_core.train builds it
 
     def step(images, labels):
         """One step; returns the seconds spent in update_head (the device is synchronised around it)."""

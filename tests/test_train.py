@@ -172,3 +172,19 @@ def test_fresh_start_discards_an_earlier_run_in_the_same_directory(tmp_path):
     with open(cfg.run_dir / "log.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1]
     assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
+    from gmmseg_core.train import adamw
+
+    a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    opt = adamw([dict(params=[a], lr=0.1, weight_decay=0.01), dict(params=[b], lr=0.2, weight_decay=0.0)], lr=0.1)
+    assert opt.defaults["fused"] is True and [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    ref = torch.optim.AdamW([dict(params=[a.detach().clone().requires_grad_()], lr=0.1, weight_decay=0.01),
+                             dict(params=[b.detach().clone().requires_grad_()], lr=0.2, weight_decay=0.0)], lr=0.1)
+    for o in (opt, ref):
+        for p in (p for g in o.param_groups for p in g["params"]):
+            p.grad = torch.ones_like(p)
+        o.step()
+    for g, h in zip(opt.param_groups, ref.param_groups):
+        torch.testing.assert_close(g["params"][0], h["params"][0])      # same update up to rounding
