@@ -30,12 +30,16 @@ def group_counts(group: Tensor, num_groups: int) -> Tensor:
     return torch.zeros(num_groups, dtype=torch.long, device=group.device).index_add_(0, group, torch.ones_like(group))
 
 
+def _sorted_ranks(group: Tensor, counts: Tensor) -> Tensor:
+    """Rank of every row inside its group ``(N,)``, for group-sorted rows with per-group ``counts``."""
+    first = torch.cumsum(counts, 0) - counts
+    return torch.arange(group.numel(), device=group.device) - first[group]
+
+
 def _group_ranks(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
     """Per-group counts ``(G,)`` and the rank of every row inside its group ``(N,)``, for group-sorted rows."""
     counts = group_counts(group, num_groups)
-    first = torch.cumsum(counts, 0) - counts
-    ranks = torch.arange(group.numel(), device=group.device) - first[group]
-    return counts, ranks
+    return counts, _sorted_ranks(group, counts)
 
 
 def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -> tuple[Tensor, Tensor]:
@@ -59,7 +63,7 @@ def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -
         return counts, table.cumsum_(1).gather(0, group.unsqueeze(0)).squeeze(0).long() - 1
     order = torch.sort(group, stable=True).indices
     ranks = torch.empty_like(group)
-    ranks[order] = _group_ranks(group[order], num_groups)[1]
+    ranks[order] = _sorted_ranks(group[order], counts)
     return counts, ranks
 
 

@@ -403,6 +403,14 @@ def _moments_from_groups(grouped, counts, own, nk, centres):
     return means, own + (2.0 * d * grouped + counts * d * d).sum(-3)
 
 
+def _m_step_dtype(x, resp, reg_covar):
+    """Check ``reg_covar`` and return the floating dtype both M-steps compute in."""
+    if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0):
+        raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
+    dtype = torch.promote_types(x.dtype, resp.dtype)
+    return dtype if dtype.is_floating_point else torch.get_default_dtype()
+
+
 def estimate_diag_gaussian_parameters(x, resp, reg_covar=1e-6, mask=None, *, centres=None):
     r"""M-step: weighted counts, means and centred diagonal variances.
 
@@ -444,11 +452,7 @@ def estimate_diag_gaussian_parameters(x, resp, reg_covar=1e-6, mask=None, *, cen
             f"x and resp must agree on all but the last dimension, got x {tuple(x.shape)} "
             f"and resp {tuple(resp.shape)}"
         )
-    if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0):
-        raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
-    dtype = torch.promote_types(x.dtype, resp.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
+    dtype = _m_step_dtype(x, resp, reg_covar)
     x, resp = x.to(dtype), resp.to(dtype)
     if mask is not None:
         _check_tensor("mask", mask)
@@ -510,11 +514,7 @@ def estimate_grouped_diag_gaussian_parameters(x, resp, centres, reg_covar=1e-6):
         raise ValueError(
             f"centres must have shape {tuple(x.shape[:-2] + x.shape[-1:])} (..., K, D), got {tuple(centres.shape)}"
         )
-    if not (isinstance(reg_covar, (int, float)) and reg_covar >= 0):
-        raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
-    dtype = torch.promote_types(x.dtype, resp.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
+    dtype = _m_step_dtype(x, resp, reg_covar)
     x, resp, centres = x.to(dtype), resp.to(dtype), centres.to(dtype)
     nk = resp.sum((-3, -2)) + 10 * torch.finfo(dtype).eps  # (..., K)
     e = x - centres.unsqueeze(-2)  # (..., J, M, D): every sample about its group's centre
