@@ -9,7 +9,7 @@ STAMP := $(VENV)/.gmmseg-installed
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 PROFILE ?= cpu
 
-.PHONY: env test lint pytest reproduce bench gpu-check fashion-data clean
+.PHONY: env test lint pytest reproduce bench gpu-check gpu-notebooks fashion-data clean
 
 env: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 # A few minutes on a CUDA machine: device-vs-CPU agreement, a bf16 training run, the head and train-step benchmarks.
 gpu-check: $(STAMP)
 	$(PY) -m benchmarks.gpu_check --device cuda
+
+# About ten minutes on a CUDA machine: the six notebooks through papermill on the device (smoke, then gpu shortened).
+gpu-notebooks: $(STAMP)
+	$(PY) -m benchmarks.gpu_check --device cuda --only notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

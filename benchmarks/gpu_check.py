@@ -20,6 +20,14 @@ Checks
 ``launches``   kernel launches and host synchronisations per training step, per head (``torch.profiler``)
 ``profile``    the gpu profile's trainings, shortened: seconds per step (data loading included), an extrapolated
                notebook-03 runtime, and bf16 / DataLoader workers tried on one model
+
+Not run by default (``--only notebooks``, about ten minutes on one H100):
+
+``notebooks``  the six notebooks executed by papermill on the device, each in its own kernel, as users batch-run
+               them: the smoke profile (every code path of every notebook on the device), then the gpu profile
+               shortened (``SHORT_GPU``: 100 steps, 48 training images, one seed). The executed copies (and the
+               trained models) go to ``DIR/notebooks/<profile>/``, or to ``outputs/gpu_check/<profile>/`` when
+               ``--out`` is left at ``benchmarks/``. With ``--quick``: notebook 01 of the smoke profile only.
 """
 
 from __future__ import annotations
@@ -315,7 +323,44 @@ def check_launches(device, quick):
     return out
 
 
+def check_notebooks(device, quick, out_dir):
+    """Execute the notebooks through ``gmmseg_core.reproduce`` on ``device``; every notebook runs even when an
+    earlier one failed (a later one then trains the models it needs itself)."""
+    from gmmseg_core.profiles import NOTEBOOKS
+    from gmmseg_core.reproduce import NotebookExecutionError, reproduce
+
+    base = Path("outputs") / "gpu_check" if Path(out_dir).resolve() == HERE else Path(out_dir) / "notebooks"
+    plan = [("smoke", NOTEBOOKS[:1] if quick else NOTEBOOKS, None)]
+    if not quick:
+        plan.append(("gpu", NOTEBOOKS, SHORT_GPU))
+    out = {}
+    for profile, names, parameters in plan:
+        folder = base / profile
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                reproduce(profile, device=device, out_dir=folder, figures_dir=folder / "figures", notebooks=[name],
+                          parameters=parameters, log=lambda *a, **k: None)
+                result = dict(ok=True)
+            except NotebookExecutionError as err:
+                result = dict(ok=False, error=str(err))
+            result["seconds"] = time.perf_counter() - t0
+            out[f"{profile}/{name}"] = result
+            print(f"   {profile}/{name}: ok={result['ok']} in {result['seconds']:.1f} s", flush=True)
+    failed = [k for k, r in out.items() if not r["ok"]]
+    out["summary"] = "; ".join(f"{k} {r['seconds']:.0f} s" for k, r in out.items()) + (
+        f"; FAILED: {', '.join(failed)} (see error)" if failed else "; all passed")
+    if failed:
+        out["error"] = " | ".join(out[k]["error"] for k in failed)
+    out["ok"] = not failed
+    return out
+
+
+# The gpu profile, shortened for the notebooks check: every notebook on the device in about 7 minutes (H100).
+SHORT_GPU = dict(train_iters=100, num_train_images=48, num_val_images=16, seeds=[0], n_starts=10)
+
 CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step", "launches", "profile")
+EXTRA_CHECKS = ("notebooks",)
 
 
 def _markdown(report) -> str:
@@ -335,7 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(HERE), help="folder for gpu_check.md / .json (default benchmarks/)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds, also on a CPU)")
-    parser.add_argument("--only", nargs="+", choices=CHECKS, help="run only these checks")
+    parser.add_argument("--only", nargs="+", choices=CHECKS + EXTRA_CHECKS,
+                        help=f"run only these checks (default: all but {', '.join(EXTRA_CHECKS)})")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -356,7 +402,12 @@ def main(argv=None) -> int:
             print(f"== {name}", flush=True)
             try:
                 fn = globals()[f"check_{name}"]
-                result = fn(args.device, args.quick, Path(work)) if name in ("train", "profile") else fn(args.device, args.quick)
+                if name == "notebooks":
+                    result = fn(args.device, args.quick, out_dir)
+                elif name in ("train", "profile"):
+                    result = fn(args.device, args.quick, Path(work))
+                else:
+                    result = fn(args.device, args.quick)
             except Exception as err:  # report and go on: the machine time is precious
                 result = dict(ok=False, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
             result["seconds"] = time.perf_counter() - t0

@@ -35,3 +35,29 @@ def test_a_failing_check_is_reported_and_fails_the_run(tmp_path, monkeypatch):
 def test_cuda_without_a_device_is_refused(tmp_path, capsys):
     assert gpu_check.main(["--device", "cuda", "--quick", "--out", str(tmp_path)]) == 2
     assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_notebooks_check_is_opt_in_and_executes_a_notebook(tmp_path):
+    assert "notebooks" not in gpu_check.CHECKS
+    assert gpu_check.main(["--device", "cpu", "--quick", "--only", "notebooks", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())["checks"]["notebooks"]
+    assert result["ok"] and list(result) == ["smoke/01_discriminative_vs_generative", "summary", "ok", "seconds"]
+    assert (tmp_path / "notebooks" / "smoke" / "01_discriminative_vs_generative.ipynb").is_file()
+
+
+def test_a_failing_notebook_fails_the_check_and_the_others_still_run(tmp_path, monkeypatch):
+    from gmmseg_core import reproduce as reproduce_module
+    from gmmseg_core.profiles import NOTEBOOKS
+
+    ran = []
+
+    def fake_reproduce(profile, notebooks, **kwargs):
+        ran.append((profile, notebooks[0]))
+        if notebooks[0] == NOTEBOOKS[1]:
+            raise reproduce_module.NotebookExecutionError(notebooks[0], tmp_path / "x.ipynb", 3, "ValueError", "bad")
+
+    monkeypatch.setattr(reproduce_module, "reproduce", fake_reproduce)
+    result = gpu_check.check_notebooks("cpu", False, tmp_path)
+    assert ran == [("smoke", n) for n in NOTEBOOKS] + [("gpu", n) for n in NOTEBOOKS]
+    assert not result["ok"] and "cell 3: ValueError: bad" in result["error"]
+    assert result[f"gpu/{NOTEBOOKS[0]}"]["ok"] and not result[f"smoke/{NOTEBOOKS[1]}"]["ok"]
