@@ -97,7 +97,9 @@ class TrainConfig:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        need(isinstance(self.arch, str) and self.arch, "arch", "a non-empty string")
+        from gmmseg_core.models import check_arch  # lazy: the models import torch
+
+        check_arch(self.arch)
         need(self.head in HEADS, "head", f"one of {HEADS}")
         for name in ("head_kwargs", "model_kwargs", "dataset_kwargs", "val_dataset_kwargs"):
             need(isinstance(getattr(self, name), dict), name, "a dict")

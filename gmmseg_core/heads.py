@@ -126,6 +126,7 @@ class SoftmaxHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits ``(B, C, h, w)`` from features ``(B, Cf, h, w)``."""
+        _check_features(features, self.classifier.in_channels)
         return self.classifier(self.dropout(features))
 
     def class_log_likelihood(self, features: Tensor) -> Tensor:
@@ -234,6 +235,7 @@ class GMMHead(nn.Module):
     # ------------------------------------------------------------------ forward
     def embedding(self, features: Tensor) -> Tensor:
         """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``."""
+        _check_features(features, self.embed[0].in_channels)
         # Channels-last from the convolution on: every later op (BatchNorm, ReLU, LayerNorm over D, L2) then
         # runs on contiguous (pixels, D) rows, forward and backward (about 1.6x faster on CPU than NCHW).
         x = self.embed(features.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
@@ -589,6 +591,13 @@ def _frozen_batchnorm(module: nn.Module):
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
+
+
+def _check_features(features, in_channels: int) -> None:
+    """A head's input must be a feature map ``(B, in_channels, h, w)``."""
+    if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != in_channels:
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a feature map (B, {in_channels}, h, w), got {got}")
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -731,6 +731,9 @@ class GaussianMixture:
             t = self._to_tensor(X, dtype=self.means_.dtype, device=self.means_.device)
         if t.dim() != 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"X must be finite; it has {bad} NaN or infinite entries (shape {tuple(t.shape)})")
         if fitting and t.shape[0] < self.n_components:
             raise ValueError(
                 f"X must have at least n_components={self.n_components} samples, got {t.shape[0]}"

@@ -229,6 +229,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import evaluate_closed_set
 
+    _check_device(cfg.device)
     # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
     own_group = False
@@ -435,6 +436,23 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def _check_device(name) -> None:
+    """Fail before any data is generated when ``TrainConfig.device`` cannot be used on this machine."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device must be a torch device string such as 'cpu' or 'cuda:0', got {name!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA device; "
+                             "use device='cpu' or None")
+        under_torchrun = int(os.environ.get("RANK", -1)) != -1   # each process then takes cuda:LOCAL_RANK
+        if device.index is not None and not under_torchrun and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 def load_run(run_dir, device=None):
     """Load a trained run.
 

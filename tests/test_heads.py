@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import socket
 import tempfile
 
@@ -398,6 +399,14 @@ def test_ddp_gather_gives_identical_parameters_equal_to_union():
 def test_bad_arguments_name_the_parameter(kw, message):
     with pytest.raises(ValueError, match=message):
         GMMHead(CF, C, **kw)
+
+
+@pytest.mark.parametrize("head", [GMMHead(CF, C, embed_dim=4, num_components=2), SoftmaxHead(CF, C)])
+def test_a_head_names_the_feature_map_it_expects(head):
+    for shape in [(2, CF + 1, 4, 4), (CF, 4, 4)]:
+        with pytest.raises(ValueError, match=rf"features must be a feature map \(B, {CF}, h, w\), got "
+                                             rf"{re.escape(str(shape))}"):
+            head(torch.randn(*shape))
 
 
 def test_variant_defaults_fill_unset_knobs():

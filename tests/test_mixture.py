@@ -452,6 +452,12 @@ def test_data_errors():
     gm = GaussianMixture(2).fit(np.random.default_rng(0).normal(size=(20, 3)))
     with pytest.raises(ValueError, match="X has 2 features but the mixture was fitted with 3"):
         gm.score_samples(np.zeros((4, 2)))
+    bad = np.random.default_rng(0).normal(size=(20, 3))
+    bad[[1, 5], 2] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match=r"X must be finite; it has 2 NaN or infinite entries \(shape \(20, 3\)\)"):
+        GaussianMixture(2).fit(bad)
+    with pytest.raises(ValueError, match="X must be finite; it has 2 NaN"):
+        gm.score_samples(bad)
 
 
 @pytest.mark.parametrize("method", ["em", "sinkhorn"])

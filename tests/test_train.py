@@ -45,6 +45,23 @@ def test_config_validation_names_the_field(tmp_path, field, value, message):
         tiny_cfg(tmp_path, **{field: value})
 
 
+def test_config_checks_the_architecture_name(tmp_path):
+    with pytest.raises(ValueError, match=r"arch must be one of \['deeplabv3plus', 'fcn', 'segformer'\]"):
+        tiny_cfg(tmp_path, arch="unet")
+    with pytest.raises(ValueError, match="an smp arch must look like 'smp:<Architecture>:<encoder>'"):
+        tiny_cfg(tmp_path, arch="smp:Segformer")
+    assert tiny_cfg(tmp_path, arch="smp:Segformer:mit_b0").arch == "smp:Segformer:mit_b0"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unusable_device_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"device='cuda:0', but this torch .* sees no CUDA device"):
+        train(tiny_cfg(tmp_path, device="cuda:0"))
+    with pytest.raises(ValueError, match="device must be a torch device string such as 'cpu' or 'cuda:0', got 'gpu'"):
+        train(tiny_cfg(tmp_path, device="gpu"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_config_unknown_fields_are_rejected():
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['itres'\]"):
         TrainConfig.from_dict({"itres": 3})

@@ -29,19 +29,27 @@ ARCHS: dict[str, type[nn.Module]] = {
 }
 HEADS = ("gmm", "softmax")
 
-__all__ = ["ARCHS", "HEADS", "SegmentationModel", "build_backbone", "build_model"]
+__all__ = ["ARCHS", "HEADS", "SegmentationModel", "build_backbone", "build_model", "check_arch"]
+
+
+def check_arch(arch) -> None:
+    """Raise ``ValueError`` unless ``arch`` names an in-house architecture or has the form
+    ``"smp:<Architecture>:<encoder>"`` (whether smp knows that architecture is checked when it is built)."""
+    if isinstance(arch, str) and arch.startswith("smp:"):
+        from gmmseg_core.models.smp_adapter import parse_smp_arch
+
+        parse_smp_arch(arch)
+    elif not (isinstance(arch, str) and arch in ARCHS):
+        raise ValueError(f"arch must be one of {sorted(ARCHS)} or 'smp:<Architecture>:<encoder>', got {arch!r}")
 
 
 def build_backbone(arch: str, **kw) -> nn.Module:
     """The feature extractor named ``arch`` (see the module docstring); ``kw`` go to its constructor."""
-    if not isinstance(arch, str):
-        raise ValueError(f"arch must be a str, got {arch!r}")
+    check_arch(arch)
     if arch.startswith("smp:"):
         from gmmseg_core.models.smp_adapter import build_smp_backbone
 
         return build_smp_backbone(arch, **kw)
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {sorted(ARCHS)} or 'smp:<Architecture>:<encoder>', got {arch!r}")
     return ARCHS[arch](**kw)
 
 
