@@ -77,6 +77,9 @@ def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, st
     -------
     dict with ``logits`` (B, C, H, W) float32 and, if requested, ``log_likelihood`` (B, C, H, W) float32.
     """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a batch (B, 3, H, W), got {got}; add a batch dimension with images[None]")
     generative = _is_generative(model) if with_likelihood is None else with_likelihood
     if mode == "whole":
         return _forward(model, images, generative)
@@ -115,9 +118,12 @@ def _device(device):
 
 
 def _num_classes(model, dataset):
-    n = getattr(dataset, "num_classes", None)
-    if n is None:
-        n = getattr(model, "num_classes", None)
+    n, model_n = getattr(dataset, "num_classes", None), getattr(model, "num_classes", None)
+    if n is not None and model_n is not None and int(n) != int(model_n):
+        raise ValueError(f"the model predicts {int(model_n)} classes but the dataset "
+                         f"{getattr(dataset, 'name', type(dataset).__name__)!r} has {int(n)}; evaluate a model "
+                         "trained on this dataset")
+    n = n if n is not None else model_n
     if n is None:
         raise ValueError("cannot tell the number of classes: the dataset has no num_classes attribute")
     return int(n)

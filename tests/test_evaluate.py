@@ -176,3 +176,16 @@ def test_real_model_on_the_scenes_anomaly_split():
     assert set(out) == {"msp", "max_logit", "energy", "entropy", "sml", "gmm"}
     for r in out.values():
         assert 0 <= r["auroc"] <= 1 and 0 <= r["ap"] <= 1 and 0 <= r["fpr95"] <= 1
+
+
+def test_input_errors_name_what_was_expected():
+    from gmmseg_core.data import build_dataset
+    from gmmseg_core.models import build_model
+
+    ds = build_dataset("scenes", "val", image_size=32, num_images=2)
+    model = build_model("fcn", "softmax", num_classes=ds.num_classes - 1, width=4).eval()
+    with pytest.raises(ValueError, match=rf"the model predicts {ds.num_classes - 1} classes but the dataset "
+                                         rf"'scenes' has {ds.num_classes}"):
+        evaluate_closed_set(model, ds, progress=False)
+    with pytest.raises(ValueError, match=r"images must be a batch \(B, 3, H, W\), got \(3, 32, 32\)"):
+        predict(model, torch.randn(3, 32, 32))

@@ -191,3 +191,9 @@ def test_perfectly_calibrated_is_zero():
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
     assert expected_calibration_error(probs, torch.tensor([1, 0])) == 1.0
+
+
+def test_calibration_refuses_logits_for_probabilities():
+    logits = torch.tensor([[2.5, -1.0], [0.3, 0.1]])
+    with pytest.raises(ValueError, match=r"probs must be class probabilities in \[0, 1\] \(e.g. logits.softmax\(1\)\)"):
+        expected_calibration_error(logits, torch.tensor([0, 1]))
