@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from gmmseg_core.config import TrainConfig, parse_overrides
-from gmmseg_core.train import _StepBatches, is_finished, load_run, lr_factor, train, train_cached
+from gmmseg_core.train import (
+    _StepBatches,
+    is_finished,
+    load_run,
+    lr_factor,
+    train,
+    train_cached,
+    train_cached_many,
+)
 
 
 def tiny_cfg(tmp_path, **kw):
@@ -160,6 +168,32 @@ def test_train_cached_reuses_a_finished_run(tmp_path):
     again = train_cached(cfg.replace(out_dir="ignored", run_name="other"), tmp_path / "cache")
     assert again == first and (first / "checkpoint.pt").stat().st_mtime_ns == stamp
     assert first.name.endswith(cfg.cache_key()[:8])
+
+
+def test_train_cached_many_in_processes_equals_one_after_the_other(tmp_path):
+    cfgs = [tiny_cfg(tmp_path, iters=3, seed=s, head_kwargs=dict(embed_dim=4, num_components=2, variant=v))
+            for s, v in ((0, "paper"), (1, "official"))]
+    cfgs.append(cfgs[0].replace(run_name="same-config-elsewhere"))
+    parallel = train_cached_many(cfgs, tmp_path / "parallel", processes=2, progress=False)
+    serial = [train_cached(c, tmp_path / "serial") for c in cfgs[:2]]
+    assert parallel[0] == parallel[2] and [p.name for p in parallel[:2]] == [p.name for p in serial]
+    for a, b in zip(parallel, serial):
+        ma, mb = load_run(a)[0].state_dict(), load_run(b)[0].state_dict()
+        assert all(torch.equal(ma[k], mb[k]) for k in mb), a.name
+    stamp = (parallel[0] / "checkpoint.pt").stat().st_mtime_ns
+    assert train_cached_many(cfgs, tmp_path / "parallel", processes=2) == parallel      # all cached now
+    assert (parallel[0] / "checkpoint.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="processes must be a positive int, got 0"):
+        train_cached_many(cfgs, tmp_path, processes=0)
+
+
+def test_train_cached_many_names_a_failed_run_and_keeps_the_others(tmp_path):
+    good = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
+    bad = good.replace(seed=5, dataset_kwargs=dict(image_size=32, num_images=6, no_such_option=1))
+    with pytest.raises(RuntimeError, match=r"training 'fcn_softmax_scenes_s5_\w+' failed \(1 of 2 failed\): "
+                                           r"TypeError"):
+        train_cached_many([good, bad], tmp_path / "cache", processes=2, progress=False)
+    assert is_finished(tmp_path / "cache" / good.default_run_name())
 
 
 def test_balanced_sampler_option(tmp_path):
