@@ -17,7 +17,10 @@ notebook: a model is trained once per run and reused.
   idle 2-core machine (notebook 03, 36 trainings of ~15-20 s each plus evaluation, 11 min 14 s; notebook 04
   1 min 6 s; notebook 05 2 min 3 s). Later runs from an empty cache: 12 min 21 s (notebook 03 8 min 40 s);
   16 min 9 s on a slower day of the same machine (notebook 03 11 min 42 s); 13 min 47 s that day with the fused
-  optimiser (notebook 03 9 min 53 s).
+  optimiser (notebook 03 9 min 53 s). Notebooks 03-05 then trained two models at a time (``train_processes=2``,
+  one process per core; the models, hence the figures, are identical): 8 min 0 s with notebook 03 so (4 min
+  29 s), 9 min 13 s with all three on a slower spell (notebook 02, which trains nothing in parallel, took 48 s
+  against 36 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Float32 with 4 DataLoader workers: on an H100 bf16 autocast was
   slower for these launch-bound models (46 vs 40 ms per step), and without workers the main process could not
@@ -63,8 +66,9 @@ _NOTEBOOK = {
                                real_arch="fcn", real_max_points=200),
         "03_closed_set": dict(archs=["fcn"], datasets=["scenes", "fashion"], seeds=[0], n_examples=2,
                               train_processes=2),
-        "04_anomaly": dict(archs=["fcn"], datasets=["scenes", "fashion"], n_examples=2, ablation_arch="fcn"),
-        "05_components": dict(arch="fcn", component_counts=[1, 3], n_examples=2, max_points=300),
+        "04_anomaly": dict(archs=["fcn"], datasets=["scenes", "fashion"], n_examples=2, ablation_arch="fcn",
+                           train_processes=2),
+        "05_components": dict(arch="fcn", component_counts=[1, 3], n_examples=2, max_points=300, train_processes=2),
         "06_explorer": dict(arch="fcn", interactive=False, image_index=0, threshold_quantiles=[0.9, 0.99]),
     },
     "cpu": {
@@ -75,8 +79,9 @@ _NOTEBOOK = {
         "03_closed_set": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
                               seeds=[0, 1], train_processes=2),
         "04_anomaly": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
-                           n_examples=3, ablation_arch="fcn"),
-        "05_components": dict(arch="deeplabv3plus", component_counts=[1, 3, 5], n_examples=3, max_points=3000),
+                           n_examples=3, ablation_arch="fcn", train_processes=2),
+        "05_components": dict(arch="deeplabv3plus", component_counts=[1, 3, 5], n_examples=3, max_points=3000,
+                              train_processes=2),
         "06_explorer": dict(arch="deeplabv3plus", interactive=False, image_index=0),
     },
     "gpu": {
