@@ -559,22 +559,25 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
             train_cached(cfg, cache_dir)
         return run_dirs
     failures = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(processes, len(todo)), mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    bar = tqdm(total=len(todo), desc=f"train ({processes} processes)", disable=not progress)
+    try:
         futures = {pool.submit(_train_cached_in_worker, cfg.to_dict(), str(cache_dir), torch.get_num_threads()):
                    run_dir.name for run_dir, cfg in todo.items()}
-        bar = tqdm(total=len(futures), desc=f"train ({processes} processes)", disable=not progress)
-        try:
-            for future in as_completed(futures):
-                err = future.exception()
-                if err is not None:
-                    failures.append((futures[future], err))
-                bar.update(1)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            bar.close()
+        for future in as_completed(futures):
+            err = future.exception()
+            if err is not None:
+                failures.append((futures[future], err))
+            bar.update(1)
+    except BaseException:
+        # an interrupt stops the running trainings at once; their last checkpoints resume them next time
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
     if failures:
         name, err = failures[0]
         raise RuntimeError(f"training {name!r} failed ({len(failures)} of {len(todo)} failed): "

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import multiprocessing
+import time
 
 import pytest
 import torch
@@ -194,6 +196,24 @@ def test_train_cached_many_names_a_failed_run_and_keeps_the_others(tmp_path):
                                            r"TypeError"):
         train_cached_many([good, bad], tmp_path / "cache", processes=2, progress=False)
     assert is_finished(tmp_path / "cache" / good.default_run_name())
+
+
+def test_train_cached_many_stops_its_workers_on_an_interrupt(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    def interrupted(futures):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(concurrent.futures, "as_completed", interrupted)
+    cfgs = [tiny_cfg(tmp_path, iters=400, seed=s, head="softmax", head_kwargs={}) for s in (0, 1)]
+    with pytest.raises(KeyboardInterrupt):
+        train_cached_many(cfgs, tmp_path / "cache", processes=2, progress=False)
+    for _ in range(600):   # until the workers are gone: at once when stopped, after their trainings otherwise
+        if not multiprocessing.active_children():
+            break
+        time.sleep(0.1)
+    assert not any(is_finished(tmp_path / "cache" / c.default_run_name()) for c in cfgs)
 
 
 def test_balanced_sampler_option(tmp_path):
