@@ -326,8 +326,8 @@ def check_launches(device, quick):
 def check_notebooks(device, quick, out_dir):
     """Execute the notebooks through ``gmmseg_core.reproduce`` on ``device``; every notebook runs even when an
     earlier one failed (a later one then trains the models it needs itself)."""
+    from gmmseg_core import reproduce as reproduce_module
     from gmmseg_core.profiles import NOTEBOOKS
-    from gmmseg_core.reproduce import NotebookExecutionError, reproduce
 
     base = Path("outputs") / "gpu_check" if Path(out_dir).resolve() == HERE else Path(out_dir) / "notebooks"
     plan = [("smoke", NOTEBOOKS[:1] if quick else NOTEBOOKS, None)]
@@ -338,11 +338,13 @@ def check_notebooks(device, quick, out_dir):
         folder = base / profile
         for name in names:
             t0 = time.perf_counter()
+            declared = reproduce_module._declared_parameters(reproduce_module._resolve_notebooks([name])[0])
+            own = {k: v for k, v in (parameters or {}).items() if k in declared}
             try:
-                reproduce(profile, device=device, out_dir=folder, figures_dir=folder / "figures", notebooks=[name],
-                          parameters=parameters, log=lambda *a, **k: None)
+                reproduce_module.reproduce(profile, device=device, out_dir=folder, figures_dir=folder / "figures",
+                                           notebooks=[name], parameters=own, log=lambda *a, **k: None)
                 result = dict(ok=True)
-            except NotebookExecutionError as err:
+            except reproduce_module.NotebookExecutionError as err:
                 result = dict(ok=False, error=str(err))
             result["seconds"] = time.perf_counter() - t0
             out[f"{profile}/{name}"] = result

@@ -105,6 +105,13 @@ def _kernel_name() -> str:
     return name
 
 
+def _declared_parameters(notebook: Path) -> set[str]:
+    """Names assigned in the notebook's ``parameters`` cell (as papermill reads them)."""
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(notebook)))
+
+
 def _source_cell_index(notebook: Path, err) -> int | None:
     """Map papermill's cell index (counted in the executed copy, which has an injected-parameters cell)
     back to the source notebook by matching the failing cell's source."""
@@ -177,7 +184,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     notebooks : list of names or paths, optional
         Subset (or other notebooks) to run, in the given order; default all of them.
     parameters : dict, optional
-        Extra parameters passed to every notebook (override the profile's).
+        Extra parameters (override the profile's), each passed to the notebooks whose parameters cell declares
+        it; a name no notebook of the run declares raises ``ValueError`` before anything runs.
     threads : int, optional
         Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``). Default: 1 on
         the CPU, the library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
@@ -204,6 +212,11 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     for d in (out_dir, figures_dir, cache_dir):
         d.mkdir(parents=True, exist_ok=True)
     paths = _resolve_notebooks(notebooks)
+    declared = {path: _declared_parameters(path) for path in paths}
+    unknown = sorted(set(parameters or {}) - set().union(*declared.values()))
+    if unknown:
+        raise ValueError(f"parameters {unknown} are not declared by any notebook of this run "
+                         f"({', '.join(p.stem for p in paths)}); see each notebook's parameters cell")
     kernel = _kernel_name()
     if threads is None and not str(device or "cpu").startswith("cuda"):
         threads = 1
@@ -218,7 +231,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     total_start = time.perf_counter()
     for i, nb_path in enumerate(paths, 1):
         name = nb_path.stem
-        params = {**notebook_parameters(profile, name), **run_params, **(parameters or {})}
+        extra = {k: v for k, v in (parameters or {}).items() if k in declared[nb_path]}
+        params = {**notebook_parameters(profile, name), **run_params, **extra}
         output = out_dir / nb_path.name
         log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
         seconds = run_notebook(nb_path, output, params, kernel_name=kernel)
@@ -242,14 +256,27 @@ def add_arguments(parser):
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default <out-dir>/cache)")
     parser.add_argument("--notebooks", nargs="*", default=None, help="run only these notebooks (names or paths)")
     parser.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
+    parser.add_argument("--set", dest="parameters", action="append", default=None, metavar="NAME=VALUE",
+                        help="override a notebook parameter in the notebooks that declare it; VALUE is JSON when "
+                             "it parses (--set train_processes=4 --set 'seeds=[0]'); repeatable")
 
 
 def run_from_args(args) -> int:
-    """Run :func:`reproduce` from parsed options; 1 (with the notebook and cell named) when a notebook fails."""
+    """Run :func:`reproduce` from parsed options; 1 (with the notebook and cell named) when a notebook fails,
+    2 for a bad option value (named)."""
+    from gmmseg_core.config import parse_overrides
+
     try:
+        parameters = parse_overrides(getattr(args, "parameters", None))
+        bad = [k for k in parameters if not k.isidentifier()]
+        if bad:
+            raise ValueError(f"--set names a notebook parameter (a Python name), got {bad}")
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
-                  threads=args.threads)
+                  threads=args.threads, **({"parameters": parameters} if parameters else {}))
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except NotebookExecutionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

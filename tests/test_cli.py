@@ -76,6 +76,18 @@ def test_reproduce_delegates(monkeypatch):
                                        cache_dir=None, notebooks=None, threads=2))]
 
 
+def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
+    import gmmseg_core.reproduce as rep
+
+    calls = []
+    monkeypatch.setattr(rep, "reproduce", lambda *args, **kw: calls.append(kw) or {})
+    assert main(["reproduce", "--profile", "cpu", "--set", "train_processes=4", "--set", "seeds=[0]",
+                 "--set", "arch=segformer"]) == 0
+    assert calls[0]["parameters"] == {"train_processes": 4, "seeds": [0], "arch": "segformer"}
+    assert main(["reproduce", "--set", "head_kwargs.variant=official"]) == 2
+    assert "--set names a notebook parameter (a Python name), got ['head_kwargs.variant']" in capsys.readouterr().err
+
+
 def test_reproduce_reports_a_failing_notebook_without_a_traceback(monkeypatch, capsys):
     import gmmseg_core.reproduce as rep
 

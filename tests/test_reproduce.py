@@ -77,6 +77,22 @@ def test_bad_arguments_are_named(tmp_path):
                   figures_dir=tmp_path, threads=0)
 
 
+def test_extra_parameters_go_only_where_declared_and_typos_are_refused(tmp_path):
+    seen = tmp_path / "seen"
+    a = _write_notebook(tmp_path / "a.ipynb", ["open(figures_dir + '/a.txt', 'w').write(str(value))"])
+    b = _write_notebook(tmp_path / "b.ipynb", ["open(figures_dir + '/b.txt', 'w').write(str('value' in globals()))"])
+    nb = nbformat.read(b, as_version=4)
+    nb.cells[0].source = nb.cells[0].source.replace("value = 1\n", "")   # b does not declare it
+    nbformat.write(nb, b)
+    with pytest.raises(ValueError, match=r"parameters \['valeu'\] are not declared by any notebook of this run "
+                                         r"\(a, b\)"):
+        reproduce("smoke", notebooks=[a, b], out_dir=tmp_path / "out", figures_dir=seen, parameters={"valeu": 3})
+    assert not seen.exists() or not any(seen.iterdir())
+    reproduce("smoke", notebooks=[a, b], out_dir=tmp_path / "out", figures_dir=seen, parameters={"value": 3},
+              log=lambda *a, **k: None)
+    assert (seen / "a.txt").read_text() == "3" and (seen / "b.txt").read_text() == "False"
+
+
 def test_profiles_cover_every_notebook():
     for profile in ("smoke", "cpu", "gpu"):
         assert set(PROFILES[profile]) == set(NOTEBOOKS)
