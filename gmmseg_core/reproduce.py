@@ -105,6 +105,16 @@ def _kernel_name() -> str:
     return name
 
 
+def _check_notebook_packages() -> None:
+    """Fail with the install command when the packages that execute notebooks are missing."""
+    import importlib.util
+
+    missing = [m for m in ("papermill", "nbformat", "jupyter_client", "ipykernel") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"running the notebooks needs {', '.join(missing)}: pip install 'gmmseg[notebooks]' "
+                          "(or use the environment `make env` creates)")
+
+
 def _declared_parameters(notebook: Path) -> set[str]:
     """Names assigned in the notebook's ``parameters`` cell (as papermill reads them)."""
     import papermill as pm
@@ -206,6 +216,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    _check_notebook_packages()
     out_dir = Path(out_dir if out_dir is not None else Path("outputs") / profile).resolve()
     figures_dir = Path(figures_dir).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
@@ -274,7 +285,7 @@ def run_from_args(args) -> int:
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
                   threads=args.threads, **({"parameters": parameters} if parameters else {}))
-    except ValueError as err:
+    except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except NotebookExecutionError as err:

@@ -93,6 +93,15 @@ def test_extra_parameters_go_only_where_declared_and_typos_are_refused(tmp_path)
     assert (seen / "a.txt").read_text() == "3" and (seen / "b.txt").read_text() == "False"
 
 
+def test_missing_notebook_packages_are_named_with_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "papermill" else real(name, *a))
+    with pytest.raises(ImportError, match=r"running the notebooks needs papermill: pip install 'gmmseg\[notebooks\]'"):
+        reproduce("smoke", out_dir=tmp_path)
+
+
 def test_profiles_cover_every_notebook():
     for profile in ("smoke", "cpu", "gpu"):
         assert set(PROFILES[profile]) == set(NOTEBOOKS)
