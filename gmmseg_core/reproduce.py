@@ -154,10 +154,19 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     start = time.perf_counter()
     env_backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "Agg"  # figures are files; no display in the kernel
+    kernel_name = kernel_name or _kernel_name()
+    sockets = tempfile.TemporaryDirectory(prefix="gmmseg-kernel-") if os.name == "posix" else None
+    km = None
+    if sockets is not None:
+        # a local kernel over Unix sockets (IPC) rather than unencrypted TCP on localhost; papermill leaves a
+        # kernel it did not start running, so it is shut down below
+        from jupyter_client.manager import KernelManager
+
+        km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=str(Path(sockets.name) / "kernel"))
     try:
         pm.execute_notebook(
-            str(notebook), str(output_path), parameters=parameters, kernel_name=kernel_name or _kernel_name(),
-            cwd=str(notebook.parent), progress_bar=False, log_output=False,
+            str(notebook), str(output_path), parameters=parameters, kernel_name=kernel_name,
+            cwd=str(notebook.parent), progress_bar=False, log_output=False, km=km,
         )
     except PapermillExecutionError as err:
         raise NotebookExecutionError(notebook, output_path, _source_cell_index(notebook, err), err.ename,
@@ -165,6 +174,10 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     except Exception as err:  # dead kernel, timeout, bad notebook file
         raise NotebookExecutionError(notebook, output_path, None, type(err).__name__, str(err)) from err
     finally:
+        if km is not None and km.has_kernel:
+            km.shutdown_kernel()
+        if sockets is not None:
+            sockets.cleanup()
         if env_backend is None:
             os.environ.pop("MPLBACKEND", None)
         else:
