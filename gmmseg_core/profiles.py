@@ -20,7 +20,7 @@ notebook: a model is trained once per run and reused.
   optimiser (notebook 03 9 min 53 s). Notebooks 03-05 then trained two models at a time (``train_processes=2``,
   one process per core; the models, hence the figures, are identical): 8 min 0 s with notebook 03 so (4 min
   29 s), 9 min 13 s with all three on a slower spell (notebook 02, which trains nothing in parallel, took 48 s
-  against 36 s); 8 min 8 s on the final code (notebook 03 5 min 4 s, 04 55 s, 05 69 s).
+  against 36 s); 8 min 8 s with the kernels over IPC too (notebook 03 5 min 4 s, 04 55 s, 05 69 s).
 - ``gpu``: larger images (256x512) and models (width 64), 4000 steps of batch 16, three seeds, and the real
   data sets when ``data_root`` is given. Float32 with 4 DataLoader workers: on an H100 bf16 autocast was
   slower for these launch-bound models (46 vs 40 ms per step), and without workers the main process could not
