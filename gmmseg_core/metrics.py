@@ -399,9 +399,11 @@ def _confidences(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int):
                          f"{labels.numel()}")
     keep = labels != ignore_index
     conf, pred = probs[keep].float().max(1)
-    if conf.numel() and (float(conf.min()) < 0.0 or float(conf.max()) > 1.0 + 1e-5):
-        raise ValueError(f"probs must be class probabilities in [0, 1] (e.g. logits.softmax(1)); their row "
-                         f"maxima span [{float(conf.min()):.3g}, {float(conf.max()):.3g}]")
+    if conf.numel():
+        lo, hi = (float(v) for v in torch.aminmax(conf))
+        if lo < 0.0 or hi > 1.0 + 1e-5:
+            raise ValueError(f"probs must be class probabilities in [0, 1] (e.g. logits.softmax(1)); their row "
+                             f"maxima span [{lo:.3g}, {hi:.3g}]")
     return conf, pred == labels[keep]
 
 

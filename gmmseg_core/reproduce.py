@@ -236,7 +236,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     for d in (out_dir, figures_dir, cache_dir):
         d.mkdir(parents=True, exist_ok=True)
     paths = _resolve_notebooks(notebooks)
-    declared = {path: _declared_parameters(path) for path in paths}
+    declared = {path: _declared_parameters(path) for path in paths} if parameters else {}
     unknown = sorted(set(parameters or {}) - set().union(*declared.values()))
     if unknown:
         raise ValueError(f"parameters {unknown} are not declared by any notebook of this run "
@@ -255,7 +255,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     total_start = time.perf_counter()
     for i, nb_path in enumerate(paths, 1):
         name = nb_path.stem
-        extra = {k: v for k, v in (parameters or {}).items() if k in declared[nb_path]}
+        extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
         params = {**notebook_parameters(profile, name), **run_params, **extra}
         output = out_dir / nb_path.name
         log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)

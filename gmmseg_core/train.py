@@ -491,6 +491,11 @@ def is_finished(run_dir) -> bool:
     return bool(done) and (run_dir / CHECKPOINT).exists()
 
 
+def _cached_run_config(cfg: TrainConfig, cache_dir) -> TrainConfig:
+    """``cfg`` relocated to its cache entry: ``cache_dir / cfg.default_run_name()``, resumed if unfinished."""
+    return cfg.replace(out_dir=str(cache_dir), run_name=cfg.default_run_name(), resume=True)
+
+
 def train_cached(cfg: TrainConfig, cache_dir="runs/cache") -> Path:
     """Train ``cfg`` unless an identical finished run is in ``cache_dir``; returns its run directory.
 
@@ -498,7 +503,7 @@ def train_cached(cfg: TrainConfig, cache_dir="runs/cache") -> Path:
     config differing only in run-location fields (``out_dir``, ``run_name``, ``resume``, workers, logging) maps
     to the same directory. An unfinished run there is resumed from its last checkpoint.
     """
-    run_cfg = cfg.replace(out_dir=str(cache_dir), run_name=cfg.default_run_name(), resume=True)
+    run_cfg = _cached_run_config(cfg, cache_dir)
     if is_finished(run_cfg.run_dir):
         return run_cfg.run_dir
     return train(run_cfg)
@@ -538,7 +543,8 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
     Raises
     ------
     RuntimeError
-        When a training failed, naming its run, after the others have finished (their results are kept).
+        With ``processes > 1``, when a training failed: names its run, after the others have finished (their
+        results are kept). One at a time, the first failure propagates as it is and stops the rest.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -549,7 +555,7 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
     for i, cfg in enumerate(cfgs):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfgs[{i}] must be a TrainConfig, got {type(cfg).__name__}")
-    run_dirs = [Path(cache_dir) / cfg.default_run_name() for cfg in cfgs]
+    run_dirs = [_cached_run_config(cfg, cache_dir).run_dir for cfg in cfgs]
     todo = {}
     for cfg, run_dir in zip(cfgs, run_dirs):
         if not is_finished(run_dir):
