@@ -4,9 +4,10 @@
 notebook's ``parameters`` cell). The run-wide parameters ``device``, ``data_root``, ``figures_dir``,
 ``cache_dir`` and ``out_dir`` are added by :func:`gmmseg_core.reproduce.reproduce`.
 
-Notebooks 02-06 train through ``train_cached``; they share the training parameters of ``TRAIN`` so that the
-same (architecture, head, dataset, seed) gives the same configuration, hence the same cache key, in every
-notebook: a model is trained once per run and reused.
+Notebooks 02-06 get their models from an :class:`ExperimentRuns` (configurations by :func:`experiment_config`,
+trained through ``train_cached``); they share the training parameters of ``TRAIN`` so that the same
+(architecture, head, dataset, seed) gives the same configuration, hence the same cache key, in every notebook: a
+model is trained once per run and reused.
 
 - ``smoke``: seconds per notebook (32x32 images, 3 training steps, one seed, one architecture); used by the
   test suite. The numbers it produces are meaningless.
@@ -34,6 +35,7 @@ Kernels run with one intra-op thread on the CPU (see ``reproduce(threads=...)``)
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 NOTEBOOKS = (
@@ -143,9 +145,7 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
 
     if kind not in HEAD_KINDS:
         raise ValueError(f"kind must be one of {HEAD_KINDS}, got {kind!r}")
-    missing = sorted(set(TRAIN["cpu"]) - set(train_params) - set(_OPTIONAL_TRAIN_PARAMS))
-    if missing:
-        raise ValueError(f"train_params is missing {missing}")
+    _check_train_params(train_params)
     p = train_params
     head_kwargs = {}
     if kind != "softmax":
@@ -168,6 +168,89 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
                        iters=int(p["train_iters"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
                        amp=str(p.get("amp", "none")), num_workers=int(p.get("num_workers", 0)),
                        seed=int(seed), device=device, out_dir=str(cache_dir), progress=False)
+
+
+class ExperimentRuns:
+    """The models of one notebook run: configurations from :func:`experiment_config`, trained once per cache.
+
+    Every notebook that trains (02-06) builds one of these from its parameters and asks it for models;
+    a model another notebook (or an earlier run) trained is read back from ``cache_dir`` instead of retrained.
+
+    Parameters
+    ----------
+    train_params : dict
+        The shared training parameters (see :func:`experiment_config`).
+    device, data_root : passed to every configuration (``device`` also to :func:`~gmmseg_core.train.load_run`)
+    cache_dir : path
+        Where the runs are cached.
+
+    Attributes
+    ----------
+    started : float
+        ``time.time()`` at construction: a run whose ``metrics.json`` is newer was trained by this notebook run,
+        an older one came from the cache.
+
+    Examples
+    --------
+    >>> runs = ExperimentRuns(TRAIN["smoke"], cache_dir="runs/cache")                      # doctest: +SKIP
+    >>> runs.train_all([runs.config("fcn", k) for k in HEAD_KINDS], processes=2)           # doctest: +SKIP
+    >>> model, metrics, run_dir = runs.trained("fcn", "gmm_paper")                         # doctest: +SKIP
+      fcn            gmm_paper     scenes   seed 0: val mIoU 0.412 (trained in 14 s)
+    """
+
+    def __init__(self, train_params: dict, device=None, data_root=None, cache_dir="runs/cache"):
+        self.train_params = dict(train_params)
+        self.device, self.data_root, self.cache_dir = device, data_root, Path(cache_dir)
+        _check_train_params(self.train_params)      # fails here rather than at the first model
+        self.started = time.time()
+
+    def config(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, **head_overrides):
+        """The ``TrainConfig`` of one model (arguments as in :func:`experiment_config`)."""
+        return experiment_config(self.train_params, arch, kind, dataset, seed, device=self.device,
+                                 data_root=self.data_root, cache_dir=self.cache_dir, **head_overrides)
+
+    def train_all(self, configs, processes: int = 1) -> list[Path]:
+        """Train the configurations not yet in the cache, up to ``processes`` at a time (see
+        :func:`~gmmseg_core.train.train_cached_many`); returns their run directories."""
+        from .train import train_cached_many
+
+        return train_cached_many(configs, self.cache_dir, processes=processes)
+
+    def trained(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, verbose: bool = True,
+                **head_overrides):
+        """One model, trained now or read from the cache, on ``device``.
+
+        Parameters
+        ----------
+        arch, kind, dataset, seed, **head_overrides
+            As in :func:`experiment_config`.
+        verbose : bool
+            Print one line: the model, its validation mIoU, and whether it was trained now (with its training
+            time) or cached.
+
+        Returns
+        -------
+        model : nn.Module, in eval mode
+        metrics : dict
+            The run's ``metrics.json``.
+        run_dir : Path
+        """
+        from .train import load_run, train_cached
+
+        run_dir = train_cached(self.config(arch, kind, dataset, seed, **head_overrides), self.cache_dir)
+        model, _, metrics = load_run(run_dir, device=self.device)
+        if verbose:
+            fresh = (run_dir / "metrics.json").stat().st_mtime >= self.started
+            how = f"trained in {metrics.get('train_time_s', float('nan')):.0f} s" if fresh else "cached"
+            miou = metrics.get("final", {}).get("miou", float("nan"))
+            print(f"  {arch:<14} {kind:<13} {dataset:<8} seed {seed}: val mIoU {miou:.3f} ({how})")
+        return model, metrics, run_dir
+
+
+def _check_train_params(train_params: dict) -> None:
+    missing = sorted(set(TRAIN["cpu"]) - set(train_params) - set(_OPTIONAL_TRAIN_PARAMS))
+    if missing:
+        raise ValueError(f"train_params is missing {missing}")
 
 
 def notebook_parameters(profile: str, notebook: str) -> dict:

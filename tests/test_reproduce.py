@@ -124,3 +124,24 @@ def test_experiment_config_carries_amp_and_workers_without_changing_the_cache_ke
     assert cpu.replace(num_workers=4).cache_key() == cpu.cache_key()
     with pytest.raises(ValueError, match=r"train_params is missing \['lr'\]"):
         experiment_config({k: v for k, v in TRAIN["cpu"].items() if k != "lr"}, "fcn", "softmax", "scenes", 0)
+
+
+def test_experiment_runs_train_once_and_say_whether_a_model_was_trained_now(tmp_path, capsys):
+    from gmmseg_core.profiles import TRAIN, ExperimentRuns, experiment_config
+
+    with pytest.raises(ValueError, match=r"train_params is missing \['width'\]"):
+        ExperimentRuns({k: v for k, v in TRAIN["smoke"].items() if k != "width"}, cache_dir=tmp_path)
+    params = dict(TRAIN["smoke"], train_iters=1, num_train_images=4, num_val_images=2)
+    runs = ExperimentRuns(params, cache_dir=tmp_path)
+    cfg = runs.config("fcn", "gmm_paper", "scenes", 1, num_components=2)
+    assert cfg == experiment_config(params, "fcn", "gmm_paper", "scenes", 1, cache_dir=tmp_path, num_components=2)
+    run_dirs = runs.train_all([cfg, runs.config("fcn", "gmm_paper", "scenes", 1, num_components=2)])
+    run_dir = run_dirs[0]
+    assert run_dirs == [run_dir, run_dir]
+    model, metrics, same_dir = runs.trained("fcn", "gmm_paper", "scenes", 1, num_components=2)
+    assert same_dir == run_dir and model.head.num_components == 2 and not model.training
+    assert metrics["finished"]
+    assert "(trained in" in capsys.readouterr().out           # trained by this object's notebook run
+    later = ExperimentRuns(params, cache_dir=tmp_path)         # a later notebook run finds it in the cache
+    later.trained("fcn", "gmm_paper", "scenes", 1, num_components=2)
+    assert capsys.readouterr().out.strip().endswith("(cached)")
