@@ -274,6 +274,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"gmmseg {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:           # a diverged training: not a usage error, no traceback either
+        print(f"gmmseg {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,6 +46,7 @@ from gmmseg_core.config import TrainConfig
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec"]
 
 CHECKPOINT = "checkpoint.pt"
+NONFINITE_FP16_STEPS = 10  # with fp16 autocast, consecutive non-finite losses before training stops
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -225,6 +226,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     Returns
     -------
     Path of the run directory (``cfg.run_dir``).
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss is not finite (with fp16 autocast: ``NONFINITE_FP16_STEPS`` steps in a row), naming the
+        step and the learning rate. The run is not marked finished, so ``train_cached`` never serves it; its
+        last checkpoint stays, and ``log.csv`` ends with the failing step.
     """
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import evaluate_closed_set
@@ -330,7 +338,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         if ddp:
             dist.barrier()
 
+    saved_step = step if cfg.resume and ckpt_path.exists() else None   # the checkpoint a failure leaves behind
+
     def save_checkpoint(at_step):
+        nonlocal saved_step
+        saved_step = at_step
         if master:
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
@@ -348,6 +360,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
                dynamic_ncols=True)
     t_start = time.perf_counter()
+    nonfinite = 0    # consecutive steps with a non-finite loss
     try:
         for images, labels in loader:
             t0 = time.perf_counter()
@@ -373,16 +386,17 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             if on_step is not None:
                 on_step(step, raw_model, out)
 
-            # one host synchronisation per step for everything logged (the gradient norm is the same on every
-            # process under DDP, so the mean leaves it unchanged)
+            # one host synchronisation per step, on every process, for everything logged and the divergence check
+            # (the gradient norm is the same on every process under DDP, so the mean leaves it unchanged)
             logged = torch.stack([loss.detach().float(), torch.as_tensor(out.get("ce", loss)).detach().float(),
                                   torch.as_tensor(out.get("aux", 0.0), device=device).detach().float(),
                                   torch.as_tensor(grad_norm, device=device).detach().float()])
             if ddp:  # log the means over processes: the losses of the global batch
                 dist.all_reduce(logged)
                 logged /= world
+            loss_value, ce_value, aux_value, grad_norm_value = logged.tolist()
+            nonfinite = 0 if math.isfinite(loss_value) else nonfinite + 1
             if master:
-                loss_value, ce_value, aux_value, grad_norm_value = logged.tolist()
                 row = {"step": step, "loss": loss_value, "ce": ce_value, "aux": aux_value, "lr": lr,
                        "grad_norm": grad_norm_value,
                        "step_time_s": time.perf_counter() - t0}
@@ -395,6 +409,14 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                     log_file.flush()
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            # fp16: the GradScaler skips an update whose gradients overflow, so one bad step is not fatal
+            if nonfinite >= (NONFINITE_FP16_STEPS if amp == "fp16" else 1):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {loss_value} at step {step} (lr {lr:.3g}"
+                    + (f", {nonfinite} steps in a row" if nonfinite > 1 else "") + "). "
+                    + (f"The checkpoint of step {saved_step} is kept in {str(run_dir)!r} (resume=True continues "
+                       "from it). " if saved_step is not None else "No checkpoint was written yet. ")
+                    + "Lower lr, set grad_clip, or train without fp16.")
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.iters:
                 evaluate_now(step)
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.iters:

@@ -65,6 +65,18 @@ def test_evaluate_reports_a_missing_run(tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
 
 
+def test_train_reports_a_diverged_run_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import gmmseg_core.train as train_module
+
+    def diverge(cfg):
+        raise FloatingPointError("training diverged: the loss is nan at step 7 (lr 0.1)")
+
+    monkeypatch.setattr(train_module, "train", diverge)
+    assert main(["train", *TINY, "--out-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "gmmseg train: error: training diverged: the loss is nan at step 7" in err and "Traceback" not in err
+
+
 def test_reproduce_delegates(monkeypatch):
     import gmmseg_core.reproduce as rep
 

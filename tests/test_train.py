@@ -259,3 +259,28 @@ def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
         o.step()
     for g, h in zip(opt.param_groups, ref.param_groups):
         torch.testing.assert_close(g["params"][0], h["params"][0])      # same update up to rounding
+
+
+def test_a_diverging_run_stops_at_once_and_keeps_its_last_checkpoint(tmp_path, monkeypatch):
+    from gmmseg_core import train as train_module
+
+    real_forward = train_module._TrainStep.forward
+    calls = {"n": 0}
+
+    def forward(self, images, labels):      # the loss turns NaN at step 4
+        out = real_forward(self, images, labels)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(train_module._TrainStep, "forward", forward)
+    cfg = tiny_cfg(tmp_path, iters=8, checkpoint_interval=3)
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 4 \(lr .*checkpoint of step 3 is kept"):
+        train(cfg)
+    assert calls["n"] == 4                                   # nothing trained after the failing step
+    assert not is_finished(cfg.run_dir)                      # so train_cached would not serve it
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
+    with open(cfg.run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == "nan"
