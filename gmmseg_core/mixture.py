@@ -241,7 +241,10 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     ----------
     log_scores : Tensor, shape (N, K) or (B, N, K)
         Scores, typically component log-likelihoods. Any finite values are safe: each row is shifted by its
-        maximum before the division by ``epsilon``, and only shifted quantities are exponentiated.
+        maximum before the division by ``epsilon``, and only shifted quantities are exponentiated. ``-inf``
+        marks an impossible assignment. A valid row with no finite score, or with a NaN anywhere, gets
+        uniform responsibilities (and still counts in the column marginals); NaN is not reported, which would
+        cost a host synchronisation per call on an accelerator.
     epsilon : float, default 0.05
         Entropic regularisation; smaller is closer to a hard assignment.
     n_iters : int, default 3

@@ -231,6 +231,19 @@ def test_sinkhorn_huge_scores_stay_finite(dtype):
     assert torch.isfinite(batched).all()
 
 
+def test_sinkhorn_impossible_and_undefined_scores():
+    scores = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    scores[0, 0] = float("-inf")           # component 0 impossible for row 0
+    scores[1] = float("-inf")              # no finite score
+    scores[2, 1] = float("nan")            # undefined
+    q = sinkhorn(scores, n_iters=5)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(6))
+    assert q[0, 0] == 0 and q[0, 1:].sum() == pytest.approx(1.0)
+    torch.testing.assert_close(q[1:3], torch.full((2, 3), 1 / 3))
+    assert not torch.allclose(q[3:], torch.full((3, 3), 1 / 3), atol=0.05)   # the finite rows still choose
+
+
 def test_sinkhorn_column_without_mass_recovers():
     # component 2 is hopeless for every row: its column sum underflows, yet equipartition must hold
     scores = torch.randn(30, 3, dtype=torch.float64)
