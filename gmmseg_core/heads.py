@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from gmmseg_core import mixture
 from gmmseg_core.distributed import all_gather_rows, world_size
+from gmmseg_core.head_ops import ComponentLogProbMax, L2Normalize
 from gmmseg_core.memory import group_counts, ranks_in_group, ring_push, select_evenly_spaced
 
 IGNORE_INDEX = 255
@@ -239,7 +240,7 @@ class GMMHead(nn.Module):
         # Channels-last from the convolution on: every later op (BatchNorm, ReLU, LayerNorm over D, L2) then
         # runs on contiguous (pixels, D) rows, forward and backward (about 1.6x faster on CPU than NCHW).
         x = self.embed(features.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        return _L2Normalize.apply(self.embed_norm(x))
+        return L2Normalize.apply(self.embed_norm(x))
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mu_ck, diag var_ck) ``(..., C, K)`` of embeddings ``x (..., D)``, in float32."""
@@ -249,12 +250,20 @@ class GMMHead(nn.Module):
                                                   self.variances.reshape(-1, self.embed_dim))
         return logp.reshape(*x.shape[:-1], self.num_classes, self.num_components)
 
-    def _reduce(self, comp: Tensor) -> tuple[Tensor, Tensor]:
-        """Class scores ``(..., C)`` from component log-densities ``(..., C, K)``, and the log-densities to use
-        downstream (with ``reduce="max"`` a pass-through that merges the two gradients, see ``_MaxOverLast``)."""
+    def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class scores ``(..., C)`` (the reduction over each class's components) and the component
+        log-densities ``(..., C, K)`` of embeddings ``x (..., D)``."""
+        C, K, D = self.num_classes, self.num_components, self.embed_dim
+        if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad:
+            # one backward for the maxima and whatever reads the log-densities (the component loss)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                comp, scores = ComponentLogProbMax.apply(x.reshape(-1, D).float(), self.means.reshape(-1, D),
+                                                         self.variances.reshape(-1, D), K)
+            return scores.reshape(*x.shape[:-1], C), comp.reshape(*x.shape[:-1], C, K)
+        comp = self.component_log_prob(x)
         if self.reduce == "max":
-            return _MaxOverLast.apply(comp)
-        return torch.logsumexp(comp, dim=-1) - math.log(self.num_components), comp
+            return comp.amax(dim=-1), comp
+        return torch.logsumexp(comp, dim=-1) - math.log(K), comp
 
     def forward(self, features: Tensor, return_component_logp: bool = False):
         """Class logits ``(B, C, h, w)``.
@@ -272,7 +281,7 @@ class GMMHead(nn.Module):
         component_logp : Tensor (B, C, K, h, w), only if ``return_component_logp``
         """
         x = self.embedding(features)
-        scores, comp = self._reduce(self.component_log_prob(x))   # (B, h, w, C), (B, h, w, C, K)
+        scores, comp = self._scores(x)                            # (B, h, w, C), (B, h, w, C, K)
         if self.class_normalizer is not None:
             scores = self.class_normalizer(scores)
         # NCHW-contiguous: the upsampling and cross-entropy that follow are ~2x faster on that layout (CPU)
@@ -289,7 +298,7 @@ class GMMHead(nn.Module):
         With ``reduce="logsumexp"`` this is the mixture density with ``pi = 1/K``; with ``reduce="max"`` it is the
         largest component log-density (the released code's class score).
         """
-        scores, _ = self._reduce(self.component_log_prob(self.embedding(features)))
+        scores, _ = self._scores(self.embedding(features))
         return scores.permute(0, 3, 1, 2)
 
     # ------------------------------------------------------------------ E-step and extra loss
@@ -300,7 +309,7 @@ class GMMHead(nn.Module):
             return cache
         with torch.no_grad(), _frozen_batchnorm(self.embed):
             x = self.embedding(features)
-            scores, comp = self._reduce(self.component_log_prob(x))
+            scores, comp = self._scores(x)
             if self.class_normalizer is not None:
                 scores = self.class_normalizer(scores)
         return dict(features=features, x=x, comp=comp, logits=scores.permute(0, 3, 1, 2))
@@ -517,61 +526,6 @@ class GMMHead(nn.Module):
         new_vars = self.variance_momentum * self.variances + (1 - self.variance_momentum) * var
         self.means.copy_(torch.where(ok[..., None], new_means, self.means))
         self.variances.copy_(torch.where(ok[..., None], new_vars, self.variances))
-
-
-class _L2Normalize(torch.autograd.Function):
-    """``x / max(||x||, 1e-12)`` over the last dimension with a three-op backward.
-
-    Same values as ``F.normalize(x, dim=-1)``; autograd's backward of that expression takes about five times
-    as long (norm, clamp, division and their masks are differentiated one by one). The row-wise dot product
-    goes through ``linalg.vecdot``: ``(grad * out).sum(-1)`` over a short last dimension is about 3x slower on a
-    CPU (73,728 x 64: 7 vs 25 ms for the whole backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
-        out = x / norm
-        ctx.save_for_backward(out, norm)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out, norm = ctx.saved_tensors
-        radial = torch.linalg.vecdot(grad, out).unsqueeze(-1)
-        return torch.addcmul(grad, out, radial, value=-1.0).div_(norm)
-
-
-class _MaxOverLast(torch.autograd.Function):
-    """``(x.amax(-1), x)``: the maximum over the last dimension, and ``x`` itself passed through.
-
-    The released head's component loss reads the same component log-densities as its class scores. Passing
-    ``x`` through lets both gradients meet here: the gradient of the maximum is added at the maximal entries of
-    the passed-through gradient by one out-of-place ``scatter_add``, instead of a dense mask for the maximum
-    and autograd's sum of two dense tensors (at 73,728 pixels x 19 x 5 on a CPU about 60 -> 15 ms of backward;
-    the forward's ``max`` with indices costs ~25 ms more than ``amax``). The gradient goes to the first maximal
-    entry, as ``torch.max`` picks it; ties between real-valued log-densities do not occur in practice.
-    """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.set_materialize_grads(False)
-        values, index = x.max(dim=-1, keepdim=True)
-        ctx.save_for_backward(index)
-        ctx.x_meta = (x.shape, x.dtype, x.device)
-        return values.squeeze(-1), x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values, grad_x):
-        if grad_values is None:
-            return grad_x
-        (index,) = ctx.saved_tensors
-        src = grad_values.unsqueeze(-1)
-        if grad_x is None:
-            shape, dtype, device = ctx.x_meta
-            return torch.zeros(shape, dtype=dtype, device=device).scatter_(-1, index, src)
-        return torch.scatter_add(grad_x, -1, index, src)
 
 
 def _argmax_last(t: Tensor) -> Tensor:

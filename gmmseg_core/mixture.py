@@ -200,23 +200,37 @@ class _DiagGaussianLogProb(torch.autograd.Function):
         return grad_x, grad_means, grad_variances
 
 
-def _grad_x_blocked(grad, x, shift, mc_prec, prec):
+def _grad_x_blocked(grad, x, shift, mc_prec, prec, add_to_block=None):
     """``grad @ (mc p) - (x - shift) * (grad @ p)`` ``(N, D)`` by blocks of rows on CPU.
 
     One product with the two right-hand sides side by side, ``(n, M) @ (M, 2D)``, then a fused multiply-add
     into the output; small reused buffers instead of four fresh ``(N, D)`` temporaries (page faults cost as
     much as the products on a CPU).
+
+    ``add_to_block(start, stop, block)``, when given, may add to the incoming gradient of rows
+    ``start:stop`` in place before the product: ``block`` is a copy of those rows of ``grad`` (zeros when
+    ``grad`` is None), so another gradient of the same table is merged while the block is in cache instead of
+    in a pass of its own. ``grad`` may then be None (``M = mc_prec.shape[0]`` columns).
     """
     n_samples, n_features = x.shape
+    n_comp = mc_prec.shape[0]
     rhs = torch.cat([mc_prec, prec], 1)  # (M, 2D)
-    block = _row_block(x, 2 * n_features)
+    block = _row_block(x, max(2 * n_features, n_comp if add_to_block is not None else 0))
     out = torch.empty_like(x)
-    both = torch.empty(min(block, n_samples), 2 * n_features, dtype=x.dtype, device=x.device)
-    centred = torch.empty(min(block, n_samples), n_features, dtype=x.dtype, device=x.device)
+    rows = min(block, n_samples)
+    both = torch.empty(rows, 2 * n_features, dtype=x.dtype, device=x.device)
+    centred = torch.empty(rows, n_features, dtype=x.dtype, device=x.device)
+    incoming = torch.empty(rows, n_comp, dtype=x.dtype, device=x.device) if add_to_block is not None else None
     for start in range(0, n_samples, block):
         stop = min(start + block, n_samples)
         b, c = both[: stop - start], centred[: stop - start]
-        torch.mm(grad[start:stop], rhs, out=b)
+        if add_to_block is None:
+            g = grad[start:stop]
+        else:
+            g = incoming[: stop - start]
+            g.zero_() if grad is None else g.copy_(grad[start:stop])
+            add_to_block(start, stop, g)
+        torch.mm(g, rhs, out=b)
         torch.sub(x[start:stop], shift, out=c)
         torch.addcmul(b[:, :n_features], c, b[:, n_features:], value=-1.0, out=out[start:stop])
     return out

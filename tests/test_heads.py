@@ -467,24 +467,6 @@ def test_paper_m_step_is_responsibility_weighted(counts):
             torch.testing.assert_close(head.variances[c, k], var, rtol=1e-4, atol=1e-5)
 
 
-def test_max_over_components_gradient_matches_amax():
-    from gmmseg_core.heads import _MaxOverLast
-
-    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
-    g = torch.randn(4, 3, dtype=torch.float64)
-    gx = torch.randn(4, 3, 5, dtype=torch.float64)
-    values, passed = _MaxOverLast.apply(x)
-    torch.testing.assert_close(values, x.amax(-1))
-    assert torch.equal(passed, x)
-    # both outputs used, either alone: the same gradients as amax and the identity
-    for use_values, use_passed in ((True, True), (True, False), (False, True)):
-        values, passed = _MaxOverLast.apply(x)
-        loss = (values * g).sum() * use_values + (passed * gx).sum() * use_passed
-        ref = (x.amax(-1) * g).sum() * use_values + (x * gx).sum() * use_passed
-        torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, x)[0])
-    assert torch.autograd.gradcheck(lambda t: _MaxOverLast.apply(t), (x,))
-
-
 @pytest.mark.parametrize("size", [(8, 16), (4, 4), (16, 32), (5, 7), (32, 64)])
 def test_resize_labels_is_nearest_interpolation(size):
     from gmmseg_core.heads import resize_labels
