@@ -256,9 +256,10 @@ class GMMHead(nn.Module):
         C, K, D = self.num_classes, self.num_components, self.embed_dim
         if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad:
             # one backward for the maxima and whatever reads the log-densities (the component loss)
+            dtype = torch.promote_types(torch.float32, self.means.dtype)   # float32 under autocast, as below
             with torch.autocast(device_type=x.device.type, enabled=False):
-                comp, scores = ComponentLogProbMax.apply(x.reshape(-1, D).float(), self.means.reshape(-1, D),
-                                                         self.variances.reshape(-1, D), K)
+                comp, scores = ComponentLogProbMax.apply(x.reshape(-1, D).to(dtype), self.means.reshape(-1, D),
+                                                         self.variances.reshape(-1, D).to(dtype), K)
             return scores.reshape(*x.shape[:-1], C), comp.reshape(*x.shape[:-1], C, K)
         comp = self.component_log_prob(x)
         if self.reduce == "max":

@@ -475,3 +475,13 @@ def test_resize_labels_is_nearest_interpolation(size):
     expected = F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
     out = resize_labels(labels, size)
     assert out.dtype == torch.long and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_float64_head_trains_in_float64(variant):
+    head = _head(variant=variant).double().train()
+    f = torch.randn(2, CF, 4, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, C, (2, 4, 4))
+    logits, comp = head(f, return_component_logp=True)
+    (F.cross_entropy(logits, labels) + head.extra_loss(f, labels, component_logp=comp)).backward()
+    assert logits.dtype == comp.dtype == f.grad.dtype == torch.float64 and torch.isfinite(f.grad).all()
