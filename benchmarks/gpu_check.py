@@ -324,8 +324,8 @@ def check_launches(device, quick):
 
 
 def check_notebooks(device, quick, out_dir):
-    """Execute the notebooks through ``gmmseg_core.reproduce`` on ``device``; every notebook runs even when an
-    earlier one failed (a later one then trains the models it needs itself)."""
+    """Execute the notebooks through ``gmmseg_core.reproduce`` on ``device``, with ``keep_going``: every notebook
+    runs even when an earlier one failed (a later one then trains the models it needs itself)."""
     from gmmseg_core import reproduce as reproduce_module
     from gmmseg_core.profiles import NOTEBOOKS
 
@@ -336,19 +336,16 @@ def check_notebooks(device, quick, out_dir):
     out = {}
     for profile, names, parameters in plan:
         folder = base / profile
-        for name in names:
-            t0 = time.perf_counter()
-            declared = reproduce_module._declared_parameters(reproduce_module._resolve_notebooks([name])[0])
-            own = {k: v for k, v in (parameters or {}).items() if k in declared}
-            try:
-                reproduce_module.reproduce(profile, device=device, out_dir=folder, figures_dir=folder / "figures",
-                                           notebooks=[name], parameters=own, log=lambda *a, **k: None)
-                result = dict(ok=True)
-            except reproduce_module.NotebookExecutionError as err:
-                result = dict(ok=False, error=str(err))
-            result["seconds"] = time.perf_counter() - t0
-            out[f"{profile}/{name}"] = result
-            print(f"   {profile}/{name}: ok={result['ok']} in {result['seconds']:.1f} s", flush=True)
+        try:
+            result = reproduce_module.reproduce(
+                profile, device=device, out_dir=folder, figures_dir=folder / "figures", notebooks=list(names),
+                parameters=parameters, keep_going=True,
+                log=lambda msg, _profile=profile, **_: print(f"   {_profile}: {msg}", flush=True))
+        except reproduce_module.NotebooksFailedError as err:
+            result = err.result
+        for name, info in result["notebooks"].items():
+            out[f"{profile}/{name}"] = dict(ok="error" not in info, seconds=info["seconds"],
+                                            **({"error": info["error"]} if "error" in info else {}))
     failed = [k for k, r in out.items() if not r["ok"]]
     out["summary"] = "; ".join(f"{k} {r['seconds']:.0f} s" for k, r in out.items()) + (
         f"; FAILED: {', '.join(failed)} (see error)" if failed else "; all passed")

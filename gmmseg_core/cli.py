@@ -56,7 +56,7 @@ Runs the study notebooks with papermill for a profile and writes figures/ and ta
 
 examples:
   gmmseg reproduce --profile cpu
-  gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu
+  gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu --keep-going
   gmmseg reproduce --profile cpu --notebooks 03_closed_set --set train_processes=4 --set 'seeds=[0]'
 """
 

@@ -185,9 +185,28 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     return time.perf_counter() - start
 
 
+class NotebooksFailedError(RuntimeError):
+    """Notebooks failed in a ``reproduce(..., keep_going=True)`` run, which ran the others to the end.
+
+    Attributes
+    ----------
+    failures : list of NotebookExecutionError
+        One per failed notebook, in run order.
+    result : dict
+        What :func:`reproduce` would have returned, with an ``"error"`` entry for each failed notebook (also
+        written to ``timings.json``).
+    """
+
+    def __init__(self, failures, result):
+        self.failures, self.result = list(failures), result
+        lines = [f"{len(self.failures)} of {len(result['notebooks'])} notebooks failed (the others ran):"]
+        lines += [str(err) for err in self.failures]
+        super().__init__("\n".join(lines))
+
+
 def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir="figures",
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
-              log=print) -> dict:
+              keep_going: bool = False, log=print) -> dict:
     """Execute the study notebooks for ``profile`` and collect their timings.
 
     Parameters
@@ -213,6 +232,10 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``). Default: 1 on
         the CPU, the library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
         shared machine oversubscribed threads that spin-wait for each other make every step 10-100x slower.
+    keep_going : bool
+        After a failing notebook, run the later ones anyway (a notebook trains the models it needs that an
+        earlier one did not), then raise :class:`NotebooksFailedError` naming every failure. Default: stop at
+        the first failure.
     log : callable
         Progress printer (``print`` by default).
 
@@ -226,6 +249,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     ------
     NotebookExecutionError
         When a notebook fails (names the notebook and the cell); later notebooks are not run.
+    NotebooksFailedError
+        With ``keep_going``, after the last notebook, when any failed.
     """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
@@ -253,20 +278,35 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir)}
     total_start = time.perf_counter()
+    failures = []
     for i, nb_path in enumerate(paths, 1):
         name = nb_path.stem
         extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
         params = {**notebook_parameters(profile, name), **run_params, **extra}
         output = out_dir / nb_path.name
         log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
-        seconds = run_notebook(nb_path, output, params, kernel_name=kernel)
+        start = time.perf_counter()
+        try:
+            seconds = run_notebook(nb_path, output, params, kernel_name=kernel)
+        except NotebookExecutionError as err:
+            if not keep_going:
+                raise
+            failures.append(err)
+            seconds = time.perf_counter() - start
+            result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2), "error": str(err)}
+            log(f"[{i}/{len(paths)}] {name}: FAILED after {seconds:.1f} s; going on\n  {err}", flush=True)
+            continue
         log(f"[{i}/{len(paths)}] {name}: done in {seconds:.1f} s", flush=True)
         result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2)}
     result["total_seconds"] = round(time.perf_counter() - total_start, 2)
     (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
-    log(f"all {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}", flush=True)
+    done = len(paths) - len(failures)
+    log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
+        flush=True)
     for name, info in result["notebooks"].items():
-        log(f"  {name:<36} {info['seconds']:8.1f} s", flush=True)
+        log(f"  {name:<36} {info['seconds']:8.1f} s" + ("  FAILED" if "error" in info else ""), flush=True)
+    if failures:
+        raise NotebooksFailedError(failures, result)
     return result
 
 
@@ -280,6 +320,8 @@ def add_arguments(parser):
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default <out-dir>/cache)")
     parser.add_argument("--notebooks", nargs="*", default=None, help="run only these notebooks (names or paths)")
     parser.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="after a failing notebook run the later ones anyway, then exit 1 naming every failure")
     parser.add_argument("--set", dest="parameters", action="append", default=None, metavar="NAME=VALUE",
                         help="override a notebook parameter in the notebooks that declare it; VALUE is JSON when "
                              "it parses (--set train_processes=4 --set 'seeds=[0]'); repeatable")
@@ -297,11 +339,12 @@ def run_from_args(args) -> int:
             raise ValueError(f"--set names a notebook parameter (a Python name), got {bad}")
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
-                  threads=args.threads, **({"parameters": parameters} if parameters else {}))
+                  threads=args.threads, **({"parameters": parameters} if parameters else {}),
+                  **({"keep_going": True} if getattr(args, "keep_going", False) else {}))
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except NotebookExecutionError as err:
+    except (NotebookExecutionError, NotebooksFailedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

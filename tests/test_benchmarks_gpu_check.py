@@ -49,15 +49,20 @@ def test_a_failing_notebook_fails_the_check_and_the_others_still_run(tmp_path, m
     from gmmseg_core import reproduce as reproduce_module
     from gmmseg_core.profiles import NOTEBOOKS
 
-    ran = []
+    calls = []
 
-    def fake_reproduce(profile, notebooks, **kwargs):
-        ran.append((profile, notebooks[0]))
-        if notebooks[0] == NOTEBOOKS[1]:
-            raise reproduce_module.NotebookExecutionError(notebooks[0], tmp_path / "x.ipynb", 3, "ValueError", "bad")
+    def fake_reproduce(profile, notebooks, keep_going=False, **kwargs):
+        calls.append((profile, list(notebooks), keep_going))
+        result = {"notebooks": {n: {"output": "x", "seconds": 1.0} for n in notebooks}}
+        if profile == "smoke":              # the second notebook fails; keep_going ran the others
+            err = reproduce_module.NotebookExecutionError(notebooks[1], tmp_path / "x.ipynb", 3, "ValueError", "bad")
+            result["notebooks"][notebooks[1]]["error"] = str(err)
+            raise reproduce_module.NotebooksFailedError([err], result)
+        return result
 
     monkeypatch.setattr(reproduce_module, "reproduce", fake_reproduce)
     result = gpu_check.check_notebooks("cpu", False, tmp_path)
-    assert ran == [("smoke", n) for n in NOTEBOOKS] + [("gpu", n) for n in NOTEBOOKS]
+    assert calls == [("smoke", list(NOTEBOOKS), True), ("gpu", list(NOTEBOOKS), True)]
     assert not result["ok"] and "cell 3: ValueError: bad" in result["error"]
-    assert result[f"gpu/{NOTEBOOKS[0]}"]["ok"] and not result[f"smoke/{NOTEBOOKS[1]}"]["ok"]
+    assert result[f"gpu/{NOTEBOOKS[0]}"]["ok"] and result[f"smoke/{NOTEBOOKS[2]}"]["ok"]
+    assert not result[f"smoke/{NOTEBOOKS[1]}"]["ok"]

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from gmmseg_core.profiles import NOTEBOOKS, PROFILES, notebook_parameters
-from gmmseg_core.reproduce import NotebookExecutionError, main, reproduce
+from gmmseg_core.reproduce import NotebookExecutionError, NotebooksFailedError, main, reproduce
 
 
 def _write_notebook(path, cells):
@@ -49,6 +49,32 @@ def test_cli_exit_code_nonzero_on_failure(tmp_path, failing_notebook, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "broken_study.ipynb" in err and "cell 3" in err and "ValueError" in err
+
+
+def test_keep_going_runs_the_later_notebooks_then_names_every_failure(tmp_path, failing_notebook, monkeypatch,
+                                                                      capsys):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    later = _write_notebook(tmp_path / "later.ipynb", [
+        "import pathlib\npathlib.Path(figures_dir, 'later_ran').write_text('yes')"])
+    with pytest.raises(NotebookExecutionError):          # by default the first failure stops the run
+        reproduce("smoke", notebooks=[failing_notebook, later], out_dir=tmp_path / "a", figures_dir=tmp_path / "fa",
+                  log=lambda *a, **k: None)
+    assert not (tmp_path / "fa" / "later_ran").exists()
+    with pytest.raises(NotebooksFailedError) as info:
+        reproduce("smoke", notebooks=[failing_notebook, later], out_dir=tmp_path / "b", figures_dir=tmp_path / "fb",
+                  keep_going=True, log=lambda *a, **k: None)
+    assert (tmp_path / "fb" / "later_ran").read_text() == "yes"
+    err = info.value
+    assert [f.cell_index for f in err.failures] == [3]
+    assert str(err).startswith("1 of 2 notebooks failed") and "broken_study.ipynb failed in cell 3" in str(err)
+    timings = json.loads((tmp_path / "b" / "timings.json").read_text())["notebooks"]
+    assert "deliberate failure" in timings["broken_study"]["error"] and "error" not in timings["later"]
+    assert err.result["notebooks"] == timings
+    rc = main(["--profile", "smoke", "--notebooks", str(failing_notebook), str(later), "--keep-going",
+               "--out-dir", str(tmp_path / "c"), "--figures-dir", str(tmp_path / "fc")])
+    assert rc == 1 and (tmp_path / "fc" / "later_ran").exists()
+    assert "1 of 2 notebooks failed" in capsys.readouterr().err
 
 
 def test_parameters_injected_and_timings_returned(tmp_path, monkeypatch):
