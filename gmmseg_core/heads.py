@@ -254,8 +254,10 @@ class GMMHead(nn.Module):
         """Class scores ``(..., C)`` (the reduction over each class's components) and the component
         log-densities ``(..., C, K)`` of embeddings ``x (..., D)``."""
         C, K, D = self.num_classes, self.num_components, self.embed_dim
-        if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad:
-            # one backward for the maxima and whatever reads the log-densities (the component loss)
+        gaussians_fixed = not (self.means.requires_grad or self.variances.requires_grad)
+        if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad and gaussians_fixed:
+            # one backward for the maxima and whatever reads the log-densities (the component loss); the
+            # general path below serves an ablation that trains the Gaussians by gradient
             dtype = torch.promote_types(torch.float32, self.means.dtype)   # float32 under autocast, as below
             with torch.autocast(device_type=x.device.type, enabled=False):
                 comp, scores = ComponentLogProbMax.apply(x.reshape(-1, D).to(dtype), self.means.reshape(-1, D),

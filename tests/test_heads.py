@@ -485,3 +485,13 @@ def test_a_float64_head_trains_in_float64(variant):
     logits, comp = head(f, return_component_logp=True)
     (F.cross_entropy(logits, labels) + head.extra_loss(f, labels, component_logp=comp)).backward()
     assert logits.dtype == comp.dtype == f.grad.dtype == torch.float64 and torch.isfinite(f.grad).all()
+
+
+def test_gaussians_made_trainable_get_gradients_through_the_general_path():
+    head = _head(variant="official").train()
+    head.means.requires_grad_(True)
+    f = torch.randn(2, CF, 4, 4, requires_grad=True)
+    labels = torch.randint(0, C, (2, 4, 4))
+    logits, comp = head(f, return_component_logp=True)
+    (F.cross_entropy(logits, labels) + head.extra_loss(f, labels, component_logp=comp)).backward()
+    assert head.means.grad is not None and head.means.grad.abs().sum() > 0 and f.grad is not None
