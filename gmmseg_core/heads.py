@@ -242,26 +242,29 @@ class GMMHead(nn.Module):
         x = self.embed(features.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
         return L2Normalize.apply(self.embed_norm(x))
 
+    def _flat_gaussian_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Embeddings ``x (..., D)`` as rows ``(N, D)``, and the means and variances ``(C*K, D)``, in one dtype:
+        float32, or wider for a wider head (autocast's half precision never reaches the log-densities)."""
+        D = self.embed_dim
+        dtype = torch.promote_types(torch.float32, self.means.dtype)
+        return x.reshape(-1, D).to(dtype), self.means.reshape(-1, D).to(dtype), self.variances.reshape(-1, D).to(dtype)
+
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mu_ck, diag var_ck) ``(..., C, K)`` of embeddings ``x (..., D)``, in float32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            flat = x.reshape(-1, self.embed_dim).float()
-            logp = mixture.diag_gaussian_log_prob(flat, self.means.reshape(-1, self.embed_dim),
-                                                  self.variances.reshape(-1, self.embed_dim))
+            logp = mixture.diag_gaussian_log_prob(*self._flat_gaussian_inputs(x))
         return logp.reshape(*x.shape[:-1], self.num_classes, self.num_components)
 
     def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Class scores ``(..., C)`` (the reduction over each class's components) and the component
         log-densities ``(..., C, K)`` of embeddings ``x (..., D)``."""
-        C, K, D = self.num_classes, self.num_components, self.embed_dim
+        C, K = self.num_classes, self.num_components
         gaussians_fixed = not (self.means.requires_grad or self.variances.requires_grad)
         if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad and gaussians_fixed:
             # one backward for the maxima and whatever reads the log-densities (the component loss); the
             # general path below serves an ablation that trains the Gaussians by gradient
-            dtype = torch.promote_types(torch.float32, self.means.dtype)   # float32 under autocast, as below
             with torch.autocast(device_type=x.device.type, enabled=False):
-                comp, scores = ComponentLogProbMax.apply(x.reshape(-1, D).to(dtype), self.means.reshape(-1, D),
-                                                         self.variances.reshape(-1, D).to(dtype), K)
+                comp, scores = ComponentLogProbMax.apply(*self._flat_gaussian_inputs(x), K)
             return scores.reshape(*x.shape[:-1], C), comp.reshape(*x.shape[:-1], C, K)
         comp = self.component_log_prob(x)
         if self.reduce == "max":

@@ -228,7 +228,10 @@ def _grad_x_blocked(grad, x, shift, mc_prec, prec, add_to_block=None):
             g = grad[start:stop]
         else:
             g = incoming[: stop - start]
-            g.zero_() if grad is None else g.copy_(grad[start:stop])
+            if grad is None:
+                g.zero_()
+            else:
+                g.copy_(grad[start:stop])
             add_to_block(start, stop, g)
         torch.mm(g, rhs, out=b)
         torch.sub(x[start:stop], shift, out=c)

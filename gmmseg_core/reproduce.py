@@ -285,19 +285,19 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         params = {**notebook_parameters(profile, name), **run_params, **extra}
         output = out_dir / nb_path.name
         log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
-        start = time.perf_counter()
+        start, error = time.perf_counter(), None
         try:
-            seconds = run_notebook(nb_path, output, params, kernel_name=kernel)
+            run_notebook(nb_path, output, params, kernel_name=kernel)
         except NotebookExecutionError as err:
             if not keep_going:
                 raise
             failures.append(err)
-            seconds = time.perf_counter() - start
-            result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2), "error": str(err)}
-            log(f"[{i}/{len(paths)}] {name}: FAILED after {seconds:.1f} s; going on\n  {err}", flush=True)
-            continue
-        log(f"[{i}/{len(paths)}] {name}: done in {seconds:.1f} s", flush=True)
-        result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2)}
+            error = str(err)
+        seconds = time.perf_counter() - start
+        result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2),
+                                     **({"error": error} if error else {})}
+        log(f"[{i}/{len(paths)}] {name}: " + (f"FAILED after {seconds:.1f} s; going on\n  {error}" if error
+                                               else f"done in {seconds:.1f} s"), flush=True)
     result["total_seconds"] = round(time.perf_counter() - total_start, 2)
     (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
     done = len(paths) - len(failures)
@@ -333,14 +333,13 @@ def run_from_args(args) -> int:
     from gmmseg_core.config import parse_overrides
 
     try:
-        parameters = parse_overrides(getattr(args, "parameters", None))
+        parameters = parse_overrides(args.parameters)
         bad = [k for k in parameters if not k.isidentifier()]
         if bad:
             raise ValueError(f"--set names a notebook parameter (a Python name), got {bad}")
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
-                  threads=args.threads, **({"parameters": parameters} if parameters else {}),
-                  **({"keep_going": True} if getattr(args, "keep_going", False) else {}))
+                  threads=args.threads, parameters=parameters or None, keep_going=args.keep_going)
     except (ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -85,7 +85,8 @@ def test_reproduce_delegates(monkeypatch):
     assert main(["reproduce", "--profile", "smoke", "--data-root", "/data", "--device", "cpu",
                  "--out-dir", "o", "--threads", "2"]) == 0
     assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir="figures",
-                                       cache_dir=None, notebooks=None, threads=2))]
+                                       cache_dir=None, notebooks=None, threads=2, parameters=None,
+                                       keep_going=False))]
 
 
 def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
