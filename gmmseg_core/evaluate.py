@@ -69,7 +69,8 @@ def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, st
         ``"slide"`` runs ``crop_size`` windows every ``stride`` pixels (the last window of a row/column is
         shifted to end at the border) and averages overlapping windows, as MMSegmentation's slide inference.
     crop_size, stride : int or (int, int)
-        Window size and step for ``"slide"`` (stride defaults to crop_size * 2 / 3).
+        Window size and step for ``"slide"`` (stride defaults to crop_size * 2 / 3 and may not exceed it,
+        so that every pixel is in some window).
     with_likelihood : bool, optional
         Also compute ``log_likelihood``; default: when the model is generative.
 
@@ -89,11 +90,14 @@ def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, st
     if stride is None:
         stride = (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
     sh, sw = _pair(stride, "stride")
+    if sh > ch or sw > cw:
+        raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension: the pixels "
+                         "between two windows would get no prediction")
     B, _, H, W = images.shape
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1
     sums: dict = {}
-    count = images.new_zeros(1, 1, H, W)
+    count = torch.zeros(1, 1, H, W, device=images.device)     # float32, as the outputs
     for r in range(rows):
         for c in range(cols):
             y2, x2 = min(r * sh + ch, H), min(c * sw + cw, W)

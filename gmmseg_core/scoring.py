@@ -61,7 +61,8 @@ def energy(outputs: dict, temperature: float = 1.0, **kw) -> torch.Tensor:
 def entropy(outputs: dict, **kw) -> torch.Tensor:
     """Shannon entropy (nats) of the softmax posterior. Returns (B, H, W)."""
     logp = _logits(outputs).log_softmax(1)
-    return -(logp.exp() * logp).sum(1)
+    # a class with logit -inf has p = 0 and adds nothing (0 * -inf would be NaN); NaN logits still give NaN
+    return -torch.where(logp == float("-inf"), 0.0, logp.exp() * logp).sum(1)
 
 
 def sml(outputs: dict, sml_stats: dict | None = None, **kw) -> torch.Tensor:

@@ -98,6 +98,19 @@ def test_slide_inference_matches_the_mmseg_recipe():
         predict(pix, img, mode="tiles")
 
 
+def test_slide_inference_refuses_gaps_and_returns_float32():
+    img = torch.randn(1, 3, 10, 10, dtype=torch.float64)
+    pix = ChannelModel()
+    # a stride beyond the window would leave pixels that no window covers (they used to come out NaN)
+    with pytest.raises(ValueError, match=r"stride \(6, 6\) must not exceed crop_size \(4, 4\)"):
+        predict(pix, img, mode="slide", crop_size=4, stride=6)
+    with pytest.raises(ValueError, match=r"stride \(2, 5\) must not exceed crop_size \(4, 4\)"):
+        predict(pix, img, mode="slide", crop_size=4, stride=(2, 5))
+    slid = predict(pix, img, mode="slide", crop_size=4, stride=4)["logits"]
+    assert slid.dtype == torch.float32 and torch.isfinite(slid).all()
+    torch.testing.assert_close(slid, predict(pix, img)["logits"])
+
+
 def test_closed_set_perfect_model_and_reference():
     ds = LabelDataset()
     out = evaluate_closed_set(ChannelModel(), ds, batch_size=2, progress=False)

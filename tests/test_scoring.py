@@ -43,6 +43,13 @@ def test_higher_is_more_anomalous_on_a_flat_posterior():
         assert SCORERS[name]({"logits": flat}) > SCORERS[name]({"logits": confident}), name
 
 
+def test_entropy_of_a_class_with_logit_minus_inf():
+    z = torch.tensor([1.0, 2.0, float("-inf")]).view(1, 3, 1, 1)
+    got = SCORERS["entropy"]({"logits": z})
+    np.testing.assert_allclose(got.item(), SCORERS["entropy"]({"logits": z[:, :2]}).item(), rtol=1e-6)
+    assert torch.isnan(SCORERS["entropy"]({"logits": torch.full((1, 3, 1, 1), float("nan"))})).all()
+
+
 def test_gmm_scorer_needs_log_likelihood(outputs):
     with pytest.raises(ValueError, match="needs outputs\\['log_likelihood'\\]"):
         SCORERS["gmm"]({"logits": outputs["logits"]})
