@@ -167,6 +167,8 @@ def _train_config(args):
              "run_name": args.run_name, "resume": args.resume}
     d.update({k: v for k, v in flags.items() if v is not None})
     if args.variant is not None:
+        if d["head"] != "gmm":
+            raise ValueError(f"--variant {args.variant} is a GMM head variant, but the head is {d['head']!r}")
         d["head_kwargs"] = {**d["head_kwargs"], "variant": args.variant}
     if args.image_size is not None:
         d["dataset_kwargs"] = {**d["dataset_kwargs"], "image_size": args.image_size}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,17 +98,18 @@ class TrainConfig:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        from gmmseg_core.models import check_arch  # lazy: the models import torch
+        from gmmseg_core.models import check_arch, check_model_arguments  # lazy: the models import torch
 
         check_arch(self.arch)
         need(self.head in HEADS, "head", f"one of {HEADS}")
         for name in ("head_kwargs", "model_kwargs", "dataset_kwargs", "val_dataset_kwargs"):
             need(isinstance(getattr(self, name), dict), name, "a dict")
+        check_model_arguments(self.arch, self.head, self.head_kwargs, self.model_kwargs)
         need(isinstance(self.dataset, str) and self.dataset, "dataset", "a non-empty string")
         need(self.data_root is None or isinstance(self.data_root, str), "data_root", "None or a path string")
         need(is_int(self.iters) and self.iters > 0, "iters", "a positive int")
         need(is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive int")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a positive number")
+        need(is_num(self.lr) and 0 < self.lr < math.inf, "lr", "a positive finite number")
         need(is_num(self.head_lr_mult) and self.head_lr_mult > 0, "head_lr_mult", "a positive number")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(is_int(self.warmup_iters) and self.warmup_iters >= 0, "warmup_iters", "an int >= 0")
@@ -118,7 +120,7 @@ class TrainConfig:
         for name in ("eval_interval", "checkpoint_interval", "num_workers"):
             need(is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0")
         need(is_int(self.log_interval) and self.log_interval > 0, "log_interval", "a positive int")
-        need(is_int(self.seed), "seed", "an int")
+        need(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)")
         need(self.device is None or isinstance(self.device, str), "device", "None or a string such as 'cuda:0'")
         for name in ("balanced_sampler", "resume", "progress"):
             need(isinstance(getattr(self, name), bool), name, "a bool")

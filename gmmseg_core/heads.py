@@ -59,6 +59,7 @@ broadcast_buffers=False)``: the memory is large and already identical everywhere
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 
@@ -99,6 +100,19 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     if H % h == 0 and W % w == 0:
         return labels[..., :: H // h, :: W // w].long()
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+def _without_autocast(method):
+    """Run a head method with autocast off on the head's device: the EM bookkeeping stays in the Gaussians'
+    precision when a caller wraps the whole training step in autocast."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        device_type = self.means.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return method(self, *args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class SoftmaxHead(nn.Module):
@@ -271,6 +285,15 @@ class GMMHead(nn.Module):
             return comp.amax(dim=-1), comp
         return torch.logsumexp(comp, dim=-1) - math.log(K), comp
 
+    def _normalize_classes(self, scores: Tensor) -> Tensor:
+        """The LayerNorm across classes (``class_norm``) in the scores' dtype: float32 even for a head cast to
+        half precision, whose log-densities are float32 (see ``_flat_gaussian_inputs``)."""
+        norm = self.class_normalizer
+        if norm is None:
+            return scores
+        return F.layer_norm(scores, norm.normalized_shape, norm.weight.to(scores.dtype), norm.bias.to(scores.dtype),
+                            norm.eps)
+
     def forward(self, features: Tensor, return_component_logp: bool = False):
         """Class logits ``(B, C, h, w)``.
 
@@ -288,8 +311,7 @@ class GMMHead(nn.Module):
         """
         x = self.embedding(features)
         scores, comp = self._scores(x)                            # (B, h, w, C), (B, h, w, C, K)
-        if self.class_normalizer is not None:
-            scores = self.class_normalizer(scores)
+        scores = self._normalize_classes(scores)
         # NCHW-contiguous: the upsampling and cross-entropy that follow are ~2x faster on that layout (CPU)
         logits = scores.permute(0, 3, 1, 2).contiguous()
         if self.training and torch.is_grad_enabled():
@@ -316,8 +338,7 @@ class GMMHead(nn.Module):
         with torch.no_grad(), _frozen_batchnorm(self.embed):
             x = self.embedding(features)
             scores, comp = self._scores(x)
-            if self.class_normalizer is not None:
-                scores = self.class_normalizer(scores)
+            scores = self._normalize_classes(scores)
         return dict(features=features, x=x, comp=comp, logits=scores.permute(0, 3, 1, 2))
 
     def e_step(self, logp: Tensor, labels: Tensor) -> Tensor:
@@ -421,6 +442,7 @@ class GMMHead(nn.Module):
 
     # ------------------------------------------------------------------ EM bookkeeping
     @torch.no_grad()
+    @_without_autocast
     def update(self, features: Tensor, labels: Tensor, logits: Tensor | None = None) -> None:
         """E-step on the batch, memory push, and every ``update_interval`` calls the M-step.
 
@@ -492,6 +514,7 @@ class GMMHead(nn.Module):
             self.memory_sumsq[start:start + 8] = block.square().sum(dim=1)
 
     @torch.no_grad()
+    @_without_autocast
     def m_step(self, classes: Tensor | None = None) -> None:
         """Re-estimate means and variances from the memory, blended with momentum.
 

@@ -304,6 +304,9 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     else:
         valid = torch.ones(n_batch, n_rows, dtype=torch.bool, device=scores.device)
 
+    if n_rows == 0:       # no rows: an empty plan, with the errors of a problem whose rows are all masked
+        q = torch.zeros_like(log_scores)
+        return (q, [0.0] * (1 if tol is not None else n_iters)) if return_errors else q
     out_dtype = log_scores.dtype
     work_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
     floor = _floor(work_dtype)

@@ -306,9 +306,15 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         _set_rng_state(ckpt["rng"])
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
+            if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
+                _write_json(run_dir / "metrics.json", metrics)
             if own_group:
                 dist.destroy_process_group()
             return run_dir
+        if metrics.get("finished"):   # a finished run continued to a larger ``iters``: not finished any more
+            metrics.update(finished=False, final=None)
+            if master:
+                _write_json(run_dir / "metrics.json", metrics)
     elif master:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
         for name in (CHECKPOINT, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
@@ -344,6 +350,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         nonlocal saved_step
         saved_step = at_step
         if master:
+            log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
                          rng=_rng_state(), data=dict(step=at_step, epoch_length=batches.epoch_length,
@@ -395,7 +402,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 dist.all_reduce(logged)
                 logged /= world
             loss_value, ce_value, aux_value, grad_norm_value = logged.tolist()
-            nonfinite = 0 if math.isfinite(loss_value) else nonfinite + 1
+            # a non-finite gradient with a finite loss has already spoilt the weights (except under fp16, whose
+            # GradScaler skips such a step): stop before a checkpoint of this step is written
+            finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
+            nonfinite = 0 if finite else nonfinite + 1
             if master:
                 row = {"step": step, "loss": loss_value, "ce": ce_value, "aux": aux_value, "lr": lr,
                        "grad_norm": grad_norm_value,
@@ -412,11 +422,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             # fp16: the GradScaler skips an update whose gradients overflow, so one bad step is not fatal
             if nonfinite >= (NONFINITE_FP16_STEPS if amp == "fp16" else 1):
                 raise FloatingPointError(
-                    f"training diverged: the loss is {loss_value} at step {step} (lr {lr:.3g}"
-                    + (f", {nonfinite} steps in a row" if nonfinite > 1 else "") + "). "
+                    f"training diverged: the loss is {loss_value} and the gradient norm {grad_norm_value} at step "
+                    f"{step} (lr {lr:.3g}" + (f", {nonfinite} steps in a row" if nonfinite > 1 else "") + "). "
                     + (f"The checkpoint of step {saved_step} is kept in {str(run_dir)!r} (resume=True continues "
                        "from it). " if saved_step is not None else "No checkpoint was written yet. ")
-                    + "Lower lr, set grad_clip, or train without fp16.")
+                    + ("Lower lr, set grad_clip, or train without fp16." if amp == "fp16"
+                       else "Lower lr or set grad_clip."))
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.iters:
                 evaluate_now(step)
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.iters:

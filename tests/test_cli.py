@@ -40,6 +40,20 @@ def test_print_config_merges_file_flags_and_overrides(tmp_path, capsys):
     assert "iters must be a positive int, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--head", "softmax", "--variant", "official"],
+     "--variant official is a GMM head variant, but the head is 'softmax'"),
+    (["--set", "head_kwargs.bogus=1"], "head_kwargs ['bogus'] are not arguments of GMMHead"),
+    (["--set", "model_kwargs.bogus=1"], "model_kwargs ['bogus'] are not arguments of FCNBackbone"),
+    (["--seed", "-1"], "seed must be an int in [0, 2**32), got -1"),
+])
+def test_train_rejects_arguments_the_model_would_not_take(tmp_path, capsys, args, message):
+    assert main(["train", "--arch", "fcn", *args, "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())                 # nothing written before the error
+
+
 def test_train_then_evaluate_closed_set_and_anomaly(tmp_path, capsys):
     assert main(["train", *TINY, "--out-dir", str(tmp_path), "--run-name", "run"]) == 0
     run_dir = tmp_path / "run"

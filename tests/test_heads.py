@@ -1,5 +1,6 @@
 """SoftmaxHead and GMMHead: likelihoods against torch.distributions, EM bookkeeping against naive references."""
 
+import copy
 import math
 import os
 import re
@@ -485,6 +486,32 @@ def test_a_float64_head_trains_in_float64(variant):
     logits, comp = head(f, return_component_logp=True)
     (F.cross_entropy(logits, labels) + head.extra_loss(f, labels, component_logp=comp)).backward()
     assert logits.dtype == comp.dtype == f.grad.dtype == torch.float64 and torch.isfinite(f.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_head_scores_in_float32(dtype):
+    # the official head's class LayerNorm used to meet float32 log-densities with half-precision weights
+    reference = _head(variant="official").eval()
+    head = copy.deepcopy(reference).to(dtype)
+    f = torch.randn(2, CF, 4, 4)
+    logits = head(f.to(dtype))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert head.class_log_likelihood(f.to(dtype)).dtype == torch.float32
+    torch.testing.assert_close(logits, reference(f), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_update_inside_autocast_equals_update_outside(variant):
+    head = _head(variant=variant, update_interval=1).train()
+    _randomise(head)
+    heads = [head, copy.deepcopy(head)]
+    f = torch.randn(2, CF, 4, 4)
+    labels = torch.randint(0, C, (2, 4, 4))
+    heads[0].update(f, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # a caller that wraps its whole step
+        heads[1].update(f, labels)
+    for name, value in heads[0].state_dict().items():
+        assert torch.equal(value, heads[1].state_dict()[name]), name
 
 
 def test_gaussians_made_trainable_get_gradients_through_the_general_path():

@@ -183,6 +183,14 @@ def test_sinkhorn_batched_with_mask():
     torch.testing.assert_close(single, q[1])
 
 
+def test_sinkhorn_without_rows_gives_an_empty_plan():
+    assert sinkhorn(torch.zeros(0, 3)).shape == (0, 3)
+    q, errors = sinkhorn(torch.zeros(2, 0, 3), hard=True, return_errors=True)
+    assert q.shape == (2, 0, 3) and errors == [0.0, 0.0, 0.0]
+    masked = sinkhorn(torch.randn(4, 3), mask=torch.zeros(4, dtype=torch.bool), return_errors=True)[1]
+    assert masked == errors                   # as a problem whose rows are all masked
+
+
 @pytest.mark.parametrize("n_iters", [1, 2, 5])
 def test_sinkhorn_equals_pot_at_fixed_iterations(n_iters):
     ot = pytest.importorskip("ot")

@@ -46,13 +46,24 @@ def test_config_json_round_trip_and_overrides(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("head", "svm", "head must be one of"),
     ("iters", 0, "iters must be a positive int, got 0"),
-    ("lr", -1.0, "lr must be a positive number, got -1.0"),
+    ("lr", -1.0, "lr must be a positive finite number, got -1.0"),
+    ("lr", float("inf"), "lr must be a positive finite number, got inf"),
+    ("seed", -1, r"seed must be an int in \[0, 2\*\*32\), got -1"),
+    ("seed", 2**32, r"seed must be an int in \[0, 2\*\*32\), got 4294967296"),
+    ("model_kwargs", {"width": 4, "bogus": 1}, r"model_kwargs \['bogus'\] are not arguments of FCNBackbone"),
+    ("head_kwargs", {"embed_dim": 4, "num_comps": 2}, r"head_kwargs \['num_comps'\] are not arguments of GMMHead"),
     ("amp", "fp8", "amp must be one of"),
     ("grad_clip", 0, "grad_clip must be None or a positive number"),
 ])
 def test_config_validation_names_the_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_cfg(tmp_path, **{field: value})
+
+
+def test_config_rejects_gmm_arguments_for_the_softmax_head(tmp_path):
+    with pytest.raises(ValueError, match=r"head_kwargs \['variant'\] are not arguments of SoftmaxHead; it takes "
+                                         r"\['dropout'\]"):
+        tiny_cfg(tmp_path, head="softmax", head_kwargs={"variant": "official"})
 
 
 def test_config_checks_the_architecture_name(tmp_path):
@@ -276,7 +287,8 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_checkpoint(tmp_path, m
 
     monkeypatch.setattr(train_module._TrainStep, "forward", forward)
     cfg = tiny_cfg(tmp_path, iters=8, checkpoint_interval=3)
-    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 4 \(lr .*checkpoint of step 3 is kept"):
+    with pytest.raises(FloatingPointError, match=r"the loss is nan and the gradient norm nan at step 4 \(lr .*"
+                                                 r"checkpoint of step 3 is kept"):
         train(cfg)
     assert calls["n"] == 4                                   # nothing trained after the failing step
     assert not is_finished(cfg.run_dir)                      # so train_cached would not serve it
@@ -284,3 +296,92 @@ def test_a_diverging_run_stops_at_once_and_keeps_its_last_checkpoint(tmp_path, m
     with open(cfg.run_dir / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == "nan"
+
+
+class _NaNGradient(torch.autograd.Function):
+    """0, with a NaN gradient for its input."""
+
+    @staticmethod
+    def forward(ctx, p):
+        ctx.shape = p.shape
+        return p.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"))
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_before_its_checkpoint(tmp_path, monkeypatch):
+    from gmmseg_core import train as train_module
+
+    real_forward = train_module._TrainStep.forward
+    calls = {"n": 0}
+
+    def forward(self, images, labels):      # finite loss, NaN gradient at step 3
+        out = real_forward(self, images, labels)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            weight = next(self.parameters())
+            out["loss"] = out["loss"] + _NaNGradient.apply(weight)
+        return out
+
+    monkeypatch.setattr(train_module._TrainStep, "forward", forward)
+    cfg = tiny_cfg(tmp_path, iters=8, checkpoint_interval=3, head="softmax", head_kwargs={})
+    with pytest.raises(FloatingPointError, match=r"gradient norm nan at step 3 .*No checkpoint was written yet\. "
+                                                 r"Lower lr or set grad_clip\.$"):
+        train(cfg)
+    assert calls["n"] == 3 and not (cfg.run_dir / "checkpoint.pt").exists()
+
+
+_KILLED_RUN = """
+import os, sys
+import torch
+from gmmseg_core.config import TrainConfig
+from gmmseg_core.train import train
+torch.set_num_threads(int(sys.argv[2]))      # as the test process: the same rounding
+cfg = TrainConfig.from_json(sys.argv[1])
+train(cfg, on_step=lambda step, model, out: os._exit(3) if step == 7 else None)
+"""
+
+
+def test_a_killed_run_keeps_the_log_of_its_checkpoint_and_resumes_it(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = tiny_cfg(tmp_path, iters=9, checkpoint_interval=5, log_interval=100, head="softmax", head_kwargs={})
+    full = train(cfg.replace(run_name="full"))
+    killed = cfg.replace(run_name="killed")
+    config = tmp_path / "killed.json"
+    killed.to_json(config)
+    # killed without any clean-up (as by SIGKILL) two steps after its checkpoint of step 5
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(config), str(torch.get_num_threads())],
+                          capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stderr
+
+    def losses(run_dir):
+        with open(run_dir / "log.csv") as f:
+            return [(r["step"], r["loss"]) for r in csv.DictReader(f)]
+    assert [s for s, _ in losses(killed.run_dir)][:5] == ["1", "2", "3", "4", "5"]
+    train(killed.replace(resume=True))
+    assert losses(killed.run_dir) == losses(full)
+
+
+def test_resume_finishes_a_run_interrupted_after_its_final_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=3, head="softmax", head_kwargs={})
+    run_dir = train(cfg)
+    done = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps({**done, "finished": False, "final": None}))
+    assert not is_finished(run_dir)             # as if killed between the final checkpoint and metrics.json
+    train(cfg.replace(resume=True))
+    assert is_finished(run_dir) and json.loads((run_dir / "metrics.json").read_text())["final"] == done["final"]
+
+
+def test_a_finished_run_continued_to_more_iters_is_not_finished_until_it_ends(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=3, head="softmax", head_kwargs={}, run_name="grow")
+    train(cfg)
+    longer = cfg.replace(iters=5, resume=True)
+    train(longer, stop_after=4)
+    metrics = json.loads((longer.run_dir / "metrics.json").read_text())
+    assert not is_finished(longer.run_dir) and metrics["final"] is None
+    train(longer)
+    assert is_finished(longer.run_dir)

@@ -14,6 +14,8 @@ to ``"imagenet"``; pass None offline).
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from gmmseg_core.heads import GMMHead, SoftmaxHead
@@ -29,7 +31,8 @@ ARCHS: dict[str, type[nn.Module]] = {
 }
 HEADS = ("gmm", "softmax")
 
-__all__ = ["ARCHS", "HEADS", "SegmentationModel", "build_backbone", "build_model", "check_arch"]
+__all__ = ["ARCHS", "HEADS", "SegmentationModel", "build_backbone", "build_model", "check_arch",
+           "check_model_arguments"]
 
 
 def check_arch(arch) -> None:
@@ -41,6 +44,33 @@ def check_arch(arch) -> None:
         parse_smp_arch(arch)
     elif not (isinstance(arch, str) and arch in ARCHS):
         raise ValueError(f"arch must be one of {sorted(ARCHS)} or 'smp:<Architecture>:<encoder>', got {arch!r}")
+
+
+def _check_keywords(target, given: dict, what: str, positional: int) -> None:
+    """``ValueError`` listing the keys of ``given`` that ``target`` does not take (after ``positional`` leading
+    parameters filled by the caller); nothing is checked for a target that accepts ``**kwargs``."""
+    params = list(inspect.signature(target).parameters.values())[positional:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"{what} {unknown} are not arguments of {getattr(target, '__name__', target)}; "
+                         f"it takes {accepted}")
+
+
+def check_model_arguments(arch: str, head: str, head_kwargs: dict | None = None,
+                          model_kwargs: dict | None = None) -> None:
+    """Raise ``ValueError`` for argument names that ``build_model(arch, head, ...)`` would reject, without
+    building anything: keys of ``head_kwargs`` that the head does not take (e.g. ``variant`` for the softmax
+    head) and of ``model_kwargs`` that the backbone does not take (smp backbones pass theirs on to smp, which
+    checks them when the model is built)."""
+    check_arch(arch)
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
+    _check_keywords(GMMHead if head == "gmm" else SoftmaxHead, head_kwargs or {}, "head_kwargs", 2)
+    if not arch.startswith("smp:"):
+        _check_keywords(ARCHS[arch], model_kwargs or {}, "model_kwargs", 0)
 
 
 def build_backbone(arch: str, **kw) -> nn.Module:
@@ -75,8 +105,7 @@ def build_model(arch: str, head: str = "gmm", *, num_classes: int, head_kwargs: 
     -------
     SegmentationModel
     """
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
+    check_model_arguments(arch, head, head_kwargs, kw)
     backbone = build_backbone(arch, **kw)
     cls = GMMHead if head == "gmm" else SoftmaxHead
     model = SegmentationModel(backbone, cls(backbone.out_channels, num_classes, **(head_kwargs or {})))
