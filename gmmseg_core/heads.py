@@ -472,7 +472,8 @@ class GMMHead(nn.Module):
         correct = pred == yv
         logp, resp, component = assign["logp"], assign["resp"], assign["component"]
         if world_size() > 1:
-            packed = torch.cat([x[rows].float(), logp.float(), yv[:, None].float(), correct[:, None].float()],
+            wide = torch.promote_types(torch.float32, self.means.dtype)     # a float64 head gathers float64
+            packed = torch.cat([x[rows].to(wide), logp.to(wide), yv[:, None].to(wide), correct[:, None].to(wide)],
                                dim=1)
             packed = all_gather_rows(packed)
             D, K = self.embed_dim, self.num_components

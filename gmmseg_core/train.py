@@ -2,8 +2,9 @@
 
 ``train(cfg)`` reads top to bottom: set-up (distributed, seeds, data, model, optimiser, resume), then the loop
 (forward, backward, optimiser step, head update, log, evaluate, checkpoint). Single process by default; under
-``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment) it runs DistributedDataParallel,
-gloo on CPU and NCCL on CUDA, with ``cfg.batch_size`` images per process. Only rank 0 writes files.
+``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment), or inside a process group the
+caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on CUDA)
+with ``cfg.batch_size`` images per process. Only rank 0 writes files.
 
 Run directory (``cfg.run_dir``)::
 
@@ -230,8 +231,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     Raises
     ------
     FloatingPointError
-        When the loss is not finite (with fp16 autocast: ``NONFINITE_FP16_STEPS`` steps in a row), naming the
-        step and the learning rate. The run is not marked finished, so ``train_cached`` never serves it; its
+        When the loss or the gradient norm is not finite (with fp16 autocast: ``NONFINITE_FP16_STEPS`` steps in a
+        row), naming the step and the learning rate, before a checkpoint of that step is written. The run is not marked finished, so ``train_cached`` never serves it; its
         last checkpoint stays, and ``log.csv`` ends with the failing step.
     """
     from gmmseg_core.data import build_dataset
@@ -239,16 +240,21 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
 
     _check_device(cfg.device)
     # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    # a process group made by the caller counts as much as torchrun's environment: the head gathers over it anyway
+    group_ready = dist.is_available() and dist.is_initialized()
+    ddp = group_ready or int(os.environ.get("RANK", -1)) != -1
     own_group = False
     if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if group_ready:
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         use_cuda = (cfg.device or "cpu").startswith("cuda")
         device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(cfg.device or "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
+        if not group_ready:
             dist.init_process_group(backend="nccl" if use_cuda else "gloo")
             own_group = True
     else:
@@ -398,7 +404,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             logged = torch.stack([loss.detach().float(), torch.as_tensor(out.get("ce", loss)).detach().float(),
                                   torch.as_tensor(out.get("aux", 0.0), device=device).detach().float(),
                                   torch.as_tensor(grad_norm, device=device).detach().float()])
-            if ddp:  # log the means over processes: the losses of the global batch
+            # under DDP, log the means over processes. Each process's loss is the mean over its own labelled
+            # pixels and DDP averages the gradients (as the released code): this equals the global batch's loss
+            # when the processes hold equally many labelled pixels, and weights each process equally otherwise.
+            if ddp:
                 dist.all_reduce(logged)
                 logged /= world
             loss_value, ce_value, aux_value, grad_norm_value = logged.tolist()

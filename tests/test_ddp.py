@@ -35,11 +35,21 @@ def _save_head(path):
     return on_step
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _worker(rank, world, port, out_dir, launch):
     torch.set_num_threads(1)
-    train(_cfg(out_dir, batch_size=1, run_name="ddp"), on_step=_save_head(os.path.join(out_dir, f"rank{rank}.pt")))
+    if launch == "torchrun":        # the environment torchrun sets; train() makes the process group
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    else:                           # the caller's own process group, no environment: train() must join it
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            os.environ.pop(name, None)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        train(_cfg(out_dir, batch_size=1, run_name="ddp"),
+              on_step=_save_head(os.path.join(out_dir, f"rank{rank}.pt")))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _free_port():
@@ -53,9 +63,11 @@ def _losses(run_dir):
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("launch", ["torchrun", "own group"])
+def test_two_gloo_processes_match_one_process(tmp_path, launch):
     # fork: the children inherit the imported modules instead of importing torch again
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), launch), nprocs=2, join=True,
+                       start_method="fork")
     heads = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # every process ends with the same GMM (gathered E-step, memory and M-step); BatchNorm running statistics
     # are per process between DDP's buffer broadcasts, so they are left out

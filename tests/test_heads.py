@@ -353,36 +353,39 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, port, out_dir, dtype):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        head = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).eval()
+        head = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).to(dtype).eval()
         for step in range(3):
             f, labels = _batch(seed=10 * step + rank, B=rank + 1)          # different sizes per rank
-            head.update(f, labels, None)
+            head.update(f.to(dtype), labels, None)
         torch.save(head.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gather_gives_identical_parameters_equal_to_union():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ddp_gather_gives_identical_parameters_equal_to_union(dtype):
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out, dtype), nprocs=2, join=True)
         states = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(2)]
     torch.manual_seed(0)
-    ref = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).eval()
+    ref = _head(variant="official", update_interval=1, mean_momentum=0.5, memory_size=8).to(dtype).eval()
     for step in range(3):
         parts = [_batch(seed=10 * step + r, B=r + 1) for r in range(2)]
-        f = torch.cat([p[0] for p in parts])
+        f = torch.cat([p[0] for p in parts]).to(dtype)
         labels = torch.cat([p[1] for p in parts])
         ref.update(f, labels, None)
-    assert int(ref.memory_count.sum()) > 0
+    assert int(ref.memory_count.sum()) > 0 and states[0]["means"].dtype == dtype
+    # float64 heads gather float64: as close to the one-process run as float64 rounding allows
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for name, value in ref.state_dict().items():
         assert torch.equal(states[0][name], states[1][name]), name
-        torch.testing.assert_close(states[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(states[0][name], value, msg=name, **tol)
 
 
 @pytest.mark.parametrize("kw, message", [
