@@ -181,16 +181,23 @@ class TrainConfig:
 
         Left out: ``out_dir``, ``run_name``, ``resume``, ``num_workers``, ``log_interval``,
         ``checkpoint_interval``, ``progress`` and a ``cache_dir`` entry of the dataset kwargs (where generated
-        data is cached). ``device`` enters only by its type (``"cuda:1"`` -> ``"cuda"``). The package version
-        enters too, so a cache written by another release (whose checkpoints may hold other buffers) is not
-        reused.
+        data is cached). ``device`` enters only by its type (``"cuda:1"`` -> ``"cuda"``). Settings that cannot
+        change the model count as their default: ``data_root`` for a dataset that does not read it (generated or
+        bundled data), ``amp`` off CUDA (training there is float32 whatever it says). The package version enters
+        too, so a cache written by another release (whose checkpoints may hold other buffers) is not reused.
         """
+        from gmmseg_core.data import dataset_info  # lazy: the data package imports torch
+
         d = self.to_dict()
         for name in _NON_KEY_FIELDS:
             d.pop(name)
         for name in ("dataset_kwargs", "val_dataset_kwargs"):  # where generated data is cached: a location
             d[name].pop("cache_dir", None)
         d["device"] = (self.device or "cpu").split(":")[0]
+        if not dataset_info(self.dataset).reads_root:
+            d["data_root"] = None
+        if d["device"] != "cuda":
+            d["amp"] = "none"
         d["gmmseg_version"] = __version__
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
@@ -163,19 +166,31 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
         from jupyter_client.manager import KernelManager
 
         km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=str(Path(sockets.name) / "kernel"))
+    kernel_idle = False
+    if _INTERRUPTS is not None:
+        _INTERRUPTS.kernel = km
     try:
         pm.execute_notebook(
             str(notebook), str(output_path), parameters=parameters, kernel_name=kernel_name,
             cwd=str(notebook.parent), progress_bar=False, log_output=False, km=km,
         )
+        kernel_idle = True
     except PapermillExecutionError as err:
+        kernel_idle = True                     # a cell raised; the kernel waits for the next one
         raise NotebookExecutionError(notebook, output_path, _source_cell_index(notebook, err), err.ename,
                                      err.evalue, err.source) from None
     except Exception as err:  # dead kernel, timeout, bad notebook file
         raise NotebookExecutionError(notebook, output_path, None, type(err).__name__, str(err)) from err
     finally:
-        if km is not None and km.has_kernel:
-            km.shutdown_kernel()
+        interrupted = _INTERRUPTS is not None and _INTERRUPTS.signum is not None
+        if _INTERRUPTS is not None:
+            _INTERRUPTS.kernel = None
+        # Interrupted: the signal handler has killed the kernel's process group. Shutting the kernel down through
+        # its manager would run papermill's event loop again, whose abandoned tasks wait on the dead kernel for
+        # ever. Otherwise, broken while a cell runs (dead kernel, timeout): kill the process group (now=True)
+        # with whatever the cell started, instead of asking a busy kernel to shut down.
+        if km is not None and km.has_kernel and not interrupted:
+            km.shutdown_kernel(now=not kernel_idle)
         if sockets is not None:
             sockets.cleanup()
         if env_backend is None:
@@ -183,6 +198,58 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
         else:
             os.environ["MPLBACKEND"] = env_backend
     return time.perf_counter() - start
+
+
+# reproduce's own arguments that the notebooks also receive, with their command-line flags
+RUN_ARGUMENTS = {"device": "--device", "data_root": "--data-root", "figures_dir": "--figures-dir",
+                 "cache_dir": "--cache-dir", "out_dir": "--out-dir"}
+
+
+class _RunInterrupts:
+    """Ctrl-C and SIGTERM during :func:`reproduce`: the running notebook's kernel is killed with its process group.
+
+    The kernel runs in a session of its own, so a terminal's Ctrl-C never reaches it or the trainings it
+    started, and waiting for the busy kernel to shut down would take until its cell ends (hours, for a long
+    training cell), while the trainings go on. The handler kills the kernel's process group, which stops them
+    all at once, then raises ``KeyboardInterrupt``; ``reproduce`` records the interrupted notebook in
+    ``timings.json`` and passes the interrupt on. A training killed this way resumes from its last checkpoint
+    the next time. Outside the main thread, or without process groups, the signals keep their usual handling.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self.kernel = None                      # the running notebook's KernelManager, set by run_notebook
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        pgid = getattr(getattr(self.kernel, "provisioner", None), "pgid", None)
+        if pgid is None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:                         # already gone
+            pass
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def check(self):
+        """Raise ``KeyboardInterrupt`` if a signal arrived."""
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread() or not hasattr(os, "killpg"):
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+_INTERRUPTS: _RunInterrupts | None = None      # the run in progress, if any
 
 
 class NotebooksFailedError(RuntimeError):
@@ -227,7 +294,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         Subset (or other notebooks) to run, in the given order; default all of them.
     parameters : dict, optional
         Extra parameters (override the profile's), each passed to the notebooks whose parameters cell declares
-        it; a name no notebook of the run declares raises ``ValueError`` before anything runs.
+        it; a name no notebook of the run declares, or one of the run-wide arguments above (``device``,
+        ``data_root``, ``figures_dir``, ``cache_dir``, ``out_dir``), raises ``ValueError`` before anything runs
+        or is created.
     threads : int, optional
         Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``). Default: 1 on
         the CPU, the library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
@@ -243,7 +312,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     -------
     dict
         ``{"profile", "notebooks": {name: {"output": path, "seconds": float}}, "total_seconds",
-        "figures_dir", "out_dir"}``.
+        "figures_dir", "out_dir", "complete"}``, also written to ``<out_dir>/timings.json``. That file is
+        written however the run ends: after a failure or an interrupt it lists the notebooks that ran, the last
+        with an ``"error"``, and ``"complete": false``.
 
     Raises
     ------
@@ -258,20 +329,25 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     out_dir = Path(out_dir if out_dir is not None else Path("outputs") / profile).resolve()
     figures_dir = Path(figures_dir).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
-    for d in (out_dir, figures_dir, cache_dir):
-        d.mkdir(parents=True, exist_ok=True)
     paths = _resolve_notebooks(notebooks)
+    run_wide = sorted(set(parameters or {}) & set(RUN_ARGUMENTS))
+    if run_wide:
+        raise ValueError(f"parameters {run_wide} are set for the whole run by reproduce's own arguments ("
+                         + ", ".join(f"{name}= / {flag}" for name, flag in RUN_ARGUMENTS.items())
+                         + "), which resolve paths against the current directory; pass them that way")
     declared = {path: _declared_parameters(path) for path in paths} if parameters else {}
     unknown = sorted(set(parameters or {}) - set().union(*declared.values()))
     if unknown:
         raise ValueError(f"parameters {unknown} are not declared by any notebook of this run "
                          f"({', '.join(p.stem for p in paths)}); see each notebook's parameters cell")
-    kernel = _kernel_name()
     if threads is None and not str(device or "cpu").startswith("cuda"):
         threads = 1
+    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    kernel = _kernel_name()
+    for d in (out_dir, figures_dir, cache_dir):      # only once every argument is known to be good
+        d.mkdir(parents=True, exist_ok=True)
     if threads is not None:
-        if not (isinstance(threads, int) and threads >= 1):
-            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
             os.environ[var] = str(threads)
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
@@ -279,27 +355,46 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir)}
     total_start = time.perf_counter()
     failures = []
-    for i, nb_path in enumerate(paths, 1):
-        name = nb_path.stem
-        extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
-        params = {**notebook_parameters(profile, name), **run_params, **extra}
-        output = out_dir / nb_path.name
-        log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
-        start, error = time.perf_counter(), None
-        try:
-            run_notebook(nb_path, output, params, kernel_name=kernel)
-        except NotebookExecutionError as err:
-            if not keep_going:
-                raise
-            failures.append(err)
-            error = str(err)
-        seconds = time.perf_counter() - start
-        result["notebooks"][name] = {"output": str(output), "seconds": round(seconds, 2),
-                                     **({"error": error} if error else {})}
-        log(f"[{i}/{len(paths)}] {name}: " + (f"FAILED after {seconds:.1f} s; going on\n  {error}" if error
-                                               else f"done in {seconds:.1f} s"), flush=True)
-    result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-    (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
+    result["complete"] = False
+    global _INTERRUPTS
+    interrupts = _RunInterrupts()
+    try:
+        with interrupts.installed():
+            _INTERRUPTS = interrupts
+            for i, nb_path in enumerate(paths, 1):
+                name = nb_path.stem
+                extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
+                params = {**notebook_parameters(profile, name), **run_params, **extra}
+                output = out_dir / nb_path.name
+                log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
+                start, error = time.perf_counter(), None
+                entry = result["notebooks"][name] = {"output": str(output)}
+                try:
+                    try:
+                        run_notebook(nb_path, output, params, kernel_name=kernel)
+                    except NotebookExecutionError:
+                        interrupts.check()      # a kernel killed by Ctrl-C / SIGTERM is an interrupt
+                        raise
+                    interrupts.check()
+                except NotebookExecutionError as err:
+                    entry.update(seconds=round(time.perf_counter() - start, 2), error=str(err))
+                    if not keep_going:
+                        raise
+                    failures.append(err)
+                    error = str(err)
+                except BaseException as err:                     # interrupted: recorded, then passed on
+                    entry.update(seconds=round(time.perf_counter() - start, 2), error=f"interrupted ({err})")
+                    raise
+                seconds = time.perf_counter() - start
+                entry["seconds"] = round(seconds, 2)
+                log(f"[{i}/{len(paths)}] {name}: " + (f"FAILED after {seconds:.1f} s; going on\n  {error}" if error
+                                                       else f"done in {seconds:.1f} s"), flush=True)
+        result["complete"] = True
+    finally:
+        _INTERRUPTS = None
+        # what ran, also when a failure or an interrupt ends the run early ("complete": false)
+        result["total_seconds"] = round(time.perf_counter() - total_start, 2)
+        (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
     done = len(paths) - len(failures)
     log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
         flush=True)
@@ -329,7 +424,7 @@ def add_arguments(parser):
 
 def run_from_args(args) -> int:
     """Run :func:`reproduce` from parsed options; 1 (with the notebook and cell named) when a notebook fails,
-    2 for a bad option value (named)."""
+    2 for a bad option value (named), 130 when interrupted (Ctrl-C or SIGTERM)."""
     from gmmseg_core.config import parse_overrides
 
     try:
@@ -346,6 +441,9 @@ def run_from_args(args) -> int:
     except (NotebookExecutionError, NotebooksFailedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:          # Ctrl-C or SIGTERM: the running notebook's kernel is already stopped
+        print(f"interrupted ({err}); trained models so far stay in the cache and a rerun resumes", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -61,6 +61,9 @@ def test_keep_going_runs_the_later_notebooks_then_names_every_failure(tmp_path, 
         reproduce("smoke", notebooks=[failing_notebook, later], out_dir=tmp_path / "a", figures_dir=tmp_path / "fa",
                   log=lambda *a, **k: None)
     assert not (tmp_path / "fa" / "later_ran").exists()
+    stopped = json.loads((tmp_path / "a" / "timings.json").read_text())     # written however the run ends
+    assert stopped["complete"] is False and list(stopped["notebooks"]) == ["broken_study"]
+    assert "deliberate failure" in stopped["notebooks"]["broken_study"]["error"]
     with pytest.raises(NotebooksFailedError) as info:
         reproduce("smoke", notebooks=[failing_notebook, later], out_dir=tmp_path / "b", figures_dir=tmp_path / "fb",
                   keep_going=True, log=lambda *a, **k: None)
@@ -91,6 +94,53 @@ def test_parameters_injected_and_timings_returned(tmp_path, monkeypatch):
     assert seen == {"value": 7, "out_dir": str((tmp_path / "out").resolve()), "threads": "1"}  # 1 on the CPU
     assert set(res["notebooks"]) == {"ok"} and res["notebooks"]["ok"]["seconds"] > 0
     assert (tmp_path / "out" / "ok.ipynb").exists() and (tmp_path / "out" / "timings.json").exists()
+
+
+_TERMINATED_RUN = """
+import sys
+from gmmseg_core.reproduce import reproduce
+reproduce("smoke", notebooks=[sys.argv[1]], out_dir=sys.argv[2], figures_dir=sys.argv[3], log=lambda *a, **k: None)
+"""
+
+
+def test_a_terminated_run_stops_its_kernel_and_what_the_kernel_started(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    nb = _write_notebook(tmp_path / "slow.ipynb", [
+        "import subprocess, time\n"
+        f"child = subprocess.Popen(['sleep', '120'])\nopen({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)"])
+    run = subprocess.Popen([sys.executable, "-c", _TERMINATED_RUN, str(nb), str(tmp_path / "out"),
+                            str(tmp_path / "fig")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), run.stderr.read() if run.poll() is not None else "the notebook did not start"
+    run.send_signal(signal.SIGTERM)                     # as a scheduler or `kill` ends a job
+    assert run.wait(timeout=30) != 0
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{child}"), "the kernel's child process outlived the run"
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert timings["complete"] is False and "interrupted" in timings["notebooks"]["slow"]["error"]
+
+
+def test_run_wide_names_are_refused_as_parameters_before_anything_is_created(tmp_path):
+    with pytest.raises(ValueError, match=r"parameters \['figures_dir'\] are set for the whole run by "
+                                         r"reproduce's own arguments .*figures_dir= / --figures-dir"):
+        reproduce("smoke", notebooks=[NOTEBOOKS[0]], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+                  parameters={"figures_dir": "elsewhere"})
+    with pytest.raises(ValueError, match="are not declared by any notebook"):
+        reproduce("smoke", notebooks=[NOTEBOOKS[0]], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+                  parameters={"nope": 1})
+    assert not any(tmp_path.iterdir())
 
 
 def test_bad_arguments_are_named(tmp_path):

@@ -105,6 +105,16 @@ def test_cache_key_ignores_run_location_only(tmp_path):
     assert moved.cache_key() == cfg.cache_key()
 
 
+def test_cache_key_ignores_settings_that_cannot_change_the_model(tmp_path):
+    cfg = tiny_cfg(tmp_path)                               # scenes: generated, whatever the data root
+    assert cfg.replace(data_root="/data").cache_key() == cfg.cache_key()
+    fashion = cfg.replace(dataset="fashion")               # fashion looks for its files under the root
+    assert fashion.replace(data_root="/data").cache_key() != fashion.cache_key()
+    assert cfg.replace(amp="bf16").cache_key() == cfg.cache_key()           # float32 on a CPU anyway
+    on_gpu = cfg.replace(device="cuda")
+    assert on_gpu.replace(amp="bf16").cache_key() != on_gpu.cache_key()
+
+
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=10, warmup_iters=4, poly_power=1.0)
     factors = [lr_factor(s, cfg) for s in range(10)]

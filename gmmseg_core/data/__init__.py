@@ -37,7 +37,7 @@ from .scenes import SceneDataset
 from .transforms import train_transforms
 
 
-@register_dataset("scenes", _scenes.SPLITS, "generated street scenes (embedded default, no files)")
+@register_dataset("scenes", _scenes.SPLITS, "generated street scenes (embedded default, no files)", reads_root=False)
 def _build_scenes(split, root=None, **kw):
     return _scenes.SceneDataset(split, **kw)
 
@@ -47,7 +47,8 @@ def _build_fashion(split, root=None, **kw):
     return _composites.fashion_dataset(split, root=root, **kw)
 
 
-@register_dataset("digits", _composites.SPLITS, "scikit-learn digits composed into scenes (bundled)")
+@register_dataset("digits", _composites.SPLITS, "scikit-learn digits composed into scenes (bundled)",
+                  reads_root=False)
 def _build_digits(split, root=None, **kw):
     return _composites.digits_dataset(split, root=root, **kw)
 

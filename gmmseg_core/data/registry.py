@@ -8,23 +8,33 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DatasetEntry:
+    """A registered dataset. ``needs_root``: it cannot be built without a data root. ``reads_root``: a root
+    given changes what it loads (every dataset that needs one, and those that only look for files there)."""
+
     name: str
     factory: Callable
     splits: tuple[str, ...]
     description: str
     needs_root: bool
+    reads_root: bool = True
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, splits, description: str = "", needs_root: bool = False):
-    """Decorator registering ``factory(split, root=None, **kw) -> SegmentationDataset`` under ``name``."""
+def register_dataset(name: str, splits, description: str = "", needs_root: bool = False, reads_root: bool = True):
+    """Decorator registering ``factory(split, root=None, **kw) -> SegmentationDataset`` under ``name``.
+
+    ``reads_root=False`` declares that the factory ignores ``root`` (generated or bundled data), so trained-model
+    caches need not tell runs apart by their data root.
+    """
+    if needs_root and not reads_root:
+        raise ValueError(f"dataset {name!r}: a dataset that needs a root reads it (needs_root=True, reads_root=False)")
 
     def wrap(factory):
         if name in _REGISTRY:
             raise ValueError(f"dataset name {name!r} is already registered")
-        _REGISTRY[name] = DatasetEntry(name, factory, tuple(splits), description, needs_root)
+        _REGISTRY[name] = DatasetEntry(name, factory, tuple(splits), description, needs_root, reads_root)
         return factory
 
     return wrap
