@@ -313,7 +313,7 @@ def _section(results, cfg, args):
                  f"{ref[peak] / ours[peak]:.1f}x less |")
     if args.device == "cpu":
         extra = {k: v["step_added_rss_bytes"] / 2**30 for k, v in results.items()}
-        # below 0.01 GiB the step fits in memory the set-up had already touched: no meaningful ratio
+        # the peak above the resident memory at the mark (see _mark_rss); below 0.01 GiB a ratio means nothing
         ours_extra, ratio_text = ((f"{extra['ours']:.2f} GiB", f"{extra['reference'] / extra['ours']:.0f}x less")
                                   if extra["ours"] >= 0.01 else ("< 0.01 GiB", ""))
         lines.append(f"| peak RSS added by the training step (above the set-up: torch, data, memory bank) | "
