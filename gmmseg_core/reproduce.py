@@ -189,8 +189,11 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
         # its manager would run papermill's event loop again, whose abandoned tasks wait on the dead kernel for
         # ever. Otherwise, broken while a cell runs (dead kernel, timeout): kill the process group (now=True)
         # with whatever the cell started, instead of asking a busy kernel to shut down.
-        if km is not None and km.has_kernel and not interrupted:
-            km.shutdown_kernel(now=not kernel_idle)
+        if km is not None and km.has_kernel:
+            if interrupted:
+                _kill_kernel(km)
+            else:
+                km.shutdown_kernel(now=not kernel_idle)
         if sockets is not None:
             sockets.cleanup()
         if env_backend is None:
@@ -222,13 +225,8 @@ class _RunInterrupts:
 
     def _handle(self, signum, frame):
         self.signum = signum
-        pgid = getattr(getattr(self.kernel, "provisioner", None), "pgid", None)
-        if pgid is None:
-            raise KeyboardInterrupt(f"signal {signum}")
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except OSError:                         # already gone
-            pass
+        if self.kernel is not None:
+            _kill_kernel(self.kernel)
         raise KeyboardInterrupt(f"signal {signum}")
 
     def check(self):
@@ -250,6 +248,21 @@ class _RunInterrupts:
 
 
 _INTERRUPTS: _RunInterrupts | None = None      # the run in progress, if any
+
+
+def _kill_kernel(km) -> None:
+    """SIGKILL to a kernel's process group (the kernel and what it started), or to the kernel alone, without
+    going through the kernel manager's event loop; nothing if it has not started or is gone."""
+    provisioner = getattr(km, "provisioner", None)
+    process = getattr(provisioner, "process", None)
+    pgid = getattr(provisioner, "pgid", None)
+    try:
+        if pgid is not None and hasattr(os, "killpg"):
+            os.killpg(pgid, signal.SIGKILL)
+        elif process is not None:
+            process.kill()
+    except OSError:
+        pass
 
 
 class NotebooksFailedError(RuntimeError):
