@@ -69,6 +69,20 @@ def test_fashion_reads_files_from_root(tmp_path, rng):
     assert 1 in np.concatenate([ds.load_label(i).ravel() for i in range(3)])
 
 
+def test_fashion_cache_key_tells_apart_files_of_the_same_name_and_length(tmp_path):
+    labels = np.arange(20) % 10
+    keys = []
+    for name, top in (("a", 6), ("b", 10)):           # same names and counts, other sprites
+        images = np.zeros((20, 28, 28), np.uint8)
+        images[:, top:22, 8:20] = 200
+        (tmp_path / name).mkdir()
+        for part in ("train", "t10k"):
+            _write_idx(tmp_path / name / f"{part}-images-idx3-ubyte.gz", images, True)
+            _write_idx(tmp_path / name / f"{part}-labels-idx1-ubyte.gz", labels, True)
+        keys.append(build_dataset("fashion", "train", root=tmp_path / name, num_images=2, **SMALL).cache_key)
+    assert keys[0] != keys[1]           # items cached from one folder are not served for the other
+
+
 def test_digits_items_and_classes():
     ds = build_dataset("digits", "train", num_images=3, **SMALL)
     image, label = ds[0]

@@ -44,6 +44,17 @@ def test_cityscapes_train_ids(tmp_path):
     assert ds.classes[0] == "road" and ds.classes[-1] == "bicycle"
 
 
+def test_a_relative_root_enters_the_cache_key_as_an_absolute_path(tmp_path, monkeypatch):
+    keys = []
+    for project in ("a", "b"):                          # two projects, each with its own ./data
+        root = tmp_path / project / "data"
+        _image(root / "leftImg8bit" / "train" / "aachen" / "x_leftImg8bit.png")
+        _label(root / "gtFine" / "train" / "aachen" / "x_gtFine_labelTrainIds.png", [0, 255])
+        monkeypatch.chdir(tmp_path / project)
+        keys.append(build_dataset("cityscapes", "train", root="data").cache_key)
+    assert keys[0] != keys[1] and str(tmp_path / "a" / "data") in keys[0]
+
+
 def test_cityscapes_label_ids_are_mapped_and_root_may_be_parent(tmp_path):
     base = tmp_path / "cityscapes"
     stem = "frankfurt_000000_000294"

@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from gmmseg_core.data import build_dataset, train_transforms
+from gmmseg_core.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, train_transforms
 from gmmseg_core.data.transforms import (
     Compose,
     Pad,
@@ -40,8 +40,18 @@ def test_geometric_pipeline_keeps_image_and_label_aligned(rng):
         derived = np.rint(out_img[..., 0] / 40.0)
         assert interior.sum() > 50
         np.testing.assert_array_equal(derived[interior], out_lab[interior])
-        # padding: label 255 and image 0 together
-        assert np.all(out_img[~valid] == 0)
+
+
+def test_pipeline_pads_to_zero_after_normalisation(rng):
+    # mmseg normalises, then pads with 0; here padding comes first, with the mean, so it ends at 0 just the same
+    image, label = _blocks(rng)
+    out_img, out_lab = train_transforms((64, 80), ratio_range=(1.0, 1.0), photometric=False)(
+        image, label, np.random.default_rng(0))
+    pad = np.zeros(out_lab.shape, bool)
+    pad[40:], pad[:, 56:] = True, True
+    assert np.all(out_lab[pad] == 255)
+    normalised = (out_img[pad] / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(normalised, 0.0, atol=1e-6)
 
 
 def test_labels_stay_in_the_valid_set(rng):
@@ -94,6 +104,8 @@ def test_flip_and_pad():
     img, lab = Pad((6, 8))(image + 5, label)
     assert lab.shape == (6, 8) and np.all(lab[4:] == 255) and np.all(lab[:, 6:] == 255)
     assert np.all(img[4:] == 0) and np.all(img[:4, :6] == 5)
+    img, _ = Pad((6, 8), pad_val=(1.0, 2.0, 3.0))(image + 5, label)              # one value per channel
+    assert np.all(img[4:] == [1.0, 2.0, 3.0]) and np.all(img[:4, :6] == 5)
 
 
 def test_photometric_distortion_changes_colours_only(rng):

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import colorsys
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,15 @@ class SpriteSource:
     names: list[str]
     threshold: float  # grey level (0..255) above which a sprite pixel belongs to the object
     flip: bool = True  # mirror sprites at random (not for digits)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits of a hash of the sprites and their labels: which files were read (two folders may hold
+        same-named IDX files of equal length, e.g. MNIST and Fashion-MNIST) enters the items' cache key."""
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +277,7 @@ class CompositeDataset(GeneratedDataset):
     def cache_key(self) -> str:
         held = "-".join(self.held_out).replace("/", "_").replace(" ", "_")
         return (f"{self.name}-{self.split}-{self.height}x{self.width}-s{self.seed}-o{self.objects[0]}"
-                f"{self.objects[1]}-v{self.void_width}-{len(self.source.labels)}-{held}")
+                f"{self.objects[1]}-v{self.void_width}-{len(self.source.labels)}-{held}-{self.source.fingerprint}")
 
     def generate(self, index: int):
         """Compose item ``index``: (image uint8 (H, W, 3), label uint8 (H, W), semantic uint8 (H, W))."""

@@ -118,7 +118,8 @@ class FileSegmentationDataset(SegmentationDataset):
         self.image_size = None
         if image_size is not None:
             self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.root = None if root is None else str(root)
+        # absolute: the cache key (the sampler's class index) must not confuse two ./data trees
+        self.root = None if root is None else str(Path(root).expanduser().resolve())
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX
+from .base import IGNORE_INDEX, IMAGENET_MEAN
 
 
 def _pair(size, name: str) -> tuple[int, int]:
@@ -195,9 +195,10 @@ class PhotoMetricDistortion:
 
 
 class Pad:
-    """Pad bottom / right up to ``size`` with ``pad_val`` (image) and ``seg_pad_val`` (label, 255)."""
+    """Pad bottom / right up to ``size`` with ``pad_val`` (image: one value, or one per channel) and
+    ``seg_pad_val`` (label, 255)."""
 
-    def __init__(self, size, pad_val: float = 0.0, seg_pad_val: int = IGNORE_INDEX):
+    def __init__(self, size, pad_val=0.0, seg_pad_val: int = IGNORE_INDEX):
         self.size = _pair(size, "size")
         self.pad_val, self.seg_pad_val = pad_val, seg_pad_val
 
@@ -205,7 +206,10 @@ class Pad:
         h, w = label.shape
         ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
         if ph or pw:
-            image = np.pad(image, ((0, ph), (0, pw), (0, 0)), constant_values=self.pad_val)
+            padded = np.empty((h + ph, w + pw) + image.shape[2:], dtype=image.dtype)
+            padded[...] = np.asarray(self.pad_val, dtype=np.float64).astype(image.dtype)
+            padded[:h, :w] = image
+            image = padded
             label = np.pad(label, ((0, ph), (0, pw)), constant_values=self.seg_pad_val)
         return image, label
 
@@ -216,6 +220,9 @@ class Pad:
 def train_transforms(crop_size, scale=None, ratio_range=(0.5, 2.0), cat_max_ratio: float = 0.75,
                      flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX) -> Compose:
     """mmseg's default training pipeline (normalisation is done by the dataset afterwards).
+
+    mmseg normalises before it pads with 0; here the dataset normalises after, so the image is padded with the
+    ImageNet mean (0..255), which the normalisation turns into 0 (up to rounding for uint8 images).
 
     Parameters
     ----------
@@ -230,5 +237,5 @@ def train_transforms(crop_size, scale=None, ratio_range=(0.5, 2.0), cat_max_rati
              RandomFlip(flip_prob)]
     if photometric:
         steps.append(PhotoMetricDistortion())
-    steps.append(Pad(crop_size, 0.0, ignore_index))
+    steps.append(Pad(crop_size, tuple(255.0 * m for m in IMAGENET_MEAN), ignore_index))
     return Compose(steps)
