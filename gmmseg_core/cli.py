@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run directory written by `gmmseg train`.")
     p.add_argument("run_dir", help="run directory (holds checkpoint.pt)")
     p.add_argument("--dataset", help="dataset name (default: the training dataset)")
-    p.add_argument("--data-root", help="dataset root (default: the training run's)")
+    p.add_argument("--data-root", help="dataset root (default: the training run's; for the training dataset it "
+                                       "also locates the split the sml statistics come from)")
     p.add_argument("--split", default="val", help="split to evaluate: val, anomaly, ... (default val)")
-    p.add_argument("--image-size", type=int, help="image size (default: the training run's)")
+    p.add_argument("--image-size", type=int, help="image size (default: the training run's for its own dataset, "
+                                                  "the dataset's own size for another one)")
     p.add_argument("--num-images", type=int, help="evaluate only the first N images")
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="window stride for --mode slide")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--output", help="JSON file for the results")
+    p.add_argument("--output", help="JSON file for the results (default <run_dir>/eval_<dataset>_<split>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("reproduce", help="run the study notebooks for a profile", epilog=REPRO_EPILOG,
@@ -202,9 +204,19 @@ def cmd_evaluate(args) -> int:
         evaluate_closed_set,
         format_table,
     )
-    from gmmseg_core.train import _jsonable, load_run
+    from gmmseg_core.scoring import SCORERS
+    from gmmseg_core.train import _check_device, _write_json, load_run
 
+    _check_device(args.device)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.is_dir():
+        raise ValueError(f"--output must be a file path, got the directory {str(output)!r}")
+    unknown = sorted(set(args.scorers or ()) - set(SCORERS))
+    if unknown:
+        raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
     model, cfg, _ = load_run(args.run_dir, device=args.device)
+    if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
+        raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
     name = args.dataset or cfg.dataset
     root = args.data_root if args.data_root is not None else (cfg.data_root if name == cfg.dataset else None)
     kw = {}
@@ -219,12 +231,16 @@ def cmd_evaluate(args) -> int:
     dataset = build_dataset(name, args.split, root=root, **kw)
     common = dict(batch_size=args.batch_size, device=args.device, mode=args.mode, crop_size=args.crop_size,
                   stride=args.stride, progress=not args.no_progress)
+    if args.scorers and not getattr(dataset, "is_anomaly_split", False):
+        raise ValueError(f"--scorers apply to anomaly splits; {name}/{args.split} is a closed-set split")
     if getattr(dataset, "is_anomaly_split", False):
         scorers = args.scorers
         want_sml = scorers is None or "sml" in scorers
         sml_stats = None
         if want_sml:
-            train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **cfg.dataset_kwargs)
+            # --data-root names where the training dataset lives now when it is the one evaluated
+            train_root = args.data_root if args.data_root is not None and name == cfg.dataset else cfg.data_root
+            train_ds = build_dataset(cfg.dataset, "train", root=train_root, **cfg.dataset_kwargs)
             sml_stats = collect_sml_statistics(model, train_ds, max_images=args.sml_images or None, **common)
         results = evaluate_anomaly(model, dataset, scorers=scorers, sml_stats=sml_stats,
                                    streaming=args.streaming, **common)
@@ -237,9 +253,9 @@ def cmd_evaluate(args) -> int:
         classes = getattr(dataset, "classes", [str(i) for i in range(len(results["per_class_iou"]))])
         for cls, iou in zip(classes, results["per_class_iou"]):
             print(f"  {cls:<16}{100 * iou:8.2f}")
-    out = Path(args.output) if args.output else Path(args.run_dir) / f"eval_{name}_{args.split}.json"
-    out.write_text(json.dumps(_jsonable({"dataset": name, "split": args.split, "results": results}),
-                              indent=2) + "\n")
+    out = output or Path(args.run_dir) / f"eval_{name}_{args.split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(out, {"dataset": name, "split": args.split, "results": results})
     print(f"written: {out}")
     return 0
 

@@ -114,7 +114,7 @@ _OPTIONAL_TRAIN_PARAMS = ("amp", "num_workers")
 
 
 def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, seed: int, device=None,
-                      data_root=None, cache_dir="runs/cache", **head_overrides):
+                      data_root=None, cache_dir="runs/cache", model_kwargs: dict | None = None, **head_overrides):
     """The ``TrainConfig`` of one cell of the experiment matrix, built the same way by every notebook.
 
     Parameters
@@ -134,6 +134,9 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
     device, data_root : passed through
     cache_dir : path
         Where ``train_cached`` keeps runs; generated scenes are also cached there (``<cache_dir>/data``).
+    model_kwargs : dict, optional
+        Backbone arguments. Default: the profile's ``width`` for the in-house architectures, nothing for smp
+        ones (whose encoders have no width; pass ``{"encoder_weights": None}`` to build one offline).
     **head_overrides
         GMM head knobs for ablations (``num_components=1``, ``em="classic"``, ...).
 
@@ -162,8 +165,10 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
                       "num_images": int(p["num_train_images"])}
     if dataset in ("scenes", "fashion", "digits"):  # generated once, then read back from disk
         dataset_kwargs["cache_dir"] = str(Path(cache_dir) / "data")
+    if model_kwargs is None:
+        model_kwargs = {} if str(arch).startswith("smp:") else {"width": int(p["width"])}
     return TrainConfig(arch=arch, head="softmax" if kind == "softmax" else "gmm", head_kwargs=head_kwargs,
-                       model_kwargs={"width": int(p["width"])}, dataset=dataset, data_root=data_root,
+                       model_kwargs=dict(model_kwargs), dataset=dataset, data_root=data_root,
                        dataset_kwargs=dataset_kwargs, val_dataset_kwargs={"num_images": int(p["num_val_images"])},
                        iters=int(p["train_iters"]), batch_size=int(p["batch_size"]), lr=float(p["lr"]),
                        amp=str(p.get("amp", "none")), num_workers=int(p.get("num_workers", 0)),
@@ -204,10 +209,12 @@ class ExperimentRuns:
         _check_train_params(self.train_params)      # fails here rather than at the first model
         self.started = time.time()
 
-    def config(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, **head_overrides):
+    def config(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, model_kwargs: dict | None = None,
+               **head_overrides):
         """The ``TrainConfig`` of one model (arguments as in :func:`experiment_config`)."""
         return experiment_config(self.train_params, arch, kind, dataset, seed, device=self.device,
-                                 data_root=self.data_root, cache_dir=self.cache_dir, **head_overrides)
+                                 data_root=self.data_root, cache_dir=self.cache_dir, model_kwargs=model_kwargs,
+                                 **head_overrides)
 
     def train_all(self, configs, processes: int = 1) -> list[Path]:
         """Train the configurations not yet in the cache, up to ``processes`` at a time (see
@@ -217,12 +224,12 @@ class ExperimentRuns:
         return train_cached_many(configs, self.cache_dir, processes=processes)
 
     def trained(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, verbose: bool = True,
-                **head_overrides):
+                model_kwargs: dict | None = None, **head_overrides):
         """One model, trained now or read from the cache, on ``device``.
 
         Parameters
         ----------
-        arch, kind, dataset, seed, **head_overrides
+        arch, kind, dataset, seed, model_kwargs, **head_overrides
             As in :func:`experiment_config`.
         verbose : bool
             Print one line: the model, its validation mIoU, and whether it was trained now (with its training
@@ -237,7 +244,8 @@ class ExperimentRuns:
         """
         from .train import load_run, train_cached
 
-        run_dir = train_cached(self.config(arch, kind, dataset, seed, **head_overrides), self.cache_dir)
+        run_dir = train_cached(self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs, **head_overrides),
+                               self.cache_dir)
         model, _, metrics = load_run(run_dir, device=self.device)
         if verbose:
             fresh = (run_dir / "metrics.json").stat().st_mtime >= self.started

@@ -74,6 +74,53 @@ def test_train_then_evaluate_closed_set_and_anomaly(tmp_path, capsys):
     assert "fpr95" in capsys.readouterr().out
 
 
+def test_evaluate_checks_its_options_before_evaluating(tmp_path, capsys):
+    assert main(["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+                 "--run-name", "sm"]) == 0
+    run = str(tmp_path / "sm")
+    capsys.readouterr()
+    for args, message in [
+        (["--split", "anomaly", "--scorers", "msp", "bogus"], "--scorers ['bogus'] are not scorers"),
+        (["--split", "anomaly", "--scorers", "gmm"], "--scorers gmm needs a GMM head"),
+        (["--scorers", "msp"], "--scorers apply to anomaly splits; scenes/val is a closed-set split"),
+        (["--output", str(tmp_path)], "--output must be a file path, got the directory"),
+        (["--device", "gpu"], "device must be a torch device string"),
+    ]:
+        assert main(["evaluate", run, "--no-progress", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    target = tmp_path / "new" / "folder" / "val.json"           # missing folders are made
+    assert main(["evaluate", run, "--no-progress", "--num-images", "1", "--output", str(target)]) == 0
+    assert json.loads(target.read_text())["split"] == "val"
+
+
+def test_evaluate_finds_moved_training_data_through_data_root(tmp_path, capsys):
+    import gzip
+
+    import numpy as np
+
+    def write_idx(path, array):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+
+    old_root = tmp_path / "old"                 # a tiny Fashion-MNIST look-alike in the real file naming
+    old_root.mkdir()
+    images = np.zeros((20, 28, 28), np.uint8)
+    images[:, 6:22, 8:20] = 200
+    for part in ("train", "t10k"):
+        write_idx(old_root / f"{part}-images-idx3-ubyte.gz", images)
+        write_idx(old_root / f"{part}-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    args = [a for a in TINY if a != "--no-progress"]
+    assert main(["train", *args, "--no-progress", "--dataset", "fashion", "--data-root", str(old_root),
+                 "--out-dir", str(tmp_path), "--run-name", "fa"]) == 0
+    new_root = old_root.rename(tmp_path / "new")          # the data moved (another machine, another disk)
+    capsys.readouterr()
+    # the sml statistics read the training split: from --data-root, not from the run's old root
+    assert main(["evaluate", str(tmp_path / "fa"), "--split", "anomaly", "--num-images", "1", "--sml-images", "2",
+                 "--scorers", "sml", "--data-root", str(new_root), "--no-progress"]) == 0, capsys.readouterr().err
+
+
 def test_evaluate_reports_a_missing_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "no checkpoint.pt" in capsys.readouterr().err

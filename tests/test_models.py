@@ -72,6 +72,12 @@ def test_smp_adapters(arch):
         assert model(torch.randn(2, 3, 40, 72)).shape == (2, C, 40, 72)
 
 
+def test_smp_architecture_whose_head_is_more_than_a_classifier_is_refused():
+    pytest.importorskip("segmentation_models_pytorch")
+    with pytest.raises(ValueError, match=r"segmentation head \(DPTSegmentationHead\) is not a classifier"):
+        build_model("smp:DPT:tu-vit_tiny_patch16_224", "gmm", num_classes=C, encoder_weights=None)
+
+
 def test_bad_names_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"arch must be one of \['deeplabv3plus', 'fcn', 'segformer'\]"):
         build_model("unet", num_classes=C)

@@ -202,6 +202,17 @@ def test_experiment_config_carries_amp_and_workers_without_changing_the_cache_ke
         experiment_config({k: v for k, v in TRAIN["cpu"].items() if k != "lr"}, "fcn", "softmax", "scenes", 0)
 
 
+def test_experiment_config_gives_smp_backbones_no_width():
+    from gmmseg_core.profiles import TRAIN, experiment_config
+
+    assert experiment_config(TRAIN["cpu"], "fcn", "softmax", "scenes", 0).model_kwargs == {"width": 8}
+    smp = experiment_config(TRAIN["cpu"], "smp:Unet:resnet18", "gmm_official", "scenes", 0)
+    assert smp.model_kwargs == {}              # smp encoders have no width (timm ones reject it)
+    offline = experiment_config(TRAIN["cpu"], "smp:Unet:resnet18", "softmax", "scenes", 0,
+                                model_kwargs={"encoder_weights": None})
+    assert offline.model_kwargs == {"encoder_weights": None}
+
+
 def test_experiment_runs_train_once_and_say_whether_a_model_was_trained_now(tmp_path, capsys):
     from gmmseg_core.profiles import TRAIN, ExperimentRuns, experiment_config
 

@@ -3,7 +3,9 @@
 The smp model is built with its usual constructor; its ``segmentation_head`` (classifier conv, upsampling,
 activation) is replaced by the identity, so the backbone returns the decoder output and our head classifies
 it. Example names (smp 0.6): ``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``,
-``smp:Unet:resnet34``, ``smp:FPN:resnet50``, ``smp:DPT:tu-vit_base_patch16_224.augreg_in21k``.
+``smp:Unet:resnet34``, ``smp:FPN:resnet50``. Architectures whose segmentation head does more than classify
+(smp 0.6's DPT: a 3x3 conv, BatchNorm and ReLU before its classifier) are refused, since replacing that head would
+drop part of the network.
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ class SMPBackbone(nn.Module):
                              f"{sorted(known.values())}")
         model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
                                  encoder_weights=encoder_weights, classes=1, **kw)
-        self.out_channels = model.segmentation_head[0].in_channels
+        head = model.segmentation_head
+        if not (isinstance(head, nn.Sequential) and len(head) > 0 and isinstance(head[0], nn.Conv2d)
+                and all(not any(p.requires_grad for p in m.parameters()) for m in list(head)[1:])):
+            raise ValueError(f"smp architecture {known[architecture.lower()]!r}: its segmentation head "
+                             f"({type(head).__name__}) is not a classifier convolution followed by upsampling, "
+                             "so it cannot be swapped for a GMM or softmax head; use another architecture")
+        self.out_channels = head[0].in_channels
         model.segmentation_head = nn.Identity()
         model.classification_head = None
         self.model = model
