@@ -238,9 +238,9 @@ def cmd_evaluate(args) -> int:
         want_sml = scorers is None or "sml" in scorers
         sml_stats = None
         if want_sml:
-            # --data-root names where the training dataset lives now when it is the one evaluated
-            train_root = args.data_root if args.data_root is not None and name == cfg.dataset else cfg.data_root
-            train_ds = build_dataset(cfg.dataset, "train", root=train_root, **cfg.dataset_kwargs)
+            # the training dataset where the evaluated split was found, when they are the same dataset
+            train_ds = build_dataset(cfg.dataset, "train", root=root if name == cfg.dataset else cfg.data_root,
+                                     **cfg.dataset_kwargs)
             sml_stats = collect_sml_statistics(model, train_ds, max_images=args.sml_images or None, **common)
         results = evaluate_anomaly(model, dataset, scorers=scorers, sml_stats=sml_stats,
                                    streaming=args.streaming, **common)

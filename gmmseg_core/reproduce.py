@@ -182,9 +182,10 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     except Exception as err:  # dead kernel, timeout, bad notebook file
         raise NotebookExecutionError(notebook, output_path, None, type(err).__name__, str(err)) from err
     finally:
-        interrupted = _INTERRUPTS is not None and _INTERRUPTS.signum is not None
-        if _INTERRUPTS is not None:
-            _INTERRUPTS.kernel = None
+        interrupts = _INTERRUPTS
+        interrupted = interrupts is not None and interrupts.signum is not None
+        if interrupts is not None:
+            interrupts.kernel = None
         # Interrupted: the signal handler has killed the kernel's process group. Shutting the kernel down through
         # its manager would run papermill's event loop again, whose abandoned tasks wait on the dead kernel for
         # ever. Otherwise, broken while a cell runs (dead kernel, timeout): kill the process group (now=True)
@@ -200,6 +201,8 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
             os.environ.pop("MPLBACKEND", None)
         else:
             os.environ["MPLBACKEND"] = env_backend
+        if interrupted:      # whatever papermill made of the killed kernel (a dead-kernel error, or nothing)
+            raise KeyboardInterrupt(f"signal {interrupts.signum}")
     return time.perf_counter() - start
 
 
@@ -214,9 +217,10 @@ class _RunInterrupts:
     The kernel runs in a session of its own, so a terminal's Ctrl-C never reaches it or the trainings it
     started, and waiting for the busy kernel to shut down would take until its cell ends (hours, for a long
     training cell), while the trainings go on. The handler kills the kernel's process group, which stops them
-    all at once, then raises ``KeyboardInterrupt``; ``reproduce`` records the interrupted notebook in
-    ``timings.json`` and passes the interrupt on. A training killed this way resumes from its last checkpoint
-    the next time. Outside the main thread, or without process groups, the signals keep their usual handling.
+    all at once, then raises ``KeyboardInterrupt``; ``run_notebook`` raises it again in place of whatever
+    papermill made of the dead kernel, and ``reproduce`` records the interrupted notebook in ``timings.json``
+    and passes the interrupt on. A training killed this way resumes from its last checkpoint the next time.
+    Outside the main thread, or without process groups, the signals keep their usual handling.
     """
 
     def __init__(self):
@@ -228,11 +232,6 @@ class _RunInterrupts:
         if self.kernel is not None:
             _kill_kernel(self.kernel)
         raise KeyboardInterrupt(f"signal {signum}")
-
-    def check(self):
-        """Raise ``KeyboardInterrupt`` if a signal arrived."""
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
 
     @contextmanager
     def installed(self):
@@ -365,10 +364,10 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
             os.environ[var] = str(threads)
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
-    result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir)}
+    result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
+              "complete": False}
     total_start = time.perf_counter()
     failures = []
-    result["complete"] = False
     global _INTERRUPTS
     interrupts = _RunInterrupts()
     try:
@@ -383,12 +382,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                 start, error = time.perf_counter(), None
                 entry = result["notebooks"][name] = {"output": str(output)}
                 try:
-                    try:
-                        run_notebook(nb_path, output, params, kernel_name=kernel)
-                    except NotebookExecutionError:
-                        interrupts.check()      # a kernel killed by Ctrl-C / SIGTERM is an interrupt
-                        raise
-                    interrupts.check()
+                    run_notebook(nb_path, output, params, kernel_name=kernel)
                 except NotebookExecutionError as err:
                     entry.update(seconds=round(time.perf_counter() - start, 2), error=str(err))
                     if not keep_going:

@@ -232,8 +232,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     ------
     FloatingPointError
         When the loss or the gradient norm is not finite (with fp16 autocast: ``NONFINITE_FP16_STEPS`` steps in a
-        row), naming the step and the learning rate, before a checkpoint of that step is written. The run is not marked finished, so ``train_cached`` never serves it; its
-        last checkpoint stays, and ``log.csv`` ends with the failing step.
+        row), naming the step and the learning rate, before a checkpoint of that step is written. The run is
+        not marked finished, so ``train_cached`` never serves it; its last checkpoint stays, and ``log.csv``
+        ends with the failing step.
     """
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import evaluate_closed_set
@@ -373,7 +374,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
                dynamic_ncols=True)
     t_start = time.perf_counter()
-    nonfinite = 0    # consecutive steps with a non-finite loss
+    nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     try:
         for images, labels in loader:
             t0 = time.perf_counter()

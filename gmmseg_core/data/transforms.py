@@ -207,7 +207,7 @@ class Pad:
         ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
         if ph or pw:
             padded = np.empty((h + ph, w + pw) + image.shape[2:], dtype=image.dtype)
-            padded[...] = np.asarray(self.pad_val, dtype=np.float64).astype(image.dtype)
+            padded[...] = self.pad_val
             padded[:h, :w] = image
             image = padded
             label = np.pad(label, ((0, ph), (0, pw)), constant_values=self.seg_pad_val)
