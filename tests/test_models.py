@@ -72,6 +72,22 @@ def test_smp_adapters(arch):
         assert model(torch.randn(2, 3, 40, 72)).shape == (2, C, 40, 72)
 
 
+def test_smp_pretrained_weights_that_cannot_be_fetched_say_how_to_proceed(monkeypatch):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    real = smp.create_model
+
+    def offline(*args, encoder_weights=None, **kw):     # what the hub raises without network or cached copy
+        if encoder_weights is not None:
+            raise OSError("cannot reach the hub and the file is not in the local cache")
+        return real(*args, encoder_weights=None, **kw)
+
+    monkeypatch.setattr(smp, "create_model", offline)
+    with pytest.raises(FileNotFoundError, match=r"'imagenet' weights of smp encoder 'mit_b0' \(cannot reach the hub"
+                       r".*model_kwargs.encoder_weights=null"):
+        build_model("smp:Segformer:mit_b0", "gmm", num_classes=C)
+    assert build_model("smp:Segformer:mit_b0", "gmm", num_classes=C, encoder_weights=None).num_classes == C
+
+
 def test_smp_architecture_whose_head_is_more_than_a_classifier_is_refused():
     pytest.importorskip("segmentation_models_pytorch")
     with pytest.raises(ValueError, match=r"segmentation head \(DPTSegmentationHead\) is not a classifier"):

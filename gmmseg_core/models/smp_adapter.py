@@ -43,7 +43,8 @@ class SMPBackbone(nn.Module):
     encoder : str
         An smp encoder name.
     encoder_weights : str or None
-        ``"imagenet"`` (default; downloads on first use) or None for random initialisation.
+        ``"imagenet"`` (default; downloads on first use, then read from the cache) or None for random
+        initialisation. A download that fails raises a ``FileNotFoundError`` that says how to proceed offline.
     **kw
         Passed to the smp constructor (e.g. ``decoder_channels``).
 
@@ -60,8 +61,18 @@ class SMPBackbone(nn.Module):
         if architecture.lower() not in known:
             raise ValueError(f"unknown smp architecture {architecture!r}; smp {smp.__version__} has "
                              f"{sorted(known.values())}")
-        model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
-                                 encoder_weights=encoder_weights, classes=1, **kw)
+        try:
+            model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
+                                     encoder_weights=encoder_weights, classes=1, **kw)
+        except OSError as err:  # no network and no cached copy (huggingface_hub's and urllib's errors are OSErrors)
+            if encoder_weights is None:
+                raise
+            raise FileNotFoundError(
+                f"could not load the {encoder_weights!r} weights of smp encoder {encoder!r} ({err}). They are "
+                "downloaded on first use and cached, so build once with network access; or train from random "
+                "initialisation with encoder_weights=None (build_model(..., encoder_weights=None); in a "
+                "TrainConfig, model_kwargs={'encoder_weights': None}; on the command line, --set "
+                "model_kwargs.encoder_weights=null)") from err
         head = model.segmentation_head
         if not (isinstance(head, nn.Sequential) and len(head) > 0 and isinstance(head[0], nn.Conv2d)
                 and all(not any(p.requires_grad for p in m.parameters()) for m in list(head)[1:])):
