@@ -44,7 +44,9 @@ class TrainConfig:
         ``iters`` steps of ``batch_size`` images per process; AdamW (fused) with ``lr`` (the head's parameters get
         ``lr * head_lr_mult``) and ``weight_decay`` (not on biases and norm weights); linear warm-up over
         ``warmup_iters`` then poly decay ``(1 - step / iters) ** poly_power``; ``grad_clip`` (max global norm,
-        None = off); ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``; CUDA only, ignored on CPU).
+        None = off); ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``; CUDA only, ignored on CPU). The released
+        GMMSeg configs differ in scope: their 10x learning rate covers the whole decode head (the decoder too,
+        which lives in the backbones here), and only parameters named ``norm`` skip weight decay there.
     Bookkeeping
         ``eval_interval`` (validate every N steps; 0 = only at the end), ``log_interval`` (console refresh),
         ``checkpoint_interval`` (0 = only at the end), ``seed``, ``device`` (None = cpu), ``out_dir`` and

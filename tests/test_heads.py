@@ -104,6 +104,21 @@ def test_embedding_is_conv_bn_relu_layernorm_l2_with_its_gradients():
     torch.testing.assert_close(head.embed[1].running_mean, ref_head.embed[1].running_mean)
 
 
+def test_dropout_drops_feature_channels_before_the_embedding_in_training_only():
+    torch.manual_seed(0)
+    head, plain = _head(dropout=0.5), _head()
+    plain.load_state_dict(head.state_dict())          # dropout adds no state: checkpoints stay compatible
+    f = torch.randn(2, CF, 5, 6)
+    torch.manual_seed(1)
+    mask = F.dropout2d(torch.ones(2, CF, 1, 1), 0.5)  # the channels Dropout2d keeps, and its 1 / (1 - p) scale
+    torch.manual_seed(1)
+    torch.testing.assert_close(head.embedding(f), plain.embedding(f * mask))
+    assert not torch.equal(head.embedding(f), head.embedding(f))
+    plain.load_state_dict(head.state_dict())          # the same BatchNorm statistics
+    head.eval(), plain.eval()
+    torch.testing.assert_close(head(f), plain(f))
+
+
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_gradients_reach_features_not_gaussians(variant):
     head = _head(variant=variant)
@@ -399,6 +414,7 @@ def test_ddp_gather_gives_identical_parameters_equal_to_union(dtype):
     (dict(variance_floor=0.0), "variance_floor must be > 0"),
     (dict(class_norm="yes"), "class_norm must be a bool"),
     (dict(m_step_scope="all"), "m_step_scope must be one of"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
 ])
 def test_bad_arguments_name_the_parameter(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -94,8 +94,8 @@ def build_model(arch: str, head: str = "gmm", *, num_classes: int, head_kwargs: 
     head : {"gmm", "softmax"}
     num_classes : int
     head_kwargs : dict, optional
-        Passed to ``GMMHead`` (``embed_dim``, ``num_components``, ``variant`` and the knobs) or ``SoftmaxHead``
-        (``dropout``).
+        Passed to ``GMMHead`` (``embed_dim``, ``num_components``, ``variant``, the knobs and ``dropout``) or
+        ``SoftmaxHead`` (``dropout``).
     device : str or torch.device, optional
         Where to put the model (default cpu).
     **kw

@@ -65,7 +65,9 @@ class SegmentationModel(nn.Module):
         Returns
         -------
         dict
-            ``loss`` (scalar, ``ce + aux``, differentiable), ``logits`` (B, C, H, W), ``features``
+            ``loss`` (scalar, ``ce + aux``, differentiable; ``ce`` is averaged over the labelled pixels, whereas
+            mmseg before 0.23, on which the released GMMSeg code builds, divides by every pixel, ignored ones
+            included), ``logits`` (B, C, H, W), ``features``
             (B, Cf, h, w), ``ce`` (detached cross-entropy), ``aux`` (detached extra loss of the head, 0 for
             softmax and the paper GMM).
         """
