@@ -24,6 +24,7 @@ knob                          ``"paper"``      ``"official"``   meaning
 ``hard_assign``               False           True             one-hot (argmax) responsibilities
 ``correct_only``              False           True             enqueue only correctly classified pixels
 ``max_per_component``         None (all)      20               new memory rows per component per step, evenly spaced
+                                                               (never more than ``memory_size``)
 ``memory_size``               2048            2048 (32000)     FIFO rows per component (released code: 32000)
 ``mean_momentum``             0.999           0.999            ``mu <- m mu + (1 - m) mu_new``
 ``variance_momentum``         0.0             0.0              same for the variances (released code: none; its
@@ -52,6 +53,12 @@ paper variant each memory row also stores the pixel's soft responsibilities (it 
 responsible component), and the M-step of a class is the responsibility-weighted estimate over the whole
 memory of that class (``mixture.estimate_grouped_diag_gaussian_parameters``; pushing every pixel's weighted moments
 into running sums would cost more per step than this pass every ``update_interval`` steps).
+
+How far back the memory reaches depends on how many rows a step pushes. The official variant pushes at most 20
+per component, so 2048 rows span 100 steps. The paper variant pushes every labelled pixel: at the cpu profile's
+sizes (a few thousand feature pixels per batch) a ring holds roughly ten steps, but once a batch brings a ring
+more than ``memory_size`` rows, the ring holds an evenly spaced part of the latest batch only, and each M-step
+sees that batch alone. For large batches, raise ``memory_size`` or set ``max_per_component`` to keep a history.
 
 Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
 correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process
@@ -365,7 +372,9 @@ class GMMHead(nn.Module):
         -------
         Tensor (n, K)
             Rows sum to 1 (one-hot when ``hard_assign``). With ``em="sinkhorn"`` one batched Sinkhorn call over
-            the classes (pixels padded to the largest class and masked) balances the components of every class.
+            the classes (pixels padded to the largest class and masked) balances the components of every class,
+            as far as ``sinkhorn_iters`` iterations get: fully while they overlap, partly once they separate
+            (see :mod:`gmmseg_core.mixture`).
         """
         return self._e_step(logp, labels)[0]
 
@@ -505,7 +514,11 @@ class GMMHead(nn.Module):
         keep = correct.nonzero().squeeze(1) if self.correct_only else None
         if keep is not None:
             group = group[keep]
-        chosen = select_evenly_spaced(group, self.num_classes * self.num_components, self.max_per_component)
+        # A ring takes at most memory_size rows per push: beyond that, pushing all would keep only the batch's
+        # last rows (its last images, their bottom rows), so evenly spaced ones are kept instead.
+        cap = self.memory_size if self.max_per_component is None else min(self.max_per_component, self.memory_size)
+        chosen = select_evenly_spaced(group, self.num_classes * self.num_components,
+                                      cap if group.numel() > cap else None)
         sel = chosen if keep is None else keep[chosen]
         group = group[chosen]
         extras = () if self.memory_resp is None else ((self.memory_resp, resp[sel]),)

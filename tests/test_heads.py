@@ -283,6 +283,18 @@ def _batch(seed=0, B=2, h=4, w=6):
     return f, labels
 
 
+def test_a_ring_given_more_rows_than_it_holds_keeps_evenly_spaced_ones():
+    # one class, one component: all 10 labelled pixels go to one ring of 4 rows; pushing all of them would
+    # keep the last four (pixels 6-9), the even spread keeps pixels 0, 3, 6, 9
+    head = GMMHead(CF, 1, embed_dim=D, num_components=1, variant="paper", memory_size=4).eval()
+    f = torch.randn(1, CF, 2, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+    head.update(f, torch.zeros(1, 2, 5, dtype=torch.long))
+    torch.testing.assert_close(head.memory[0], x[[0, 3, 6, 9]])
+    assert head.memory_count.tolist() == [4]
+
+
 def test_correct_only_and_max_per_component():
     head = _head(variant="official", max_per_component=2, memory_size=32).eval()
     _randomise(head)

@@ -167,6 +167,22 @@ def test_sinkhorn_few_iterations_rows_exact_columns_approximate():
     assert errors[-1] < errors[0]
 
 
+def test_sinkhorn_balances_separated_components_only_with_many_iterations():
+    # five well-separated clusters holding 50/20/15/10/5% of the samples, scored under their own components:
+    # a few iterations leave the columns near those shares; the converged plan gives each component 1/5
+    g = torch.Generator().manual_seed(0)
+    shares = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05], dtype=torch.float64)
+    labels = torch.repeat_interleave(torch.arange(5), (shares * 400).long())
+    means = torch.eye(5, dtype=torch.float64) * 6.0
+    x = means[labels] + torch.randn(400, 5, generator=g, dtype=torch.float64)
+    scores = diag_gaussian_log_prob(x, means, torch.ones(5, 5, dtype=torch.float64))
+    few = sinkhorn(scores, epsilon=1.0, n_iters=3).sum(0) / 400
+    torch.testing.assert_close(few, shares, atol=0.02, rtol=0)
+    many, errors = sinkhorn(scores, epsilon=1.0, n_iters=2000, tol=1e-6, return_errors=True)
+    assert errors[-1] < 1e-6
+    torch.testing.assert_close(many.sum(0) / 400, torch.full((5,), 0.2, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
 def test_sinkhorn_batched_with_mask():
     scores = torch.randn(3, 12, 4, dtype=torch.float64)
     lengths = torch.tensor([12, 8, 0])
