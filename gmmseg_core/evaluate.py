@@ -223,9 +223,10 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
     ----------
     model : SegmentationModel
     dataset : Dataset of (image, label) with labels 0 = known, 1 = anomaly, 255 = void
-    scorers : list of str, optional
-        Names from :data:`gmmseg_core.scoring.SCORERS`; default :func:`default_scorers`. ``gmm`` needs a
-        generative model; ``sml`` needs ``sml_stats`` (:func:`collect_sml_statistics` on the training split).
+    scorers : str or list of str, optional
+        Names from :data:`gmmseg_core.scoring.SCORERS` (one name alone is read as ``[name]``); default
+        :func:`default_scorers`. ``gmm`` needs a generative model; ``sml`` needs ``sml_stats``
+        (:func:`collect_sml_statistics` on the training split).
     streaming : bool
         False: keep every valid pixel's score and compute exactly (:func:`gmmseg_core.metrics.anomaly_metrics`,
         memory O(pixels)); True: histograms (:class:`gmmseg_core.metrics.AnomalyMetric`, bounded memory).
@@ -236,7 +237,9 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
     dict ``{scorer: {"auroc", "ap", "fpr95", "curves"}}``; curves are numpy arrays ``thresholds, fpr, tpr,
     precision, recall``.
     """
-    scorers = list(scorers) if scorers is not None else default_scorers(model, sml_stats)
+    if scorers is None:
+        scorers = default_scorers(model, sml_stats)
+    scorers = [scorers] if isinstance(scorers, str) else list(scorers)
     for name in scorers:
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")

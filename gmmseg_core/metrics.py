@@ -34,13 +34,22 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_finite_real(value) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 class SegmentationMetric:
     """Accumulate a confusion matrix over batches and report mIoU, per-class IoU and pixel accuracy.
 
     Parameters
     ----------
     num_classes : int
-        Number of classes C; predictions and targets take values in ``0..C-1``.
+        Number of classes C (a Python or numpy integer); predictions and targets take values in ``0..C-1``.
     ignore_index : int, default 255
         Target value of pixels that are not counted.
     device : torch.device or str, optional
@@ -54,8 +63,9 @@ class SegmentationMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if not _is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = None if device is None else torch.zeros(
@@ -70,11 +80,18 @@ class SegmentationMetric:
 
         Parameters
         ----------
-        pred : LongTensor (B, H, W) or any shape
-            Predicted class indices.
-        target : LongTensor, same shape as ``pred``
+        pred : integer Tensor or array (B, H, W) or any shape
+            Predicted class indices (e.g. ``logits.argmax(1)``); floating-point values are refused rather than
+            truncated.
+        target : integer Tensor or array, same shape as ``pred``
             Ground-truth class indices, ``ignore_index`` for unlabelled pixels.
         """
+        pred = torch.as_tensor(pred)
+        target = torch.as_tensor(target)
+        for name, value in (("pred", pred), ("target", target)):
+            if value.is_floating_point() or value.is_complex():
+                raise TypeError(f"{name} must hold class indices (integers), got dtype {value.dtype}; take the "
+                                "argmax of scores first")
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                              f"{tuple(target.shape)}")
@@ -274,7 +291,7 @@ class AnomalyMetric:
         Number of histogram bins.
     ignore_index : int, default 255
     center, scale : float, optional
-        Fix the transform instead of estimating it from the first batch.
+        Fix the transform instead of estimating it from the first batch; both finite, ``scale > 0``.
     device : torch.device or str, optional
         Where the histograms live (default: the device of the first batch).
 
@@ -292,12 +309,14 @@ class AnomalyMetric:
                  scale: float | None = None, device=None):
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-        if scale is not None and not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale!r}")
+        if center is not None and not _is_finite_real(center):
+            raise ValueError(f"center must be a finite float or None, got {center!r}")
+        if scale is not None and not (_is_finite_real(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
         self.num_bins = num_bins
         self.ignore_index = ignore_index
-        self.center = center
-        self.scale = scale
+        self.center = None if center is None else float(center)
+        self.scale = None if scale is None else float(scale)
         self.device = device
         self.pos = None
         self.neg = None

@@ -652,7 +652,9 @@ class GaussianMixture:
         (scikit-learn's convention for ``covariance_type="diag"``); give at most one of the two. Missing
         ones come from ``init`` (without ``weights_init``, EM starts from the proportions of the initial
         assignment, or from uniform weights when both means and variances are given). ``weights_init`` is
-        only used by ``method="em"``.
+        only used by ``method="em"``. As in scikit-learn, all must be finite, variances and precisions
+        positive, and the weights in [0, 1] with a sum of 1 (within ``1e-8`` for float64 weights, ``1e-6``
+        otherwise); :meth:`fit` checks them before any computation.
     verbose : bool, default False
         Show a tqdm progress bar with the lower bound.
 
@@ -763,6 +765,8 @@ class GaussianMixture:
             t = self._to_tensor(X, dtype=self.means_.dtype, device=self.means_.device)
         if t.dim() != 2:
             raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise ValueError(f"X must have at least one feature, got shape {tuple(t.shape)}")
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             raise ValueError(f"X must be finite; it has {bad} NaN or infinite entries (shape {tuple(t.shape)})")
@@ -780,10 +784,31 @@ class GaussianMixture:
         if not hasattr(self, "means_"):
             raise RuntimeError("this GaussianMixture is not fitted yet; call fit(X) first")
 
-    def _init_param(self, value, name, shape, like):
-        t = self._to_tensor(value, dtype=like.dtype, device=like.device)
+    def _check_init_param(self, value, name, shape, device, positive=False):
+        """``value`` as a tensor in its own precision, checked: shape, finite, and positive if asked."""
+        t = self._to_tensor(value, device=device)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"{name} must be finite; it has {bad} NaN or infinite entries (shape {shape})")
+        if positive and bool((t <= 0).any()):
+            raise ValueError(
+                f"{name} must be positive; it has {int((t <= 0).sum())} entries <= 0 "
+                f"(smallest {float(t.min()):.6g})"
+            )
+        return t
+
+    def _check_weights_init(self, device):
+        """``weights_init`` checked as scikit-learn does: in [0, 1], summing to 1 within its precision."""
+        t = self._check_init_param(self.weights_init, "weights_init", (self.n_components,), device)
+        low, high = float(t.min()), float(t.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"weights_init must be in [0, 1], got values in [{low:.6g}, {high:.6g}]")
+        atol = 1e-8 if t.dtype == torch.float64 else 1e-6
+        total = float(t.double().sum())
+        if abs(1.0 - total) > atol:
+            raise ValueError(f"weights_init must sum to 1 (within {atol:g}), got sum {total:.10g}")
         return t
 
     # -- fitting -------------------------------------------------------------------------------------
@@ -803,22 +828,34 @@ class GaussianMixture:
     def _initialize(self, X):
         n_features = X.shape[1]
         shape = (self.n_components, n_features)
+        # the given parameters are checked before anything is computed
+        given_means = given_variances = given_weights = None
+        if self.means_init is not None:
+            given_means = self._check_init_param(self.means_init, "means_init", shape, X.device).to(X.dtype)
+        if self.variances_init is not None:
+            given_variances = self._check_init_param(
+                self.variances_init, "variances_init", shape, X.device, positive=True
+            ).to(X.dtype)
+        elif self.precisions_init is not None:
+            given_variances = self._check_init_param(
+                self.precisions_init, "precisions_init", shape, X.device, positive=True
+            ).to(X.dtype).reciprocal()
+        if self.weights_init is not None:
+            given_weights = self._check_weights_init(X.device).to(X.dtype)
+            given_weights = given_weights / given_weights.sum()
         uniform = torch.full((self.n_components,), 1.0 / self.n_components, dtype=X.dtype, device=X.device)
         weights = uniform  # when only means and variances are given
-        if self.means_init is None or (self.variances_init is None and self.precisions_init is None):
+        if given_means is None or given_variances is None:
             labels = self._initial_labels(X)
             resp = torch.nn.functional.one_hot(labels, self.n_components).to(X.dtype)
             nk, means, variances = estimate_diag_gaussian_parameters(X, resp, self.reg_covar)
             weights = nk / nk.sum()
-        if self.means_init is not None:
-            means = self._init_param(self.means_init, "means_init", shape, X)
-        if self.variances_init is not None:
-            variances = self._init_param(self.variances_init, "variances_init", shape, X)
-        elif self.precisions_init is not None:
-            variances = self._init_param(self.precisions_init, "precisions_init", shape, X).reciprocal()
-        if self.weights_init is not None:
-            weights = self._init_param(self.weights_init, "weights_init", (self.n_components,), X)
-            weights = weights / weights.sum()
+        if given_means is not None:
+            means = given_means
+        if given_variances is not None:
+            variances = given_variances
+        if given_weights is not None:
+            weights = given_weights
         if self.method == "sinkhorn":
             weights = uniform
         return means, variances, weights

@@ -149,6 +149,18 @@ def test_anomaly_evaluation_matches_direct_metrics():
     assert "auroc" in format_table(exact)
 
 
+def test_anomaly_evaluation_reads_one_scorer_name_as_a_list():
+    ds = LabelDataset(n=2, anomaly=True)
+    model = ChannelModel(num_classes=2)
+    one = evaluate_anomaly(model, ds, scorers="msp", progress=False)
+    listed = evaluate_anomaly(model, ds, scorers=["msp"], progress=False)
+    assert list(one) == ["msp"]
+    for k in ("auroc", "ap", "fpr95"):
+        assert one["msp"][k] == listed["msp"][k], k
+    with pytest.raises(ValueError, match="unknown scorer 'bogus'"):
+        evaluate_anomaly(model, ds, scorers="bogus", progress=False)
+
+
 def test_anomaly_evaluation_errors_and_defaults():
     ds = LabelDataset(n=2, anomaly=True)
     softmax_model = ChannelModel(num_classes=2)

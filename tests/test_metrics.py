@@ -58,6 +58,28 @@ def test_segmentation_metric_errors_name_the_problem():
         SegmentationMetric(0)
 
 
+def test_segmentation_metric_takes_numpy_arrays_and_numpy_num_classes():
+    pred, target = np.array([[0, 1], [2, 2]]), np.array([[0, 1], [1, 255]], dtype=np.uint8)
+    metric = SegmentationMetric(np.int64(3))
+    assert metric.num_classes == 3 and type(metric.num_classes) is int
+    metric.update(pred, target)
+    ref = SegmentationMetric(3)
+    ref.update(torch.from_numpy(pred), torch.from_numpy(target))
+    np.testing.assert_array_equal(metric.compute()["confusion"], ref.compute()["confusion"])
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        SegmentationMetric(True)
+
+
+@pytest.mark.parametrize("as_array", [np.array, torch.tensor])
+def test_segmentation_metric_refuses_float_class_indices(as_array):
+    metric = SegmentationMetric(3)
+    with pytest.raises(TypeError, match=r"pred must hold class indices \(integers\), got dtype torch.float"):
+        metric.update(as_array([0.7, 1.2]), as_array([0, 1]))
+    with pytest.raises(TypeError, match=r"target must hold class indices \(integers\), got dtype torch"):
+        metric.update(as_array([0, 1]), as_array([0.0, 1.0]))
+    assert metric.confusion is None  # nothing was counted
+
+
 def test_segmentation_metric_empty_is_nan():
     out = SegmentationMetric(2).compute()
     assert math.isnan(out["miou"]) and math.isnan(out["pixel_acc"])
@@ -143,6 +165,29 @@ def test_streaming_anomaly_metric_handles_extreme_outliers(rng):
     out = metric.compute()
     for k in ("auroc", "ap", "fpr95"):
         assert abs(out[k] - ref[k]) < 1e-3, k
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"center": float("nan")}, "center must be a finite float or None, got nan"),
+        ({"center": float("-inf")}, "center must be a finite float or None, got -inf"),
+        ({"center": "0"}, "center must be a finite float or None, got '0'"),
+        ({"scale": float("nan")}, "scale must be a finite float > 0 or None, got nan"),
+        ({"scale": float("inf")}, "scale must be a finite float > 0 or None, got inf"),
+        ({"scale": 0.0}, "scale must be a finite float > 0 or None, got 0.0"),
+    ],
+)
+def test_streaming_transform_parameters_must_be_finite(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AnomalyMetric(**kwargs)
+
+
+def test_streaming_fixed_transform_accepts_numpy_floats():
+    metric = AnomalyMetric(center=np.float32(0.5), scale=np.float64(0.1))
+    assert type(metric.center) is float and type(metric.scale) is float
+    metric.update(torch.tensor([0.1, 0.2, 0.8, 0.9]), torch.tensor([0, 0, 1, 1]))
+    assert metric.compute()["auroc"] == 1.0
 
 
 def test_streaming_constant_scores_are_one_tie():

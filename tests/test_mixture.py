@@ -497,6 +497,46 @@ def test_data_errors():
         gm.score_samples(bad)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"variances_init": -np.ones((2, 3))}, r"variances_init must be positive; it has 6 entries <= 0 \(smallest -1\)"),
+        ({"precisions_init": np.zeros((2, 3))}, r"precisions_init must be positive; it has 6 .* \(smallest 0\)"),
+        ({"precisions_init": [[1, 1, 1], [1, -2, 1]]}, r"precisions_init must be positive; it has 1 .* -2\)"),
+        ({"means_init": [[0, 0, np.nan], [1, 1, 1]]}, r"means_init must be finite; it has 1 NaN or infinite"),
+        ({"variances_init": [[1, 1, np.inf], [1, 1, 1]]}, "variances_init must be finite; it has 1 NaN"),
+        ({"precisions_init": [[1, 1, np.inf], [1, 1, 1]]}, "precisions_init must be finite; it has 1 NaN"),
+        ({"weights_init": [np.nan, 1.0]}, "weights_init must be finite; it has 1 NaN or infinite"),
+        ({"weights_init": [-1, 0]}, r"weights_init must be in \[0, 1\], got values in \[-1, 0\]"),
+        ({"weights_init": [1.5, -0.5]}, r"weights_init must be in \[0, 1\], got values in \[-0.5, 1.5\]"),
+        ({"weights_init": [0.5, 0.4]}, r"weights_init must sum to 1 \(within 1e-08\), got sum 0.9"),
+        ({"weights_init": np.array([0.5, 0.4], dtype=np.float32)}, r"sum to 1 \(within 1e-06\), got sum 0.9"),
+    ],
+)
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_invalid_init_parameters_are_refused_before_fitting(kwargs, message, method):
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(ValueError, match=message):
+        GaussianMixture(2, method=method, **kwargs).fit(X)
+
+
+def test_valid_init_weights_follow_sklearn_tolerance(rng):
+    X, _ = _overlapping_data(rng)
+    start = dict(means_init=X[:3], variances_init=np.ones((3, X.shape[1])), max_iter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        # a zero weight and a float32 sum off by less than 1e-6 are accepted, as by scikit-learn
+        gm = GaussianMixture(3, method="em", weights_init=[0.0, 0.25, 0.75], **start).fit(X)
+        assert np.isfinite(gm.lower_bounds_[0])
+        weights = np.array([0.1, 0.2, 0.7 + 5e-7], dtype=np.float32)
+        GaussianMixture(3, method="em", weights_init=weights, **start).fit(X.astype(np.float32))
+
+
+def test_data_without_features_is_refused():
+    with pytest.raises(ValueError, match=r"X must have at least one feature, got shape \(5, 0\)"):
+        GaussianMixture(2).fit(np.zeros((5, 0)))
+
+
 @pytest.mark.parametrize("method", ["em", "sinkhorn"])
 def test_numpy_and_tensor_inputs_agree(rng, method):
     X, _ = _overlapping_data(rng)
