@@ -126,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split to evaluate: val, anomaly, ... (default val)")
     p.add_argument("--image-size", type=int, help="image size (default: the training run's for its own dataset, "
                                                   "the dataset's own size for another one)")
-    p.add_argument("--num-images", type=int, help="evaluate only the first N images")
+    p.add_argument("--num-images", type=int,
+                   help="images in the split: how many a generated dataset (scenes, fashion, digits) makes, or "
+                        "the first N of a dataset read from disk (default: the run's setting for its own dataset, "
+                        "else the split's size)")
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")
@@ -205,7 +208,7 @@ def cmd_evaluate(args) -> int:
         format_table,
     )
     from gmmseg_core.scoring import SCORERS
-    from gmmseg_core.train import _check_device, _write_json, load_run
+    from gmmseg_core.train import _check_device, _write_json, dataset_kwargs_for, load_run
 
     _check_device(args.device)
     output = Path(args.output) if args.output else None
@@ -221,7 +224,7 @@ def cmd_evaluate(args) -> int:
     root = args.data_root if args.data_root is not None else (cfg.data_root if name == cfg.dataset else None)
     kw = {}
     if name == cfg.dataset:  # the training run's data settings (and its validation overrides for val)
-        kw = {**cfg.dataset_kwargs, **(cfg.val_dataset_kwargs if args.split == "val" else {})}
+        kw = dataset_kwargs_for(cfg, "val" if args.split == "val" else "eval")   # never augmented
         if args.split not in ("train", "val"):
             kw.pop("num_images", None)  # the training split's size says nothing about an anomaly split's
     if args.image_size is not None:
@@ -240,7 +243,7 @@ def cmd_evaluate(args) -> int:
         if want_sml:
             # the training dataset where the evaluated split was found, when they are the same dataset
             train_ds = build_dataset(cfg.dataset, "train", root=root if name == cfg.dataset else cfg.data_root,
-                                     **cfg.dataset_kwargs)
+                                     **dataset_kwargs_for(cfg, "statistics"))      # without augmentation
             sml_stats = collect_sml_statistics(model, train_ds, max_images=args.sml_images or None, **common)
         results = evaluate_anomaly(model, dataset, scorers=scorers, sml_stats=sml_stats,
                                    streaming=args.streaming, **common)
@@ -289,6 +292,9 @@ def main(argv=None) -> int:
         return 1
     try:
         return COMMANDS[args.command](args)
+    except KeyboardInterrupt as err:            # a training stopped by Ctrl-C says where its checkpoint is
+        print(f"gmmseg {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:
         print(f"gmmseg {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -73,7 +73,10 @@ def _resolve_notebooks(notebooks) -> list[Path]:
     for item in notebooks:
         p = Path(item)
         candidates = [p, NOTEBOOK_DIR / p, NOTEBOOK_DIR / f"{p}.ipynb"]
-        candidates += [NOTEBOOK_DIR / f"{n}.ipynb" for n in NOTEBOOKS if n.startswith(str(item))]
+        prefixed = [n for n in NOTEBOOKS if n.startswith(str(item))]
+        if len(prefixed) > 1 and not any(c.suffix == ".ipynb" and c.is_file() for c in candidates):
+            raise ValueError(f"notebooks: {item!r} matches {prefixed}; give one of them (a longer prefix)")
+        candidates += [NOTEBOOK_DIR / f"{n}.ipynb" for n in prefixed]
         found = next((c for c in candidates if c.suffix == ".ipynb" and c.is_file()), None)
         if found is None:
             raise ValueError(f"notebooks: no notebook found for {item!r}; expected a path or one of {NOTEBOOKS}")

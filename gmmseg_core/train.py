@@ -20,6 +20,11 @@ concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`
 its position. So ``resume=True`` needs only the step count to continue exactly where the run stopped; with the
 restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one (on
 the same device and thread count). Evaluation runs under a forked RNG so it never shifts the training stream.
+A checkpoint belongs to its configuration: resuming it under another (other than ``RESUME_MAY_CHANGE``) is refused.
+
+Interrupts (one process, main thread): Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint of it,
+then raises ``KeyboardInterrupt`` (SIGTERM: ``SystemExit(143)``), so nothing trained is lost; a second signal
+acts at once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -44,7 +51,7 @@ from tqdm.auto import tqdm
 
 from gmmseg_core.config import TrainConfig
 
-__all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec"]
+__all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
 
 CHECKPOINT = "checkpoint.pt"
 NONFINITE_FP16_STEPS = 10  # with fp16 autocast, consecutive non-finite losses before training stops
@@ -197,6 +204,88 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ train
+def _batches(loader, stop: _StopRequest):
+    """The loader's batches; it ends early when a DataLoader worker died of a signal the loop is handling."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError:            # "DataLoader worker exited unexpectedly": Ctrl-C reaches workers too
+            if stop.signal is None:
+                raise
+            return
+        yield batch
+
+
+class _StopRequest:
+    """While active, the first SIGINT or SIGTERM only records a request to stop; a second one acts at once.
+
+    The training loop checks ``signal`` between steps, writes a checkpoint of the last completed step and then
+    stops, so an interrupted run loses nothing and resumes exactly. Handlers can only be set from the main
+    thread; elsewhere (and under DDP, whose processes could see the signal at different steps) this does
+    nothing and signals act as usual.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:       # asked twice: the previous behaviour, now
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.signal = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __exit__(self, *exc):
+        self.restore()
+
+    def stop(self, step: int, run_dir: Path):
+        """The exception that ends the run: KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM."""
+        where = (f"training stopped after step {step}; its checkpoint is in {str(run_dir)!r}: resume=True "
+                 f"(gmmseg train --config {str(run_dir / 'config.json')!r} --resume) continues it")
+        return KeyboardInterrupt(where) if self.signal == signal.SIGINT else SystemExit(128 + signal.SIGTERM)
+
+
+def dataset_kwargs_for(cfg: TrainConfig, split: str) -> dict:
+    """``build_dataset`` options of one split of a run: ``cfg.dataset_kwargs``, with ``val_dataset_kwargs`` on top
+    for ``"val"``.
+
+    ``dataset_kwargs["transform"]``, when given, is a dict of :func:`gmmseg_core.data.train_transforms` arguments
+    (JSON, so it fits in ``config.json``; e.g. ``{"crop_size": [512, 1024], "scale": [2048, 1024]}`` for
+    mmseg's Cityscapes pipeline): the training split gets that augmentation, every other split none.
+    """
+    from gmmseg_core.data import train_transforms
+
+    kw = dict(cfg.dataset_kwargs)
+    spec = kw.pop("transform", None)
+    if spec is not None and not isinstance(spec, dict):
+        raise ValueError(f"dataset_kwargs['transform'] must be a dict of train_transforms arguments (e.g. "
+                         f"{{'crop_size': [512, 1024], 'scale': [2048, 1024]}}), got {spec!r}")
+    if split == "train" and spec is not None:
+        try:
+            kw["transform"] = train_transforms(**spec)
+        except TypeError as err:
+            raise ValueError(f"dataset_kwargs['transform'] = {spec!r}: {err}") from err
+    if split == "val":
+        kw.update({k: v for k, v in cfg.val_dataset_kwargs.items() if k != "transform"})
+    return kw
+
+
 def adamw(params, lr: float) -> torch.optim.AdamW:
     """``torch.optim.AdamW``, fused where this torch has a fused kernel for the parameters' devices.
 
@@ -239,7 +328,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import evaluate_closed_set
 
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__} {cfg!r}")
     _check_device(cfg.device)
+    dataset_kwargs_for(cfg, "train")          # a bad augmentation spec fails here, before anything is written
     # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
     # a process group made by the caller counts as much as torchrun's environment: the head gathers over it anyway
     group_ready = dist.is_available() and dist.is_initialized()
@@ -264,17 +356,22 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     master = rank == 0
     run_dir = cfg.run_dir
     ckpt_path = run_dir / CHECKPOINT
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(run_dir / "config.json")
+    ckpt = None
+    if cfg.resume and ckpt_path.exists():
+        # on the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device
+        ckpt = _load_checkpoint(ckpt_path, "cpu")
+        _check_resumable(cfg, ckpt, run_dir)         # before anything in the run directory changes
+    elif cfg.resume and master:
+        warnings.warn(f"resume: no checkpoint in {str(run_dir)!r}, so training starts at step 0 (checkpoint_interval"
+                      f"={cfg.checkpoint_interval}" + (": one is written only at the end)" if not cfg.checkpoint_interval
+                                                        else ")"), stacklevel=2)
 
     # -- seeds, data, model (identical initialisation on every rank) ------------------------------------------
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **cfg.dataset_kwargs)
-    val_ds = build_dataset(cfg.dataset, "val", root=cfg.data_root,
-                           **{**cfg.dataset_kwargs, **cfg.val_dataset_kwargs})
+    train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **dataset_kwargs_for(cfg, "train"))
+    val_ds = build_dataset(cfg.dataset, "val", root=cfg.data_root, **dataset_kwargs_for(cfg, "val"))
     spec = dict(arch=cfg.arch, head=cfg.head, num_classes=train_ds.num_classes, model_kwargs=cfg.model_kwargs,
                 head_kwargs=cfg.head_kwargs)
     raw_model = build_model_from_spec(spec).to(device)
@@ -302,9 +399,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     # -- resume ------------------------------------------------------------------------------------------------
     step = 0
     metrics = {"evals": [], "final": None, "finished": False, "classes": list(getattr(train_ds, "classes", []))}
-    if cfg.resume and ckpt_path.exists():
-        # on the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -326,6 +421,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         for name in (CHECKPOINT, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
     if master:
+        # written once data and model are built: a configuration that fails to build leaves no run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(run_dir / "config.json")
         _truncate_log(run_dir / "log.csv", step)
     model = _TrainStep(raw_model)
     if ddp:
@@ -351,7 +449,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         if ddp:
             dist.barrier()
 
-    saved_step = step if cfg.resume and ckpt_path.exists() else None   # the checkpoint a failure leaves behind
+    saved_step = step if ckpt is not None else None   # the checkpoint a failure leaves behind
 
     def save_checkpoint(at_step):
         nonlocal saved_step
@@ -375,8 +473,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                dynamic_ncols=True)
     t_start = time.perf_counter()
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
+    stop = _StopRequest(enabled=not ddp)
     try:
-        for images, labels in loader:
+        stop.__enter__()
+        for images, labels in _batches(loader, stop):
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
@@ -434,16 +534,24 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 raise FloatingPointError(
                     f"training diverged: the loss is {loss_value} and the gradient norm {grad_norm_value} at step "
                     f"{step} (lr {lr:.3g}" + (f", {nonfinite} steps in a row" if nonfinite > 1 else "") + "). "
-                    + (f"The checkpoint of step {saved_step} is kept in {str(run_dir)!r} (resume=True continues "
-                       "from it). " if saved_step is not None else "No checkpoint was written yet. ")
-                    + ("Lower lr, set grad_clip, or train without fp16." if amp == "fp16"
-                       else "Lower lr or set grad_clip."))
+                    + ((f"The checkpoint of step {saved_step} is kept in {str(run_dir)!r}: resume=True continues "
+                        "from it with grad_clip set" + (" or without fp16" if amp == "fp16" else "")
+                        + "; a lower lr needs a new run (a checkpoint restores its own).")
+                       if saved_step is not None else
+                       "No checkpoint was written yet. " + ("Lower lr, set grad_clip, or train without fp16."
+                                                            if amp == "fp16" else "Lower lr or set grad_clip.")))
             if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.iters:
                 evaluate_now(step)
             if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.iters:
                 save_checkpoint(step)
             if stop_after is not None and step >= stop_after and step < cfg.iters:
                 return run_dir
+            if stop.signal is not None and step < cfg.iters:
+                break
+        if stop.signal is not None and step < cfg.iters:      # Ctrl-C or SIGTERM: keep every completed step
+            if saved_step != step:
+                save_checkpoint(step)
+            raise stop.stop(step, run_dir)
 
         # -- the end: final evaluation, checkpoint, metrics -------------------------------------------------------
         evaluate_now(step)
@@ -455,11 +563,46 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             _write_json(run_dir / "metrics.json", metrics)
         return run_dir
     finally:
+        stop.restore()
         bar.close()
         if log_file is not None:
             log_file.close()
         if own_group:
             dist.destroy_process_group()
+
+
+# Fields a resumed run may change: what it does next (iters, clipping, precision), how it reports, and where things
+# are. Everything else is either restored from the checkpoint (the optimiser's and scheduler's hyper-parameters)
+# or defines the model, the data stream or the schedule the checkpoint belongs to.
+RESUME_MAY_CHANGE = ("iters", "grad_clip", "amp", "eval_interval", "log_interval", "checkpoint_interval", "device",
+                     "num_workers", "data_root", "out_dir", "run_name", "resume", "progress")
+
+
+def _check_resumable(cfg: TrainConfig, ckpt: dict, run_dir: Path) -> None:
+    """Refuse to resume a checkpoint written under another configuration, or one already past ``cfg.iters``."""
+    saved, now = ckpt.get("config") or {}, cfg.to_dict()
+    differ = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"cannot resume the run in {str(run_dir)!r}: its checkpoint was trained with "
+                         + ", ".join(f"{k}={saved[k]!r}" for k in differ) + ", this configuration has "
+                         + ", ".join(f"{k}={now[k]!r}" for k in differ) + f" (a resumed run may change only "
+                         f"{', '.join(RESUME_MAY_CHANGE)}). Start a new run (another run_name or out_dir), or "
+                         "drop resume to start this one afresh.")
+    if int(ckpt["step"]) > cfg.iters:
+        raise ValueError(f"cannot resume the run in {str(run_dir)!r}: its checkpoint is at step {int(ckpt['step'])}, "
+                         f"past iters={cfg.iters}; give iters >= {int(ckpt['step'])}")
+
+
+def _load_checkpoint(path: Path, map_location) -> dict:
+    """``torch.load`` of a checkpoint, with an error that names the file when it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:      # truncated or foreign files fail in pickle, zipfile or torch, each its own way
+        raise ValueError(f"cannot read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); it is damaged "
+                         "or not a gmmseg checkpoint") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not a gmmseg checkpoint (no model state and step)")
+    return ckpt
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -514,7 +657,7 @@ def load_run(run_dir, device=None):
     if not path.exists():
         raise FileNotFoundError(f"no {CHECKPOINT} in run directory {str(run_dir)!r}; train it first")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = _load_checkpoint(path, device)
     model = build_model_from_spec(ckpt["model_spec"]).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()

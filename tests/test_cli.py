@@ -186,3 +186,14 @@ def test_module_entry_point_runs_as_a_subprocess():
     out = subprocess.run([sys.executable, "-m", "gmmseg_core", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "usage: gmmseg" in out.stdout
+
+
+def test_an_interrupted_command_exits_130_with_the_reason(monkeypatch, capsys):
+    import gmmseg_core.train as train_module
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt("training stopped after step 3; its checkpoint is in 'x'")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    assert main(["train", *TINY]) == 130
+    assert "gmmseg train: interrupted: training stopped after step 3" in capsys.readouterr().err

@@ -148,6 +148,9 @@ def test_bad_arguments_are_named(tmp_path):
         reproduce("laptop", out_dir=tmp_path)
     with pytest.raises(ValueError, match="notebooks: no notebook found for 'nope'"):
         reproduce("smoke", notebooks=["nope"], out_dir=tmp_path, figures_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"notebooks: '0' matches \['01_discriminative_vs_generative', "
+                                         r"'02_sinkhorn_em', .*give one of them"):
+        reproduce("smoke", notebooks=["0"], out_dir=tmp_path, figures_dir=tmp_path)
     with pytest.raises(ValueError, match="threads must be a positive int or None, got 0"):
         reproduce("smoke", notebooks=["01_discriminative_vs_generative"], out_dir=tmp_path,
                   figures_dir=tmp_path, threads=0)

@@ -395,3 +395,107 @@ def test_a_finished_run_continued_to_more_iters_is_not_finished_until_it_ends(tm
     assert not is_finished(longer.run_dir) and metrics["final"] is None
     train(longer)
     assert is_finished(longer.run_dir)
+
+
+# ---------------------------------------------------------------------------------------------- resume checks
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration_and_leaves_the_run_alone(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={}, run_name="r")
+    train(cfg, stop_after=3)
+    before = {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()}
+    with pytest.raises(ValueError, match=r"cannot resume the run in .*trained with arch='fcn', model_kwargs=\{'width': 4\}, "
+                                         r"batch_size=2, this configuration has arch='segformer', model_kwargs=\{\}, "
+                                         r"batch_size=1 \(a resumed run may change only iters, .*Start a new run"):
+        train(cfg.replace(arch="segformer", model_kwargs={}, batch_size=1, resume=True))
+    assert {p.name: p.read_bytes() for p in cfg.run_dir.iterdir()} == before
+    with pytest.raises(ValueError, match=r"checkpoint is at step 2, past iters=1; give iters >= 2"):
+        train(cfg.replace(iters=1, resume=True))
+    train(cfg.replace(resume=True, eval_interval=1, log_interval=5))      # what it may change, it may
+    assert is_finished(cfg.run_dir)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_afresh(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={}, resume=True)
+    with pytest.warns(UserWarning, match=r"resume: no checkpoint in .*training starts at step 0 "
+                                         r"\(checkpoint_interval=0: one is written only at the end\)"):
+        train(cfg)
+
+
+def test_a_configuration_that_fails_to_build_leaves_no_run_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path, dataset_kwargs=dict(image_size=32, num_images=6, transform="mmseg"))
+    with pytest.raises(ValueError, match=r"dataset_kwargs\['transform'\] must be a dict of train_transforms"):
+        train(cfg)
+    with pytest.raises(TypeError, match=r"train needs a TrainConfig, got str 'fcn'"):
+        train("fcn")
+    assert not cfg.run_dir.exists()
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    run_dir = train(cfg)
+    (run_dir / "checkpoint.pt").write_bytes(b"garbage\n")
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint '.*checkpoint.pt' .*damaged or not a gmmseg"):
+        load_run(run_dir)
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint"):
+        train(cfg.replace(resume=True))
+
+
+def test_augmentation_spec_applies_to_the_training_split_only(tmp_path):
+    from gmmseg_core.data.transforms import Compose
+    from gmmseg_core.train import dataset_kwargs_for
+
+    spec = {"crop_size": [24, 24], "photometric": False}
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={},
+                   dataset_kwargs=dict(image_size=32, num_images=6, transform=spec))
+    assert isinstance(dataset_kwargs_for(cfg, "train")["transform"], Compose)
+    assert "transform" not in dataset_kwargs_for(cfg, "val") and "transform" not in dataset_kwargs_for(cfg, "x")
+    assert dataset_kwargs_for(cfg, "val")["num_images"] == 2
+    seen = []
+    train(cfg, on_step=lambda step, model, out: seen.append(tuple(out["logits"].shape[-2:])))
+    assert seen == [(24, 24), (24, 24)]          # the crops, not the 32 x 32 images
+    with pytest.raises(ValueError, match=r"dataset_kwargs\['transform'\] = \{'crop': 3\}: .*'crop'"):
+        train(cfg.replace(dataset_kwargs=dict(image_size=32, transform={"crop": 3})))
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+
+
+def _signal_at(step_wanted, sig, times=1):
+    import signal
+
+    def on_step(step, model, out):
+        if step == step_wanted:
+            for _ in range(times):
+                signal.raise_signal(sig)
+    return on_step
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path):
+    import signal
+
+    cfg = tiny_cfg(tmp_path, iters=6, head_kwargs=dict(embed_dim=4, num_components=2, variant="official"))
+    full = train(cfg.replace(run_name="full"))
+    part = cfg.replace(run_name="part")
+    with pytest.raises(KeyboardInterrupt, match=r"training stopped after step 3; its checkpoint is in .*--resume"):
+        train(part, on_step=_signal_at(3, signal.SIGINT))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler        # handlers restored
+    assert torch.load(part.run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
+    train(part.replace(resume=True))
+    a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(part.run_dir / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_stops_with_a_checkpoint_and_a_second_signal_at_once(tmp_path):
+    import signal
+
+    cfg = tiny_cfg(tmp_path, iters=4, head="softmax", head_kwargs={})
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg, on_step=_signal_at(2, signal.SIGTERM))
+    assert stopped.value.code == 143
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
+    with pytest.raises(KeyboardInterrupt) as at_once:
+        train(cfg.replace(run_name="twice"), on_step=_signal_at(2, signal.SIGINT, times=2))
+    assert "stopped after" not in str(at_once.value)
+    assert not (cfg.replace(run_name="twice").run_dir / "checkpoint.pt").exists()
