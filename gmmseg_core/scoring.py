@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 __all__ = ["SCORERS", "msp", "max_logit", "energy", "entropy", "sml", "gmm", "SMLStatistics",
@@ -98,9 +99,10 @@ SCORERS = {"msp": msp, "max_logit": max_logit, "energy": energy, "entropy": entr
 
 
 def compute_scores(outputs: dict, scorers: Iterable[str], **kw) -> dict:
-    """``{name: SCORERS[name](outputs, **kw)}`` for each name, with a clear error for unknown names."""
+    """``{name: SCORERS[name](outputs, **kw)}`` for each name (one name may be given as a string), with a clear
+    error for unknown names."""
     out = {}
-    for name in scorers:
+    for name in ([scorers] if isinstance(scorers, str) else scorers):
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
         out[name] = SCORERS[name](outputs, **kw)
@@ -118,9 +120,9 @@ class SMLStatistics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = num_classes = int(num_classes)
         self.ignore_index = ignore_index
         self.count = torch.zeros(num_classes, dtype=torch.float64)
         self.sum = torch.zeros(num_classes, dtype=torch.float64)

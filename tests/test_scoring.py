@@ -84,3 +84,12 @@ def test_sml_unseen_class_falls_back_to_pooled_stats():
     out = stats.compute()
     assert out["count"].tolist() == [4.0, 0.0, 0.0]
     assert torch.isfinite(out["std"]).all() and out["mean"][1] == out["mean"][0]
+
+
+def test_one_scorer_name_as_a_string_and_numpy_class_counts(outputs):
+    assert compute_scores(outputs, "msp").keys() == {"msp"}
+    with pytest.raises(ValueError, match="unknown scorer 'mps'"):
+        compute_scores(outputs, "mps")
+    assert SMLStatistics(np.int64(4)).num_classes == 4
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
+        SMLStatistics(True)
