@@ -158,3 +158,18 @@ def test_digits_disk_cache_is_shared_across_lengths(tmp_path):
     np.testing.assert_array_equal(a.load(2)[0], b.load(2)[0])
     b.load(4)
     assert len(list(a.cache_dir.glob("*.npz"))) == 4
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(image_size="32"), r"image_size must be a positive int or a \(height, width\) pair of positive ints, "
+                            r"got '32'"),
+    (dict(image_size=32.0), r"image_size must be .* got 32.0"),
+    (dict(num_images="4"), "num_images must be a positive int, got '4'"),
+    (dict(objects=3), r"objects must be a \(min, max\) pair with 1 <= min <= max, got 3"),
+    (dict(objects=["a", "b"]), r"objects must be a \(min, max\) pair with 1 <= min <= max, got \['a', 'b'\]"),
+    (dict(void_width=-2), "void_width must be an int >= 0, got -2"),
+    (dict(transform="mmseg"), "transform must be None or a callable"),
+])
+def test_digits_bad_options_are_refused_at_construction(kw, message):
+    with pytest.raises(ValueError, match=message):
+        build_dataset("digits", "val", **kw)

@@ -151,6 +151,23 @@ def test_resize_and_num_images(tmp_path):
     assert set(label.unique().tolist()) <= {0, 1, 255}
 
 
+@pytest.mark.parametrize("kw, message", [
+    (dict(image_size="32"), r"image_size must be a positive int or a \(height, width\) pair of positive ints, "
+                            r"got '32'"),
+    (dict(image_size=[6, 8, 3]), r"image_size must be .* got \[6, 8, 3\]"),
+    (dict(image_size=-6), "image_size must be .* got -6"),
+    (dict(num_images="2"), "num_images must be a positive int, got '2'"),
+    (dict(transform="mmseg"), "transform must be None or a callable"),
+])
+def test_bad_options_are_refused_at_construction(tmp_path, kw, message):
+    base = tmp_path / "fishyscapes" / "Static"
+    _image(base / "original" / "0.png")
+    _label(base / "labels" / "0.png", [0, 1, 255])
+    with pytest.raises(ValueError, match=message):
+        build_dataset("fishyscapes_static", "anomaly", root=tmp_path, **kw)
+    assert build_dataset("fishyscapes_static", "anomaly", root=tmp_path, image_size=[6, 8]).image_size == (6, 8)
+
+
 @pytest.mark.parametrize("name,split,needle", [
     ("cityscapes", "train", "leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png"),
     ("ade20k", "val", "ADEChallengeData2016/images/{training,validation}"),

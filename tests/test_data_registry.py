@@ -7,9 +7,12 @@ from gmmseg_core.data import (
     IMAGENET_MEAN,
     available_datasets,
     build_dataset,
+    check_dataset_arguments,
     dataset_info,
+    dataset_options,
     dataset_splits,
     register_dataset,
+    registry,
 )
 
 ALL = ["ade20k", "cityscapes", "cocostuff", "digits", "fashion", "fishyscapes_lf", "fishyscapes_static",
@@ -31,6 +34,43 @@ def test_unknown_name_and_split_list_the_valid_ones():
         build_dataset("cityscapes", "anomaly")
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("scenes", ("train",))(lambda split, root=None: None)
+
+
+def test_unknown_options_are_refused_listing_the_accepted_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset options \['foo'\] are not arguments of dataset 'scenes'; "
+                                         r"it takes \['image_size', 'num_images', "):
+        build_dataset("scenes", "train", foo=1)
+    with pytest.raises(ValueError, match=r"dataset_kwargs \['cache_dir'\] are not arguments of dataset "
+                                         r"'cityscapes'; it takes \['image_size', 'num_images', 'transform'\]"):
+        check_dataset_arguments("cityscapes", {"num_images": 2, "cache_dir": "x"})
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        check_dataset_arguments("mnist", {})
+    check_dataset_arguments("digits", {"held_out": ["8"], "objects": [1, 2], "image_size": 16})
+    assert "held_out" in dataset_options("fashion") and "root" not in dataset_options("cityscapes")
+
+
+# a value for every option of the generated datasets (the defaults, small)
+EVERY_OPTION = dict(image_size=16, num_images=1, seed=0, height=None, width=None, void_width=None, cache=False,
+                    cache_dir=None, transform=None, objects=(2, 4), held_out=("8", "9"))
+
+
+@pytest.mark.parametrize("name", ["scenes", "digits"])
+def test_every_listed_option_is_taken(name):
+    options = dataset_options(name)
+    assert set(options) <= set(EVERY_OPTION)
+    split = "val" if name == "scenes" else "anomaly"
+    assert len(build_dataset(name, split, **{k: EVERY_OPTION[k] for k in options})) == 1
+
+
+def test_options_of_other_factories(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    register_dataset("explicit", ("train",))(lambda split, root=None, size=1: None)
+    register_dataset("open", ("train",))(lambda split, root=None, **kw: None)
+    assert dataset_options("explicit") == ("size",) and dataset_options("open") is None
+    with pytest.raises(ValueError, match=r"dataset_kwargs \['sise'\] are not arguments of dataset 'explicit'; "
+                                         r"it takes \['size'\]"):
+        check_dataset_arguments("explicit", {"sise": 2})
+    check_dataset_arguments("open", {"anything": 1})
 
 
 def test_normalisation_contract():

@@ -107,6 +107,39 @@ def test_errors_name_the_bad_value():
         build_dataset("scenes", "val", num_images=2, **SMALL)[2]
 
 
+PAIR = r"a positive int or a \(height, width\) pair of positive ints"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(image_size=32.0), f"image_size must be {PAIR}, got 32.0"),
+    (dict(image_size="abc"), f"image_size must be {PAIR}, got 'abc'"),
+    (dict(image_size="32"), f"image_size must be {PAIR}, got '32'"),
+    (dict(image_size=[32, 32, 3]), rf"image_size must be {PAIR}, got \[32, 32, 3\]"),
+    (dict(image_size=[32, -32]), rf"image_size must be {PAIR}, got \[32, -32\]"),
+    (dict(image_size=[32.0, 64.0]), rf"image_size must be {PAIR}, got \[32.0, 64.0\]"),
+    (dict(image_size=True), f"image_size must be {PAIR}, got True"),
+    (dict(image_size=0), f"image_size must be {PAIR}, got 0"),
+    (dict(height="40"), "height must be a positive int, got '40'"),
+    (dict(width=64.5), "width must be a positive int, got 64.5"),
+    (dict(num_images="abc"), "num_images must be a positive int, got 'abc'"),
+    (dict(num_images=2.5), "num_images must be a positive int, got 2.5"),
+    (dict(void_width=-1), "void_width must be an int >= 0, got -1"),
+    (dict(seed="x"), "seed must be an int >= 0, got 'x'"),
+    (dict(transform="mmseg"), r"transform must be None or a callable transform\(image, label, rng\) -> "
+                              r"\(image, label\), got 'mmseg'"),
+])
+def test_bad_options_are_refused_at_construction(kw, message):
+    with pytest.raises(ValueError, match=message):
+        build_dataset("scenes", "train", **kw)
+
+
+@pytest.mark.parametrize("size", [[32, 48], (32, 48), np.array([32, 48]), [np.int64(32), 48]])
+def test_image_size_pairs(size):
+    ds = SceneDataset("val", image_size=size, num_images=np.int64(2))
+    assert (ds.height, ds.width, len(ds)) == (32, 48, 2)
+    assert (SceneDataset("val", image_size=np.int64(32)).height, SceneDataset("val", image_size=40).width) == (32, 40)
+
+
 def test_novel_textures_only_in_anomaly_splits(monkeypatch):
     from gmmseg_core.data import textures
 

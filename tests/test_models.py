@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gmmseg_core.heads import GMMHead, SoftmaxHead
-from gmmseg_core.models import ARCHS, SegmentationModel, build_model
+from gmmseg_core.models import ARCHS, SegmentationModel, build_backbone, build_model
 
 C = 4
 IN_HOUSE = sorted(ARCHS)
@@ -105,6 +105,40 @@ def test_bad_names_list_the_valid_ones():
         build_model("segformer", num_classes=C, size="huge")
     with pytest.raises(ValueError, match="variant must be one of"):
         build_model("fcn", num_classes=C, head_kwargs=dict(variant="x"))
+
+
+@pytest.mark.parametrize("arch, kw, message", [
+    ("fcn", dict(width=-1), "width must be None or a positive int, got -1"),
+    ("fcn", dict(width=0), "width must be None or a positive int, got 0"),
+    ("fcn", dict(width="abc"), "width must be None or a positive int, got 'abc'"),
+    ("fcn", dict(width=8.0), "width must be None or a positive int, got 8.0"),
+    ("fcn", dict(width=True), "width must be None or a positive int, got True"),
+    ("fcn", dict(channels=0), "channels must be None or a positive int, got 0"),
+    ("fcn", dict(channels=-3), "channels must be None or a positive int, got -3"),
+    ("fcn", dict(depths=[1, 0, 1, 1]), r"depths must be None or 4 positive ints, got \[1, 0, 1, 1\]"),
+    ("fcn", dict(depths=[]), r"depths must be None or 4 positive ints, got \[\]"),
+    ("fcn", dict(depths="abcd"), "depths must be None or 4 positive ints, got 'abcd'"),
+    ("deeplabv3plus", dict(width=-1), "width must be None or a positive int, got -1"),
+    ("deeplabv3plus", dict(channels=0), "channels must be None or a positive int, got 0"),
+    ("deeplabv3plus", dict(aspp_rates=[2, 0, 6]), r"aspp_rates must be None or a sequence of positive ints"),
+    ("segformer", dict(width=-2), "width must be None or a positive int, got -2"),
+    ("segformer", dict(width=0), "width must be None or a positive int, got 0"),
+    ("segformer", dict(decoder_dim=-3), "decoder_dim must be None or a positive int, got -3"),
+    ("segformer", dict(dims=[16, 32, 64]), r"dims must be None or 4 positive ints, got \[16, 32, 64\]"),
+    ("segformer", dict(heads=[1, 1, 0, 4]), r"heads must be None or 4 positive ints"),
+    ("segformer", dict(depths=[1, 1, 1, -1]), r"depths must be None or 4 positive ints"),
+    ("segformer", dict(size=["tiny"]), r"size must be one of \['tiny', 'small', 'base'\], got \['tiny'\]"),
+])
+def test_backbone_sizes_must_be_positive_ints(arch, kw, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(arch, "softmax", num_classes=C, **kw)
+
+
+def test_explicit_backbone_sizes_override_the_preset():
+    assert build_backbone("fcn", width=4, depths=[1, 1, 1, 1], channels=12).out_channels == 12
+    assert build_backbone("deeplabv3plus", width=4, aspp_rates=[1, 2]).out_channels == 16
+    assert build_backbone("segformer", width=4).out_channels == 16
+    assert build_backbone("segformer", decoder_dim=24).out_channels == 24
 
 
 def test_sizes_grow():

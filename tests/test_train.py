@@ -54,10 +54,35 @@ def test_config_json_round_trip_and_overrides(tmp_path):
     ("head_kwargs", {"embed_dim": 4, "num_comps": 2}, r"head_kwargs \['num_comps'\] are not arguments of GMMHead"),
     ("amp", "fp8", "amp must be one of"),
     ("grad_clip", 0, "grad_clip must be None or a positive number"),
+    ("dataset", "mnist", "unknown dataset 'mnist'; available datasets:"),
+    ("dataset_kwargs", {"image_size": 32, "foo": 1},
+     r"dataset_kwargs \['foo'\] are not arguments of dataset 'scenes'; it takes \['image_size', 'num_images', "),
+    ("val_dataset_kwargs", {"num_images": 2, "bar": 1, "baz": 2},
+     r"val_dataset_kwargs \['bar', 'baz'\] are not arguments of dataset 'scenes'; it takes \['image_size'"),
 ])
 def test_config_validation_names_the_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_cfg(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("dataset", ["scenes", "fashion", "digits", "cityscapes", "ade20k"])
+def test_experiment_configs_pass_the_dataset_option_check(tmp_path, dataset):
+    from gmmseg_core.profiles import TRAIN, experiment_config
+
+    for profile in TRAIN:
+        cfg = experiment_config(TRAIN[profile], "fcn", "gmm_official", dataset, 0, cache_dir=str(tmp_path))
+        assert set(cfg.dataset_kwargs) >= {"image_size", "num_images"}
+
+
+def test_config_checks_dataset_options_against_the_chosen_dataset(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(ValueError, match=r"dataset_kwargs \['foo'\] are not arguments of dataset 'scenes'"):
+        cfg.with_overrides(["dataset_kwargs.foo=1"])
+    digits = cfg.replace(dataset="digits", dataset_kwargs=dict(image_size=32, objects=[1, 2], held_out=["9"]))
+    assert digits.dataset_kwargs["objects"] == [1, 2]
+    with pytest.raises(ValueError, match=r"dataset_kwargs \['cache_dir'\] are not arguments of dataset "
+                                         r"'cityscapes'; it takes \['image_size', 'num_images', 'transform'\]"):
+        cfg.replace(dataset="cityscapes", dataset_kwargs=dict(image_size=32, cache_dir="data"))
 
 
 def test_config_rejects_gmm_arguments_for_the_softmax_head(tmp_path):
@@ -212,9 +237,9 @@ def test_train_cached_many_in_processes_equals_one_after_the_other(tmp_path):
 
 def test_train_cached_many_names_a_failed_run_and_keeps_the_others(tmp_path):
     good = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
-    bad = good.replace(seed=5, dataset_kwargs=dict(image_size=32, num_images=6, no_such_option=1))
+    bad = good.replace(seed=5, dataset_kwargs=dict(image_size=32, num_images=6, void_width=-1))
     with pytest.raises(RuntimeError, match=r"training 'fcn_softmax_scenes_s5_\w+' failed \(1 of 2 failed\): "
-                                           r"TypeError"):
+                                           r"ValueError"):
         train_cached_many([good, bad], tmp_path / "cache", processes=2, progress=False)
     assert is_finished(tmp_path / "cache" / good.default_run_name())
 

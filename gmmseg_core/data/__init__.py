@@ -31,30 +31,47 @@ from . import scenes as _scenes
 from .base import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, SegmentationDataset
 from .composites import CompositeDataset
 from .readers import FileSegmentationDataset
-from .registry import available_datasets, build_dataset, dataset_info, dataset_splits, register_dataset
+from .registry import (
+    available_datasets,
+    build_dataset,
+    check_dataset_arguments,
+    dataset_info,
+    dataset_options,
+    dataset_splits,
+    keyword_names,
+    register_dataset,
+)
 from .sampler import ClassBalancedSampler, class_balanced_sampler, class_image_index
 from .scenes import SceneDataset
 from .transforms import train_transforms
 
+# the keyword options each factory passes on to its dataset class (the rest are filled in by the factory)
+_SCENE_OPTIONS = keyword_names(SceneDataset, skip=("split",))
+_COMPOSITE_OPTIONS = ("held_out",) + keyword_names(CompositeDataset, skip=("split", "source", "held_out", "name"))
+_READER_OPTIONS = keyword_names(FileSegmentationDataset,
+                                skip=("pairs", "split", "name", "classes", "palette", "label_map", "root"))
 
-@register_dataset("scenes", _scenes.SPLITS, "generated street scenes (embedded default, no files)", reads_root=False)
+
+@register_dataset("scenes", _scenes.SPLITS, "generated street scenes (embedded default, no files)", reads_root=False,
+                  options=_SCENE_OPTIONS)
 def _build_scenes(split, root=None, **kw):
     return _scenes.SceneDataset(split, **kw)
 
 
-@register_dataset("fashion", _composites.SPLITS, "Fashion-MNIST garments composed into scenes (IDX files)")
+@register_dataset("fashion", _composites.SPLITS, "Fashion-MNIST garments composed into scenes (IDX files)",
+                  options=_COMPOSITE_OPTIONS)
 def _build_fashion(split, root=None, **kw):
     return _composites.fashion_dataset(split, root=root, **kw)
 
 
 @register_dataset("digits", _composites.SPLITS, "scikit-learn digits composed into scenes (bundled)",
-                  reads_root=False)
+                  reads_root=False, options=_COMPOSITE_OPTIONS)
 def _build_digits(split, root=None, **kw):
     return _composites.digits_dataset(split, root=root, **kw)
 
 
 def _register_reader(name, fn, splits, description):
-    @register_dataset(name, splits, description, needs_root=True)
+    @register_dataset(name, splits, description, needs_root=True, options=_READER_OPTIONS)
     def _build(split, root=None, **kw):
         return fn(split, root=root, **kw)
 
@@ -74,9 +91,11 @@ __all__ = [
     "SegmentationDataset",
     "available_datasets",
     "build_dataset",
+    "check_dataset_arguments",
     "class_balanced_sampler",
     "class_image_index",
     "dataset_info",
+    "dataset_options",
     "dataset_splits",
     "register_dataset",
     "train_transforms",

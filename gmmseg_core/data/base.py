@@ -11,6 +11,7 @@ from __future__ import annotations
 import colorsys
 import os
 import warnings
+from numbers import Integral
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,36 @@ def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
         v = 0.6 + 0.4 * rng.random()
         out[c] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
     return out
+
+
+def is_int(value) -> bool:
+    """True for an int (numpy integers included), False for a bool or anything else."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int; ``ValueError`` naming ``name`` unless it is an int (not a bool) >= ``minimum``."""
+    if not (is_int(value) and value >= minimum):
+        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_size_pair(name: str, value) -> tuple[int, int]:
+    """(height, width) from a positive int (a square) or a pair of positive ints (list, tuple or 1-d array);
+    ``ValueError`` naming ``name`` and the value for anything else (floats, strings, other lengths)."""
+    sequence = isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+    pair = tuple(value) if sequence else (value, value)
+    if len(pair) == 2 and all(is_int(v) and v > 0 for v in pair):
+        return int(pair[0]), int(pair[1])
+    raise ValueError(f"{name} must be a positive int or a (height, width) pair of positive ints, got {value!r}")
+
+
+def check_transform(transform) -> None:
+    """``ValueError`` unless ``transform`` is None or callable (see :class:`SegmentationDataset`)."""
+    if transform is not None and not callable(transform):
+        raise ValueError(f"transform must be None or a callable transform(image, label, rng) -> (image, label), "
+                         f"got {transform!r}")
 
 
 def numpy_rng_from_torch() -> np.random.Generator:
@@ -80,6 +111,7 @@ class SegmentationDataset(Dataset):
     std = IMAGENET_STD
 
     def __init__(self, split: str, transform=None):
+        check_transform(transform)
         self.split = split
         self.transform = transform
         self.classes: list[str] = []

@@ -31,7 +31,15 @@ import numpy as np
 from scipy import ndimage
 
 from . import textures as tx
-from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, GeneratedDataset, make_palette
+from .base import (
+    ANOMALY_CLASSES,
+    ANOMALY_PALETTE,
+    IGNORE_INDEX,
+    GeneratedDataset,
+    check_int,
+    is_int,
+    make_palette,
+)
 from .scenes import anomaly_label, image_hw
 
 SPLITS = ("train", "val", "anomaly")
@@ -243,15 +251,13 @@ class CompositeDataset(GeneratedDataset):
         super().__init__(split, transform, cache, cache_dir)
         self.name = name
         self.height, self.width = image_hw(image_size, height, width, DEFAULT_IMAGE_SIZE)
-        self.num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images}")
-        lo, hi = objects
-        if not 1 <= lo <= hi:
+        self.num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else check_int("num_images", num_images)
+        lo, hi = objects if isinstance(objects, (list, tuple)) and len(objects) == 2 else (None, None)
+        if not (is_int(lo) and is_int(hi) and 1 <= lo <= hi):
             raise ValueError(f"objects must be a (min, max) pair with 1 <= min <= max, got {objects}")
         self.objects = (int(lo), int(hi))
-        self.seed = int(seed)
-        self.void_width = max(1, self.height // 32) if void_width is None else int(void_width)
+        self.seed = check_int("seed", seed, 0)
+        self.void_width = max(1, self.height // 32) if void_width is None else check_int("void_width", void_width, 0)
         self.source = source
         unknown = [c for c in held_out if c not in source.names]
         if unknown:

@@ -35,7 +35,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, SegmentationDataset, make_palette
+from .base import (
+    ANOMALY_CLASSES,
+    ANOMALY_PALETTE,
+    IGNORE_INDEX,
+    SegmentationDataset,
+    check_int,
+    check_size_pair,
+    make_palette,
+)
 from .classnames import (
     ADE20K_CLASSES,
     CITYSCAPES_CLASSES,
@@ -110,14 +118,10 @@ class FileSegmentationDataset(SegmentationDataset):
         self.name = name
         self.pairs = list(pairs)
         if num_images is not None:
-            if num_images < 1:
-                raise ValueError(f"num_images must be a positive int, got {num_images}")
-            self.pairs = self.pairs[: int(num_images)]
+            self.pairs = self.pairs[: check_int("num_images", num_images)]
         self.classes, self.palette = list(classes), np.asarray(palette, dtype=np.uint8)
         self.label_map = label_map
-        self.image_size = None
-        if image_size is not None:
-            self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.image_size = None if image_size is None else check_size_pair("image_size", image_size)
         # absolute: the cache key (the sampler's class index) must not confuse two ./data trees
         self.root = None if root is None else str(Path(root).expanduser().resolve())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,7 +10,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class DatasetEntry:
     """A registered dataset. ``needs_root``: it cannot be built without a data root. ``reads_root``: a root
-    given changes what it loads (every dataset that needs one, and those that only look for files there)."""
+    given changes what it loads (every dataset that needs one, and those that only look for files there).
+    ``options``: the keyword arguments its factory takes besides ``split`` and ``root`` (None: read from the
+    factory's signature, see :func:`dataset_options`)."""
 
     name: str
     factory: Callable
@@ -17,16 +20,27 @@ class DatasetEntry:
     description: str
     needs_root: bool
     reads_root: bool = True
+    options: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(name: str, splits, description: str = "", needs_root: bool = False, reads_root: bool = True):
+def keyword_names(target: Callable, skip=()) -> tuple[str, ...]:
+    """Names of the parameters of ``target`` that can be passed by keyword, less those in ``skip``."""
+    params = inspect.signature(target).parameters.values()
+    return tuple(p.name for p in params
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip)
+
+
+def register_dataset(name: str, splits, description: str = "", needs_root: bool = False, reads_root: bool = True,
+                     options=None):
     """Decorator registering ``factory(split, root=None, **kw) -> SegmentationDataset`` under ``name``.
 
     ``reads_root=False`` declares that the factory ignores ``root`` (generated or bundled data), so trained-model
-    caches need not tell runs apart by their data root.
+    caches need not tell runs apart by their data root. ``options`` names the keyword arguments a factory taking
+    ``**kw`` passes on (e.g. ``keyword_names(MyDataset, skip=("split",))``), so that unknown ones are refused
+    by name before anything is built; without it such a factory's keywords are not checked.
     """
     if needs_root and not reads_root:
         raise ValueError(f"dataset {name!r}: a dataset that needs a root reads it (needs_root=True, reads_root=False)")
@@ -34,7 +48,8 @@ def register_dataset(name: str, splits, description: str = "", needs_root: bool 
     def wrap(factory):
         if name in _REGISTRY:
             raise ValueError(f"dataset name {name!r} is already registered")
-        _REGISTRY[name] = DatasetEntry(name, factory, tuple(splits), description, needs_root, reads_root)
+        _REGISTRY[name] = DatasetEntry(name, factory, tuple(splits), description, needs_root, reads_root,
+                                       None if options is None else tuple(options))
         return factory
 
     return wrap
@@ -55,6 +70,30 @@ def dataset_info(name: str) -> DatasetEntry:
 def dataset_splits(name: str) -> tuple[str, ...]:
     """The splits dataset ``name`` provides."""
     return dataset_info(name).splits
+
+
+def dataset_options(name: str) -> tuple[str, ...] | None:
+    """The keyword arguments ``build_dataset(name, split, root, **kw)`` accepts in ``kw``: the registered
+    ``options``, else those of the factory's signature; None (unknown) for a factory taking ``**kw`` registered
+    without ``options``."""
+    entry = dataset_info(name)
+    if entry.options is not None:
+        return entry.options
+    params = list(inspect.signature(entry.factory).parameters.values())
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return keyword_names(entry.factory, skip=(params[0].name, "root"))  # the split, then the root
+
+
+def check_dataset_arguments(name: str, kwargs: dict, what: str = "dataset_kwargs") -> None:
+    """Raise ``ValueError`` for an unknown dataset ``name`` and for keys of ``kwargs`` that
+    ``build_dataset(name, ...)`` would reject (listing the accepted ones), without building anything."""
+    accepted = dataset_options(name)
+    if accepted is None:
+        return
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"{what} {unknown} are not arguments of dataset {name!r}; it takes {list(accepted)}")
 
 
 def build_dataset(name: str, split: str, root=None, **kw):
@@ -80,4 +119,5 @@ def build_dataset(name: str, split: str, root=None, **kw):
     entry = dataset_info(name)
     if split not in entry.splits:
         raise ValueError(f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(entry.splits)}")
+    check_dataset_arguments(name, kw, "dataset options")
     return entry.factory(split, root=root, **kw)

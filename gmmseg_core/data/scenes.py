@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import textures as tx
-from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, GeneratedDataset
+from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, GeneratedDataset, check_int, check_size_pair
 from .canvas import Canvas
 
 CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "vehicle", "person", "pole"]
@@ -524,15 +524,11 @@ def anomaly_label(mask: np.ndarray, void_width: int) -> np.ndarray:
 
 
 def image_hw(image_size, height=None, width=None, default=DEFAULT_IMAGE_SIZE) -> tuple[int, int]:
-    """(height, width) from ``image_size`` (int or pair; None -> ``default``), overridden by ``height`` / ``width``."""
-    if image_size is None:
-        h, w = default
-    elif isinstance(image_size, int | np.integer):
-        h = w = int(image_size)
-    else:
-        h, w = (int(v) for v in image_size)
-    h = h if height is None else int(height)
-    w = w if width is None else int(width)
+    """(height, width) from ``image_size`` (positive int or pair of them; None -> ``default``), overridden by
+    ``height`` / ``width`` (positive ints)."""
+    h, w = default if image_size is None else check_size_pair("image_size", image_size)
+    h = h if height is None else check_int("height", height)
+    w = w if width is None else check_int("width", width)
     if h < 16 or w < 16:
         raise ValueError(f"image size must be at least 16 x 16, got height={h}, width={w}")
     return h, w
@@ -569,13 +565,9 @@ class SceneDataset(GeneratedDataset):
             raise ValueError(f"split must be one of {list(SPLITS)} for dataset 'scenes', got {split!r}")
         super().__init__(split, transform, cache, cache_dir)
         self.height, self.width = image_hw(image_size, height, width)
-        self.num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else int(num_images)
-        if self.num_images < 1:
-            raise ValueError(f"num_images must be a positive int, got {num_images}")
-        self.seed = int(seed)
-        self.void_width = max(1, self.height // 32) if void_width is None else int(void_width)
-        if self.void_width < 0:
-            raise ValueError(f"void_width must be >= 0, got {void_width}")
+        self.num_images = DEFAULT_NUM_IMAGES[split] if num_images is None else check_int("num_images", num_images)
+        self.seed = check_int("seed", seed, 0)
+        self.void_width = max(1, self.height // 32) if void_width is None else check_int("void_width", void_width, 0)
         anomalous = split.startswith("anomaly")
         self.classes = list(ANOMALY_CLASSES) if anomalous else list(CLASSES)
         self.palette = ANOMALY_PALETTE.copy() if anomalous else PALETTE.copy()

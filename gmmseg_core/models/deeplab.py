@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmmseg_core.models.fcn import SIZES, DilatedResNet, conv_bn_relu
+from gmmseg_core.models.fcn import SIZES, DilatedResNet, check_size, conv_bn_relu, positive_int, positive_ints
 
 ASPP_RATES = {"tiny": (2, 4, 6), "small": (3, 6, 9), "base": (6, 12, 18)}
 
@@ -35,20 +35,24 @@ class DeepLabV3PlusBackbone(nn.Module):
     size : {"tiny", "small", "base"}
         Preset for ``width``, ``depths`` and ``aspp_rates``.
     width, depths : see ``DilatedResNet``
+        None: the preset's.
     channels : int, optional
         ASPP and decoder channels (default ``4 * width``).
-    aspp_rates : tuple of 3 ints, optional
+    aspp_rates : tuple of positive ints, optional
+        Dilation rates of the 3x3 ASPP branches (default: the preset's 3).
     """
 
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None,
                  aspp_rates=None):
         super().__init__()
-        if size not in SIZES:
-            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-        width = width or SIZES[size]["width"]
-        self.encoder = DilatedResNet(width, depths or SIZES[size]["depths"], output_stride=16)
+        check_size(size, SIZES)
+        width = positive_int("width", width) or SIZES[size]["width"]
+        depths = positive_ints("depths", depths) or SIZES[size]["depths"]
+        channels = positive_int("channels", channels)
+        aspp_rates = positive_ints("aspp_rates", aspp_rates, length=None) or ASPP_RATES[size]
+        self.encoder = DilatedResNet(width, depths, output_stride=16)
         self.out_channels = channels or 4 * width
-        self.aspp = ASPP(self.encoder.channels[-1], self.out_channels, aspp_rates or ASPP_RATES[size])
+        self.aspp = ASPP(self.encoder.channels[-1], self.out_channels, aspp_rates)
         low = max(8, self.out_channels // 4)  # the usual 48 of 256
         self.skip = conv_bn_relu(self.encoder.channels[0], low, 1)
         self.fuse = nn.Sequential(conv_bn_relu(self.out_channels + low, self.out_channels),

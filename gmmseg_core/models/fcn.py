@@ -6,6 +6,8 @@ dilated ResNets of FCN/PSPNet/DeepLab; the ``DeepLabV3Plus`` backbone reuses it 
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from torch import Tensor, nn
 
 SIZES = {  # width (channels of the first stage) and blocks per stage
@@ -13,6 +15,37 @@ SIZES = {  # width (channels of the first stage) and blocks per stage
     "small": dict(width=32, depths=(2, 2, 2, 2)),
     "base": dict(width=64, depths=(3, 4, 6, 3)),
 }
+
+
+def _is_positive_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool) and v > 0
+
+
+def positive_int(name: str, value, optional: bool = True) -> int | None:
+    """``value`` as an int; ``ValueError`` naming ``name`` unless it is a positive int (or None when ``optional``)."""
+    if optional and value is None:
+        return None
+    if not _is_positive_int(value):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive int, got {value!r}")
+    return int(value)
+
+
+def positive_ints(name: str, value, length: int | None = 4, optional: bool = True) -> tuple[int, ...] | None:
+    """``value`` as a tuple of ints; ``ValueError`` naming ``name`` unless it is a list or tuple of ``length``
+    (None: any number, at least one) positive ints (or None when ``optional``)."""
+    if optional and value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and (len(value) == length if length else len(value) > 0)
+            and all(_is_positive_int(v) for v in value)):
+        count = f"{length}" if length else "a sequence of"
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}{count} positive ints, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def check_size(size, sizes) -> None:
+    """``ValueError`` unless ``size`` names a preset of ``sizes``."""
+    if not (isinstance(size, str) and size in sizes):
+        raise ValueError(f"size must be one of {list(sizes)}, got {size!r}")
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -52,8 +85,8 @@ class DilatedResNet(nn.Module):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
-        if len(depths) != 4 or any(int(d) < 1 for d in depths):
-            raise ValueError(f"depths must be 4 positive ints, got {depths!r}")
+        width = positive_int("width", width, optional=False)
+        depths = positive_ints("depths", depths, optional=False)
         self.stem = nn.Sequential(conv_bn_relu(3, width, 3, 2), conv_bn_relu(width, width, 3, 1),
                                   nn.MaxPool2d(3, 2, 1))
         strides, dilations = ((1, 2, 1, 1), (1, 1, 2, 4)) if output_stride == 8 else ((1, 2, 2, 1), (1, 1, 1, 2))
@@ -83,16 +116,18 @@ class FCNBackbone(nn.Module):
     size : {"tiny", "small", "base"}
         Preset for ``width`` and ``depths`` (explicit values override it).
     width, depths : see ``DilatedResNet``
+        None: the preset's.
     channels : int, optional
         Output channels (default ``4 * width``).
     """
 
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None):
         super().__init__()
-        if size not in SIZES:
-            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
-        width = width or SIZES[size]["width"]
-        self.encoder = DilatedResNet(width, depths or SIZES[size]["depths"], output_stride=8)
+        check_size(size, SIZES)
+        width = positive_int("width", width) or SIZES[size]["width"]
+        depths = positive_ints("depths", depths) or SIZES[size]["depths"]
+        channels = positive_int("channels", channels)
+        self.encoder = DilatedResNet(width, depths, output_stride=8)
         cin = self.encoder.channels[-1]
         self.out_channels = channels or 4 * width
         self.fcn = nn.Sequential(conv_bn_relu(cin, self.out_channels), conv_bn_relu(self.out_channels, self.out_channels))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gmmseg_core.models.fcn import check_size, positive_int, positive_ints
+
 SIZES = {  # tiny trains on a CPU; small ~ MiT-B0; base ~ MiT-B2
     "tiny": dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 1, 2, 4), decoder_dim=64),
     "small": dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), heads=(1, 2, 5, 8), decoder_dim=256),
@@ -94,7 +96,8 @@ class SegFormerBackbone(nn.Module):
     Parameters
     ----------
     size : {"tiny", "small", "base"}
-        Preset; explicit ``dims``, ``depths``, ``heads``, ``decoder_dim`` override it.
+        Preset; explicit ``dims``, ``depths``, ``heads`` (4 positive ints each) and ``decoder_dim`` (a positive
+        int) override it (None: the preset's).
     width : int, optional
         Shortcut: ``dims = width * (1, 2, 4, 8)`` and ``decoder_dim = 4 * width`` (heads 1, 1, 2, 4).
     """
@@ -102,15 +105,14 @@ class SegFormerBackbone(nn.Module):
     def __init__(self, size: str = "tiny", width: int | None = None, dims=None, depths=None, heads=None,
                  decoder_dim: int | None = None):
         super().__init__()
-        if size not in SIZES:
-            raise ValueError(f"size must be one of {list(SIZES)}, got {size!r}")
+        check_size(size, SIZES)
         cfg = dict(SIZES[size])
+        width = positive_int("width", width)
         if width is not None:
             cfg.update(dims=tuple(width * m for m in (1, 2, 4, 8)), heads=(1, 1, 2, 4), decoder_dim=4 * width)
-        dims, depths = dims or cfg["dims"], depths or cfg["depths"]
-        heads, decoder_dim = heads or cfg["heads"], decoder_dim or cfg["decoder_dim"]
-        if not len(dims) == len(depths) == len(heads) == 4:
-            raise ValueError(f"dims, depths and heads must have 4 entries, got {dims}, {depths}, {heads}")
+        dims, depths = positive_ints("dims", dims) or cfg["dims"], positive_ints("depths", depths) or cfg["depths"]
+        heads = positive_ints("heads", heads) or cfg["heads"]
+        decoder_dim = positive_int("decoder_dim", decoder_dim) or cfg["decoder_dim"]
         cins = (3,) + tuple(dims[:3])
         self.stages = nn.ModuleList([
             Stage(cins[i], dims[i], depths[i], heads[i], SR_RATIOS[i], 7 if i == 0 else 3, 4 if i == 0 else 2)
