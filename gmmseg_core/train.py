@@ -361,10 +361,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         # on the CPU: the RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device
         ckpt = _load_checkpoint(ckpt_path, "cpu")
         _check_resumable(cfg, ckpt, run_dir)         # before anything in the run directory changes
-    elif cfg.resume and master:
-        warnings.warn(f"resume: no checkpoint in {str(run_dir)!r}, so training starts at step 0 (checkpoint_interval"
-                      f"={cfg.checkpoint_interval}" + (": one is written only at the end)" if not cfg.checkpoint_interval
-                                                        else ")"), stacklevel=2)
+    elif cfg.resume and master and (run_dir / "config.json").exists():   # a run was here and left nothing to resume
+        warnings.warn(f"resume: the run in {str(run_dir)!r} left no checkpoint, so training starts again at step 0 "
+                      f"(checkpoint_interval={cfg.checkpoint_interval}" + (": one is written only at the end)"
+                                                                         if not cfg.checkpoint_interval else ")"),
+                      stacklevel=2)
 
     # -- seeds, data, model (identical initialisation on every rank) ------------------------------------------
     random.seed(cfg.seed)

@@ -441,9 +441,14 @@ def test_resume_refuses_a_checkpoint_of_another_configuration_and_leaves_the_run
 
 
 def test_resume_without_a_checkpoint_says_it_starts_afresh(tmp_path):
-    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={}, resume=True)
-    with pytest.warns(UserWarning, match=r"resume: no checkpoint in .*training starts at step 0 "
-                                         r"\(checkpoint_interval=0: one is written only at the end\)"):
+    import warnings
+
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={}, resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # nothing was here: resume simply starts (as train_cached does)
+        train(cfg, stop_after=1)                 # ... and stops with no checkpoint written
+    with pytest.warns(UserWarning, match=r"resume: the run in .* left no checkpoint, so training starts again at "
+                                         r"step 0 \(checkpoint_interval=0: one is written only at the end\)"):
         train(cfg)
 
 
