@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a segmentation model with a GMM or softmax head.")
     _add_train_options(p)
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (checks the fields and the names in the *_kwargs "
+                        "dicts; their values are checked when training builds the model and data)")
 
     p = sub.add_parser("evaluate", help="evaluate a trained run (closed-set or anomaly)", epilog=EVAL_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -89,7 +89,11 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first bad field, its value and what was expected."""
+        """Raise ``ValueError`` naming the first bad field, its value and what was expected.
+
+        The ``*_kwargs`` dicts are checked by their keys (each must be an argument of the head, backbone or
+        dataset); their values are checked by the constructors, when ``train`` builds data and model, which
+        happens before the run directory is written."""
         def need(ok, name, expected):
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
