@@ -111,7 +111,9 @@ def format_results(results, args) -> str:
     lines += ["", "\"rest minus softmax step\" is the extra cost of the GMM head's forward, backward and optimiser "
               "step (embedding, log-densities of all C x K components at feature resolution, component loss) "
               "over the softmax head's 1x1 convolution; \"update_head\" is the EM bookkeeping (Sinkhorn E-step, "
-              "memory push, M-step amortised). Step times vary by ~10% between runs on this shared machine."]
+              "memory push, M-step amortised). Absolute step times vary between runs on this shared machine "
+              "(by up to 1.7x at width 8 between two days), overheads by a few points; compare heads within "
+              "one run."]
     lines += ["", "The GMM head's extra time per step (step minus the softmax step, both variants) by backbone width, "
               "and the widths at which both variants meet the target:", ""]
     for arch in dict.fromkeys(a for a, _ in results):
