@@ -225,7 +225,7 @@ class _StopRequest:
     The training loop checks ``signal`` between steps, writes a checkpoint of the last completed step and then
     stops, so an interrupted run loses nothing and resumes exactly. Handlers can only be set from the main
     thread; elsewhere (and under DDP, whose processes could see the signal at different steps) this does
-    nothing and signals act as usual.
+    nothing and signals act as usual. A signal the process ignores (a background job's SIGINT) stays ignored.
     """
 
     def __init__(self, enabled: bool):
@@ -236,7 +236,8 @@ class _StopRequest:
     def __enter__(self):
         if self.enabled:
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:     # an ignored signal (nohup, `&`) stays ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):

@@ -491,6 +491,19 @@ def test_augmentation_spec_applies_to_the_training_split_only(tmp_path):
 # ---------------------------------------------------------------------------------------------- interrupts
 
 
+@pytest.fixture
+def default_signal_handlers():
+    """SIGINT and SIGTERM as in an interactive process (a background job, as CI may run, ignores SIGINT)."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 def _signal_at(step_wanted, sig, times=1):
     import signal
 
@@ -501,7 +514,7 @@ def _signal_at(step_wanted, sig, times=1):
     return on_step
 
 
-def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path):
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_path, default_signal_handlers):
     import signal
 
     cfg = tiny_cfg(tmp_path, iters=6, head_kwargs=dict(embed_dim=4, num_components=2, variant="official"))
@@ -517,7 +530,7 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_stops_with_a_checkpoint_and_a_second_signal_at_once(tmp_path):
+def test_sigterm_stops_with_a_checkpoint_and_a_second_signal_at_once(tmp_path, default_signal_handlers):
     import signal
 
     cfg = tiny_cfg(tmp_path, iters=4, head="softmax", head_kwargs={})
@@ -529,3 +542,15 @@ def test_sigterm_stops_with_a_checkpoint_and_a_second_signal_at_once(tmp_path):
         train(cfg.replace(run_name="twice"), on_step=_signal_at(2, signal.SIGINT, times=2))
     assert "stopped after" not in str(at_once.value)
     assert not (cfg.replace(run_name="twice").run_dir / "checkpoint.pt").exists()
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    import signal
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cfg = tiny_cfg(tmp_path, iters=3, head="softmax", head_kwargs={})
+        assert is_finished(train(cfg, on_step=_signal_at(1, signal.SIGINT)))      # no stop, no error
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, saved)
