@@ -129,7 +129,9 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
     kind : {"softmax", "gmm_paper", "gmm_official"}
         The head: softmax, or the GMM head in its paper or official variant.
     dataset : str
-        A ``build_dataset`` name.
+        A ``build_dataset`` name. Real datasets (read from ``data_root``) train with mmseg's augmentation
+        (``train_transforms``: random rescale 0.5-2, crop back to ``image_size``, flip, photometric distortion);
+        the generated ones (scenes, fashion, digits) as drawn.
     seed : int
     device, data_root : passed through
     cache_dir : path
@@ -165,6 +167,8 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
                       "num_images": int(p["num_train_images"])}
     if dataset in ("scenes", "fashion", "digits"):  # generated once, then read back from disk
         dataset_kwargs["cache_dir"] = str(Path(cache_dir) / "data")
+    else:  # real images: mmseg's training augmentation, at the profile's size (images are resized to it on load)
+        dataset_kwargs["transform"] = {"crop_size": dataset_kwargs["image_size"]}
     if model_kwargs is None:
         model_kwargs = {} if str(arch).startswith("smp:") else {"width": int(p["width"])}
     return TrainConfig(arch=arch, head="softmax" if kind == "softmax" else "gmm", head_kwargs=head_kwargs,

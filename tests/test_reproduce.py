@@ -216,6 +216,18 @@ def test_experiment_config_gives_smp_backbones_no_width():
     assert offline.model_kwargs == {"encoder_weights": None}
 
 
+def test_experiment_config_augments_real_datasets_only():
+    from gmmseg_core.data.transforms import Compose
+    from gmmseg_core.profiles import TRAIN, experiment_config
+    from gmmseg_core.train import dataset_kwargs_for
+
+    real = experiment_config(TRAIN["gpu"], "fcn", "gmm_paper", "cityscapes", 0, data_root="/data/cityscapes")
+    assert real.dataset_kwargs["transform"] == {"crop_size": [256, 512]}
+    assert isinstance(dataset_kwargs_for(real, "train")["transform"], Compose)
+    assert "transform" not in dataset_kwargs_for(real, "val")
+    assert "transform" not in experiment_config(TRAIN["gpu"], "fcn", "gmm_paper", "scenes", 0).dataset_kwargs
+
+
 def test_experiment_runs_train_once_and_say_whether_a_model_was_trained_now(tmp_path, capsys):
     from gmmseg_core.profiles import TRAIN, ExperimentRuns, experiment_config
 
