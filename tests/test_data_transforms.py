@@ -140,3 +140,10 @@ def test_bad_parameters_are_named():
     with pytest.raises(ValueError, match="ratio_range must satisfy"):
         RandomResize(None, (2.0, 1.0))
     assert "RandomCrop" in repr(Compose([RandomCrop(4)]))
+
+
+@pytest.mark.parametrize("crop_size", ["32", 32.0, [32, 32, 3], 0])
+def test_sizes_are_positive_ints_or_pairs(crop_size):
+    with pytest.raises(ValueError, match=r"crop_size must be a positive int or a \(height, width\) pair of positive "
+                                         r"ints, got"):
+        train_transforms(crop_size)

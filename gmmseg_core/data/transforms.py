@@ -15,16 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE_INDEX, IMAGENET_MEAN
-
-
-def _pair(size, name: str) -> tuple[int, int]:
-    if isinstance(size, int | np.integer):
-        size = (int(size), int(size))
-    size = tuple(int(s) for s in size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{name} must be a positive int or a (height, width) pair, got {size}")
-    return size
+from .base import IGNORE_INDEX, IMAGENET_MEAN, check_size_pair
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -68,7 +59,7 @@ class RandomResize:
     """
 
     def __init__(self, scale=None, ratio_range=(0.5, 2.0)):
-        self.scale = None if scale is None else _pair(scale, "scale")
+        self.scale = None if scale is None else check_size_pair("scale", scale)
         lo, hi = ratio_range
         if not 0 < lo <= hi:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {ratio_range}")
@@ -97,7 +88,7 @@ class RandomCrop:
 
     def __init__(self, crop_size, cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX,
                  max_tries: int = 10):
-        self.crop_size = _pair(crop_size, "crop_size")
+        self.crop_size = check_size_pair("crop_size", crop_size)
         if not 0 < cat_max_ratio <= 1:
             raise ValueError(f"cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         self.cat_max_ratio = float(cat_max_ratio)
@@ -199,7 +190,7 @@ class Pad:
     ``seg_pad_val`` (label, 255)."""
 
     def __init__(self, size, pad_val=0.0, seg_pad_val: int = IGNORE_INDEX):
-        self.size = _pair(size, "size")
+        self.size = check_size_pair("size", size)
         self.pad_val, self.seg_pad_val = pad_val, seg_pad_val
 
     def __call__(self, image, label, rng=None):
