@@ -11,4 +11,4 @@ The library behind the study notebooks. Modules, each with one job:
 ``config``    configs and named profiles; ``reproduce`` runs the notebooks; ``cli`` the ``gmmseg`` command
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"

@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ commands
 def _train_config(args):
     from gmmseg_core.config import TrainConfig
+    from gmmseg_core.data import check_dataset_arguments
 
     cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
     d = cfg.to_dict()
@@ -180,7 +181,9 @@ def _train_config(args):
         d["dataset_kwargs"] = {**d["dataset_kwargs"], "image_size": args.image_size}
     if args.no_progress:
         d["progress"] = False
-    return TrainConfig.from_dict(d).with_overrides(args.overrides)
+    cfg = TrainConfig.from_dict(d).with_overrides(args.overrides)
+    check_dataset_arguments(cfg.dataset, cfg.dataset_kwargs, "dataset_kwargs")   # the command line registers none
+    return cfg
 
 
 def cmd_train(args) -> int:

@@ -104,7 +104,10 @@ class TrainConfig:
         def is_num(v):
             return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-        from gmmseg_core.data import check_dataset_arguments  # lazy: the data package imports torch
+        from gmmseg_core.data import (  # lazy: the data package imports torch
+            available_datasets,
+            check_dataset_arguments,
+        )
         from gmmseg_core.models import check_arch, check_model_arguments  # lazy: the models import torch
 
         check_arch(self.arch)
@@ -113,8 +116,10 @@ class TrainConfig:
             need(isinstance(getattr(self, name), dict), name, "a dict")
         check_model_arguments(self.arch, self.head, self.head_kwargs, self.model_kwargs)
         need(isinstance(self.dataset, str) and self.dataset, "dataset", "a non-empty string")
-        for name in ("dataset_kwargs", "val_dataset_kwargs"):
-            check_dataset_arguments(self.dataset, getattr(self, name), name)
+        # a dataset registered by the user in another process (a run loaded here) is left to build_dataset
+        if self.dataset in available_datasets():
+            for name in ("dataset_kwargs", "val_dataset_kwargs"):
+                check_dataset_arguments(self.dataset, getattr(self, name), name)
         need(self.data_root is None or isinstance(self.data_root, str), "data_root", "None or a path string")
         need(is_int(self.iters) and self.iters > 0, "iters", "a positive int")
         need(is_int(self.batch_size) and self.batch_size > 0, "batch_size", "a positive int")

@@ -33,11 +33,13 @@ import csv
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import threading
 import time
 import warnings
+import zipfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -255,9 +257,11 @@ class _StopRequest:
     def __exit__(self, *exc):
         self.restore()
 
-    def stop(self, step: int, run_dir: Path):
+    def stop(self, step: int, run_dir: Path, finished: bool = False):
         """The exception that ends the run: KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM."""
-        where = (f"training stopped after step {step}; its checkpoint is in {str(run_dir)!r}: resume=True "
+        where = (f"training finished (step {step}) before the stop took effect; the run is complete in "
+                 f"{str(run_dir)!r}" if finished else
+                 f"training stopped after step {step}; its checkpoint is in {str(run_dir)!r}: resume=True "
                  f"(gmmseg train --config {str(run_dir / 'config.json')!r} --resume) continues it")
         return KeyboardInterrupt(where) if self.signal == signal.SIGINT else SystemExit(128 + signal.SIGTERM)
 
@@ -405,7 +409,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:      # empty when saved by a disabled scaler: a run resumed with fp16 starts it afresh
+            scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
         _set_rng_state(ckpt["rng"])
         metrics = ckpt["metrics"]
@@ -563,6 +568,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         save_checkpoint(step)
         if master:
             _write_json(run_dir / "metrics.json", metrics)
+        if stop.signal is not None:      # asked to stop during the last step or the final evaluation: finished
+            raise stop.stop(step, run_dir, finished=True)
         return run_dir
     finally:
         stop.restore()
@@ -582,7 +589,14 @@ RESUME_MAY_CHANGE = ("iters", "grad_clip", "amp", "eval_interval", "log_interval
 
 def _check_resumable(cfg: TrainConfig, ckpt: dict, run_dir: Path) -> None:
     """Refuse to resume a checkpoint written under another configuration, or one already past ``cfg.iters``."""
-    saved, now = ckpt.get("config") or {}, cfg.to_dict()
+    def comparable(d):     # as the cache key sees it: where generated data is cached is a location
+        d = dict(d)
+        for name in ("dataset_kwargs", "val_dataset_kwargs"):
+            if isinstance(d.get(name), dict):
+                d[name] = {k: v for k, v in d[name].items() if k != "cache_dir"}
+        return d
+
+    saved, now = comparable(ckpt.get("config") or {}), comparable(cfg.to_dict())
     differ = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     if differ:
         raise ValueError(f"cannot resume the run in {str(run_dir)!r}: its checkpoint was trained with "
@@ -599,7 +613,9 @@ def _load_checkpoint(path: Path, map_location) -> dict:
     """``torch.load`` of a checkpoint, with an error that names the file when it cannot be read."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:      # truncated or foreign files fail in pickle, zipfile or torch, each its own way
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as err:
+        if "cuda" in str(err).lower():     # an intact checkpoint whose tensors ask for a device not here
+            raise
         raise ValueError(f"cannot read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); it is damaged "
                          "or not a gmmseg checkpoint") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
@@ -658,6 +674,7 @@ def load_run(run_dir, device=None):
     path = run_dir / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"no {CHECKPOINT} in run directory {str(run_dir)!r}; train it first")
+    _check_device(None if device is None else str(device))
     device = torch.device(device) if device is not None else torch.device("cpu")
     ckpt = _load_checkpoint(path, device)
     model = build_model_from_spec(ckpt["model_spec"]).to(device)

@@ -197,3 +197,8 @@ def test_an_interrupted_command_exits_130_with_the_reason(monkeypatch, capsys):
     monkeypatch.setattr(train_module, "train", interrupted)
     assert main(["train", *TINY]) == 130
     assert "gmmseg train: interrupted: training stopped after step 3" in capsys.readouterr().err
+
+
+def test_train_names_an_unknown_dataset(capsys):
+    assert main(["train", "--dataset", "mnist", "--print-config"]) == 2
+    assert "unknown dataset 'mnist'; available datasets:" in capsys.readouterr().err

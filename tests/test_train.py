@@ -54,7 +54,6 @@ def test_config_json_round_trip_and_overrides(tmp_path):
     ("head_kwargs", {"embed_dim": 4, "num_comps": 2}, r"head_kwargs \['num_comps'\] are not arguments of GMMHead"),
     ("amp", "fp8", "amp must be one of"),
     ("grad_clip", 0, "grad_clip must be None or a positive number"),
-    ("dataset", "mnist", "unknown dataset 'mnist'; available datasets:"),
     ("dataset_kwargs", {"image_size": 32, "foo": 1},
      r"dataset_kwargs \['foo'\] are not arguments of dataset 'scenes'; it takes \['image_size', 'num_images', "),
     ("val_dataset_kwargs", {"num_images": 2, "bar": 1, "baz": 2},
@@ -554,3 +553,74 @@ def test_an_ignored_sigint_stays_ignored(tmp_path):
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, saved)
+
+
+def test_a_run_of_a_dataset_registered_elsewhere_still_loads_its_config(tmp_path):
+    # a dataset registered by the user in the training process is unknown to a fresh one that loads the run
+    cfg = tiny_cfg(tmp_path / "runs", dataset="my_scenes", dataset_kwargs={"anything": 1}, run_name="r")
+    assert TrainConfig.from_json(cfg.to_json()).dataset == "my_scenes"
+    with pytest.raises(ValueError, match="unknown dataset 'my_scenes'"):
+        train(cfg)
+    assert not cfg.run_dir.exists()
+
+
+def test_a_stop_during_the_last_step_takes_effect_once_the_run_is_complete(tmp_path, default_signal_handlers):
+    import signal
+
+    cfg = tiny_cfg(tmp_path, iters=3, head="softmax", head_kwargs={})
+    with pytest.raises(KeyboardInterrupt, match=r"training finished \(step 3\) before the stop took effect"):
+        train(cfg, on_step=_signal_at(3, signal.SIGINT))
+    assert is_finished(cfg.run_dir)
+    with pytest.raises(SystemExit):
+        train(cfg.replace(run_name="term"), on_step=_signal_at(3, signal.SIGTERM))
+    assert is_finished(cfg.replace(run_name="term").run_dir)
+
+
+def test_resume_ignores_where_generated_data_is_cached(tmp_path):
+    # reproduce writes absolute cache paths, a notebook opened by hand relative ones: the same cache entry
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={},
+                   dataset_kwargs=dict(image_size=32, num_images=6, cache_dir=str(tmp_path / "data")))
+    train_cached(cfg, tmp_path / "cache")
+    entry = train_cached(cfg, tmp_path / "cache")
+    (entry / "metrics.json").unlink()                  # as if stopped before the end
+    ckpt = torch.load(entry / "checkpoint.pt", weights_only=False)
+    ckpt["metrics"] = {**ckpt["metrics"], "finished": False}
+    ckpt["step"] = 2
+    torch.save(ckpt, entry / "checkpoint.pt")
+    moved = cfg.replace(dataset_kwargs=dict(image_size=32, num_images=6, cache_dir="relative/data"))
+    assert moved.cache_key() == cfg.cache_key()
+    assert train_cached(moved, tmp_path / "cache") == entry and is_finished(entry)
+
+
+def test_resume_may_switch_on_fp16_from_a_float32_checkpoint(tmp_path):
+    from gmmseg_core import train as train_module
+
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={})
+    train(cfg, stop_after=2)
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["scaler"] == {}
+    seen = {}
+    real = torch.amp.GradScaler
+
+    class Recording(real):                       # a CPU stand-in for the CUDA scaler of an fp16 run
+        def __init__(self, device, enabled=True):
+            super().__init__("cpu", enabled=True)
+
+        def load_state_dict(self, state):
+            seen["loaded"] = state
+            super().load_state_dict(state)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(train_module.torch.amp, "GradScaler", Recording)
+    try:
+        train(cfg.replace(resume=True))
+    finally:
+        monkeypatch.undo()
+    assert "loaded" not in seen and is_finished(cfg.run_dir)
+
+
+def test_a_device_that_is_not_here_is_named_not_called_a_damaged_checkpoint(tmp_path):
+    run_dir = train(tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={}))
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(ValueError, match=r"device='cuda'.*no CUDA device"):
+        load_run(run_dir, device="cuda")
