@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------ commands
 def _train_config(args):
     from gmmseg_core.config import TrainConfig
-    from gmmseg_core.data import check_dataset_arguments
+    from gmmseg_core.data import dataset_info
 
     cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
     d = cfg.to_dict()
@@ -182,7 +182,7 @@ def _train_config(args):
     if args.no_progress:
         d["progress"] = False
     cfg = TrainConfig.from_dict(d).with_overrides(args.overrides)
-    check_dataset_arguments(cfg.dataset, cfg.dataset_kwargs, "dataset_kwargs")   # the command line registers none
+    dataset_info(cfg.dataset)    # validate leaves unregistered names to training; the command line registers none
     return cfg
 
 

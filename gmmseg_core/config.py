@@ -28,6 +28,16 @@ _NON_KEY_FIELDS = ("out_dir", "run_name", "resume", "num_workers", "log_interval
                    "progress")
 
 
+def without_data_cache_dirs(d: dict) -> dict:
+    """A copy of a config dict without the ``cache_dir`` entries of its dataset kwargs: where generated data is
+    cached is a location, not something the trained model depends on."""
+    d = dict(d)
+    for name in ("dataset_kwargs", "val_dataset_kwargs"):
+        if isinstance(d.get(name), dict):
+            d[name] = {k: v for k, v in d[name].items() if k != "cache_dir"}
+    return d
+
+
 @dataclass
 class TrainConfig:
     """Configuration of one training run.
@@ -202,11 +212,9 @@ class TrainConfig:
         """
         from gmmseg_core.data import dataset_info  # lazy: the data package imports torch
 
-        d = self.to_dict()
+        d = without_data_cache_dirs(self.to_dict())
         for name in _NON_KEY_FIELDS:
             d.pop(name)
-        for name in ("dataset_kwargs", "val_dataset_kwargs"):  # where generated data is cached: a location
-            d[name].pop("cache_dir", None)
         d["device"] = (self.device or "cpu").split(":")[0]
         if not dataset_info(self.dataset).reads_root:
             d["data_root"] = None

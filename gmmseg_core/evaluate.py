@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from gmmseg_core.metrics import AnomalyMetric, CalibrationMetric, SegmentationMetric, anomaly_metrics
-from gmmseg_core.scoring import SCORERS, SMLStatistics
+from gmmseg_core.scoring import SCORERS, SMLStatistics, scorer_names
 
 __all__ = ["predict", "evaluate_closed_set", "evaluate_anomaly", "collect_sml_statistics",
            "default_scorers"]
@@ -237,12 +237,7 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
     dict ``{scorer: {"auroc", "ap", "fpr95", "curves"}}``; curves are numpy arrays ``thresholds, fpr, tpr,
     precision, recall``.
     """
-    if scorers is None:
-        scorers = default_scorers(model, sml_stats)
-    scorers = [scorers] if isinstance(scorers, str) else list(scorers)
-    for name in scorers:
-        if name not in SCORERS:
-            raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
+    scorers = scorer_names(default_scorers(model, sml_stats) if scorers is None else scorers)
     if "gmm" in scorers and not _is_generative(model):
         raise ValueError("scorer 'gmm' needs a generative model (head='gmm'); this model has a softmax head")
     if "sml" in scorers and sml_stats is None:

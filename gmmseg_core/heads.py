@@ -143,10 +143,8 @@ class SoftmaxHead(nn.Module):
         super().__init__()
         _check_positive_int("in_channels", in_channels)
         _check_positive_int("num_classes", num_classes)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_classes = num_classes
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = _channel_dropout(dropout)
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -230,15 +228,13 @@ class GMMHead(nn.Module):
         knobs["max_per_component"] = (VARIANT_DEFAULTS[variant]["max_per_component"]
                                       if max_per_component == "default" else max_per_component)
         _check_knobs(knobs)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = _channel_dropout(dropout)
         self.variant = variant
         self.num_classes, self.num_components, self.embed_dim = num_classes, num_components, embed_dim
         self.ignore_index = ignore_index
         for name, value in knobs.items():
             setattr(self, name, value)
 
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.embed = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
                                    nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
         self.embed_norm = nn.LayerNorm(embed_dim)
@@ -605,6 +601,13 @@ def _check_features(features, in_channels: int) -> None:
     if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != in_channels:
         got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a feature map (B, {in_channels}, h, w), got {got}")
+
+
+def _channel_dropout(p) -> nn.Module:
+    """``Dropout2d(p)``, or the identity for ``p == 0``; ``p`` must be a number in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from gmmseg_core._checks import is_finite_real, is_int
+
 __all__ = [
     "SegmentationMetric",
     "anomaly_metrics",
@@ -32,15 +34,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 # Closed-set segmentation
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_finite_real(value) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 class SegmentationMetric:
@@ -63,7 +56,7 @@ class SegmentationMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
-        if not _is_int(num_classes) or num_classes < 1:
+        if not is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         num_classes = int(num_classes)
         self.num_classes = num_classes
@@ -309,9 +302,9 @@ class AnomalyMetric:
                  scale: float | None = None, device=None):
         if not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-        if center is not None and not _is_finite_real(center):
+        if center is not None and not is_finite_real(center):
             raise ValueError(f"center must be a finite float or None, got {center!r}")
-        if scale is not None and not (_is_finite_real(scale) and scale > 0):
+        if scale is not None and not (is_finite_real(scale) and scale > 0):
             raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
         self.num_bins = num_bins
         self.ignore_index = ignore_index

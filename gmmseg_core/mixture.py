@@ -62,6 +62,8 @@ import warnings
 import numpy as np
 import torch
 
+from gmmseg_core._checks import is_int, is_real
+
 __all__ = [
     "diag_gaussian_log_prob",
     "sinkhorn",
@@ -603,14 +605,6 @@ def _lloyd(x, centers, n_steps):
     return labels
 
 
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_real(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 class GaussianMixture:
     r"""Diagonal-covariance Gaussian mixture fitted by EM or Sinkhorn EM, scikit-learn style, on torch.
 
@@ -703,23 +697,23 @@ class GaussianMixture:
         weights_init=None,
         verbose=False,
     ):
-        if not (_is_int(n_components) and n_components >= 1):
+        if not (is_int(n_components) and n_components >= 1):
             raise ValueError(f"n_components must be a positive int, got {n_components!r}")
         if method not in self._METHODS:
             raise ValueError(f"method must be one of {self._METHODS}, got {method!r}")
-        if not (_is_int(max_iter) and max_iter >= 1):
+        if not (is_int(max_iter) and max_iter >= 1):
             raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
-        if not (_is_real(tol) and tol >= 0):
+        if not (is_real(tol) and tol >= 0):
             raise ValueError(f"tol must be a non-negative float, got {tol!r}")
-        if not (_is_real(reg_covar) and reg_covar >= 0):
+        if not (is_real(reg_covar) and reg_covar >= 0):
             raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
         if init not in self._INITS:
             raise ValueError(f"init must be one of {self._INITS}, got {init!r}")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if not (_is_real(epsilon) and epsilon > 0):
+        if not (is_real(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
-        if not (_is_int(sinkhorn_iters) and sinkhorn_iters >= 1):
+        if not (is_int(sinkhorn_iters) and sinkhorn_iters >= 1):
             raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
         if variances_init is not None and precisions_init is not None:
             raise ValueError("give at most one of variances_init and precisions_init, got both")

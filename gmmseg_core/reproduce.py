@@ -72,12 +72,13 @@ def _resolve_notebooks(notebooks) -> list[Path]:
     paths = []
     for item in notebooks:
         p = Path(item)
-        candidates = [p, NOTEBOOK_DIR / p, NOTEBOOK_DIR / f"{p}.ipynb"]
-        prefixed = [n for n in NOTEBOOKS if n.startswith(str(item))]
-        if len(prefixed) > 1 and not any(c.suffix == ".ipynb" and c.is_file() for c in candidates):
-            raise ValueError(f"notebooks: {item!r} matches {prefixed}; give one of them (a longer prefix)")
-        candidates += [NOTEBOOK_DIR / f"{n}.ipynb" for n in prefixed]
-        found = next((c for c in candidates if c.suffix == ".ipynb" and c.is_file()), None)
+        exact = [p, NOTEBOOK_DIR / p, NOTEBOOK_DIR / f"{p}.ipynb"]
+        found = next((c for c in exact if c.suffix == ".ipynb" and c.is_file()), None)
+        if found is None:  # a prefix of one notebook's name
+            prefixed = [n for n in NOTEBOOKS if n.startswith(str(item))]
+            if len(prefixed) > 1:
+                raise ValueError(f"notebooks: {item!r} matches {prefixed}; give one of them (a longer prefix)")
+            found = next((c for c in (NOTEBOOK_DIR / f"{n}.ipynb" for n in prefixed) if c.is_file()), None)
         if found is None:
             raise ValueError(f"notebooks: no notebook found for {item!r}; expected a path or one of {NOTEBOOKS}")
         paths.append(found.resolve())

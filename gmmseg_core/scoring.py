@@ -26,11 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
+from gmmseg_core._checks import is_int
+
 __all__ = ["SCORERS", "msp", "max_logit", "energy", "entropy", "sml", "gmm", "SMLStatistics",
-           "fit_sml_statistics", "compute_scores"]
+           "fit_sml_statistics", "compute_scores", "scorer_names"]
 
 
 def _logits(outputs: dict) -> torch.Tensor:
@@ -98,15 +99,18 @@ def gmm(outputs: dict, **kw) -> torch.Tensor:
 SCORERS = {"msp": msp, "max_logit": max_logit, "energy": energy, "entropy": entropy, "sml": sml, "gmm": gmm}
 
 
-def compute_scores(outputs: dict, scorers: Iterable[str], **kw) -> dict:
-    """``{name: SCORERS[name](outputs, **kw)}`` for each name (one name may be given as a string), with a clear
-    error for unknown names."""
-    out = {}
-    for name in ([scorers] if isinstance(scorers, str) else scorers):
+def scorer_names(scorers: str | Iterable[str]) -> list[str]:
+    """``scorers`` as a list of names (one name may be given as a string), with a clear error for unknown ones."""
+    names = [scorers] if isinstance(scorers, str) else list(scorers)
+    for name in names:
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
-        out[name] = SCORERS[name](outputs, **kw)
-    return out
+    return names
+
+
+def compute_scores(outputs: dict, scorers: str | Iterable[str], **kw) -> dict:
+    """``{name: SCORERS[name](outputs, **kw)}`` for each name of :func:`scorer_names`."""
+    return {name: SCORERS[name](outputs, **kw) for name in scorer_names(scorers)}
 
 
 class SMLStatistics:
@@ -120,7 +124,7 @@ class SMLStatistics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        if not is_int(num_classes) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.num_classes = num_classes = int(num_classes)
         self.ignore_index = ignore_index

@@ -51,7 +51,7 @@ from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from gmmseg_core.config import TrainConfig
+from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
 
@@ -222,7 +222,7 @@ def _batches(loader, stop: _StopRequest):
 
 
 class _StopRequest:
-    """While active, the first SIGINT or SIGTERM only records a request to stop; a second one acts at once.
+    """Once installed, the first SIGINT or SIGTERM only records a request to stop; a second one acts at once.
 
     The training loop checks ``signal`` between steps, writes a checkpoint of the last completed step and then
     stops, so an interrupted run loses nothing and resumes exactly. Handlers can only be set from the main
@@ -235,12 +235,11 @@ class _StopRequest:
         self.signal: int | None = None
         self._previous: dict = {}
 
-    def __enter__(self):
+    def install(self) -> None:
         if self.enabled:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(sig) is not signal.SIG_IGN:     # an ignored signal (nohup, `&`) stays ignored
                     self._previous[sig] = signal.signal(sig, self._handle)
-        return self
 
     def _handle(self, signum, frame):
         if self.signal is not None:       # asked twice: the previous behaviour, now
@@ -253,9 +252,6 @@ class _StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-    def __exit__(self, *exc):
-        self.restore()
 
     def stop(self, step: int, run_dir: Path, finished: bool = False):
         """The exception that ends the run: KeyboardInterrupt for SIGINT, SystemExit(143) for SIGTERM."""
@@ -336,7 +332,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__} {cfg!r}")
     _check_device(cfg.device)
-    dataset_kwargs_for(cfg, "train")          # a bad augmentation spec fails here, before anything is written
+    train_kwargs = dataset_kwargs_for(cfg, "train")     # a bad augmentation spec fails here, before any set-up
     # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
     # a process group made by the caller counts as much as torchrun's environment: the head gathers over it anyway
     group_ready = dist.is_available() and dist.is_initialized()
@@ -376,7 +372,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **dataset_kwargs_for(cfg, "train"))
+    train_ds = build_dataset(cfg.dataset, "train", root=cfg.data_root, **train_kwargs)
     val_ds = build_dataset(cfg.dataset, "val", root=cfg.data_root, **dataset_kwargs_for(cfg, "val"))
     spec = dict(arch=cfg.arch, head=cfg.head, num_classes=train_ds.num_classes, model_kwargs=cfg.model_kwargs,
                 head_kwargs=cfg.head_kwargs)
@@ -482,7 +478,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
     try:
-        stop.__enter__()
+        stop.install()
         for images, labels in _batches(loader, stop):
             t0 = time.perf_counter()
             images = images.to(device, non_blocking=True)
@@ -589,14 +585,7 @@ RESUME_MAY_CHANGE = ("iters", "grad_clip", "amp", "eval_interval", "log_interval
 
 def _check_resumable(cfg: TrainConfig, ckpt: dict, run_dir: Path) -> None:
     """Refuse to resume a checkpoint written under another configuration, or one already past ``cfg.iters``."""
-    def comparable(d):     # as the cache key sees it: where generated data is cached is a location
-        d = dict(d)
-        for name in ("dataset_kwargs", "val_dataset_kwargs"):
-            if isinstance(d.get(name), dict):
-                d[name] = {k: v for k, v in d[name].items() if k != "cache_dir"}
-        return d
-
-    saved, now = comparable(ckpt.get("config") or {}), comparable(cfg.to_dict())
+    saved, now = without_data_cache_dirs(ckpt.get("config") or {}), without_data_cache_dirs(cfg.to_dict())
     differ = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
     if differ:
         raise ValueError(f"cannot resume the run in {str(run_dir)!r}: its checkpoint was trained with "
@@ -610,12 +599,11 @@ def _check_resumable(cfg: TrainConfig, ckpt: dict, run_dir: Path) -> None:
 
 
 def _load_checkpoint(path: Path, map_location) -> dict:
-    """``torch.load`` of a checkpoint, with an error that names the file when it cannot be read."""
+    """``torch.load`` of a checkpoint, with an error that names the file when it cannot be read (callers check
+    the device first: ``map_location`` must be usable here)."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as err:
-        if "cuda" in str(err).lower():     # an intact checkpoint whose tensors ask for a device not here
-            raise
         raise ValueError(f"cannot read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); it is damaged "
                          "or not a gmmseg checkpoint") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import colorsys
 import os
 import warnings
-from numbers import Integral
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from gmmseg_core._checks import is_int
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,11 +42,6 @@ def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
         v = 0.6 + 0.4 * rng.random()
         out[c] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
     return out
-
-
-def is_int(value) -> bool:
-    """True for an int (numpy integers included), False for a bool or anything else."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -6,9 +6,9 @@ dilated ResNets of FCN/PSPNet/DeepLab; the ``DeepLabV3Plus`` backbone reuses it 
 
 from __future__ import annotations
 
-from numbers import Integral
-
 from torch import Tensor, nn
+
+from gmmseg_core._checks import is_int
 
 SIZES = {  # width (channels of the first stage) and blocks per stage
     "tiny": dict(width=16, depths=(1, 1, 1, 1)),
@@ -17,15 +17,11 @@ SIZES = {  # width (channels of the first stage) and blocks per stage
 }
 
 
-def _is_positive_int(v) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool) and v > 0
-
-
 def positive_int(name: str, value, optional: bool = True) -> int | None:
     """``value`` as an int; ``ValueError`` naming ``name`` unless it is a positive int (or None when ``optional``)."""
     if optional and value is None:
         return None
-    if not _is_positive_int(value):
+    if not (is_int(value) and value > 0):
         raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive int, got {value!r}")
     return int(value)
 
@@ -36,7 +32,7 @@ def positive_ints(name: str, value, length: int | None = 4, optional: bool = Tru
     if optional and value is None:
         return None
     if not (isinstance(value, (list, tuple)) and (len(value) == length if length else len(value) > 0)
-            and all(_is_positive_int(v) for v in value)):
+            and all(is_int(v) and v > 0 for v in value)):
         count = f"{length}" if length else "a sequence of"
         raise ValueError(f"{name} must be {'None or ' if optional else ''}{count} positive ints, got {value!r}")
     return tuple(int(v) for v in value)
