@@ -15,7 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm.auto import tqdm
 
 from gmmseg_core.metrics import AnomalyMetric, CalibrationMetric, SegmentationMetric, anomaly_metrics
@@ -111,10 +111,29 @@ def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, st
     return {k: v / count for k, v in sums.items()}
 
 
-def _loader(dataset, batch_size, num_workers, max_images):
+def _collate_by_size(items):
+    """A batch's ``(image, label)`` items stacked in runs of equal sizes: a list of ``(images, labels)``.
+
+    Datasets read at their native size (ADE20K, the anomaly sets) mix image sizes within a batch, which the
+    default collate cannot stack; each run is then evaluated as a smaller batch.
+    """
+    runs: list[tuple[tuple, list]] = []
+    for item in items:
+        key = (tuple(item[0].shape), tuple(item[1].shape))
+        if not runs or runs[-1][0] != key:
+            runs.append((key, []))
+        runs[-1][1].append(item)
+    return [default_collate(run) for _, run in runs]
+
+
+def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
+    """``(images, labels)`` batches of ``dataset`` in order, with a progress bar over the loader's batches."""
     if max_images is not None:
         dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate_by_size)
+    for runs in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        yield from runs
 
 
 def _device(device):
@@ -143,7 +162,8 @@ def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: 
     ----------
     model : SegmentationModel
     dataset : Dataset of (image (3, H, W), label (H, W)) with ``num_classes`` and ``ignore_index`` (255)
-    batch_size, num_workers : DataLoader settings
+    batch_size, num_workers : DataLoader settings (a batch mixing image sizes, as native-size datasets do, is
+        run in pieces of equal size)
     device : torch.device or str, optional (default cpu); the model is moved there
     mode, crop_size, stride : see :func:`predict`
     max_images : int, optional
@@ -165,8 +185,7 @@ def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: 
     seg = SegmentationMetric(C, ignore_index=ignore, device=device)
     cal = CalibrationMetric(n_bins=ece_bins, ignore_index=ignore)
     n_images = 0
-    for images, labels in tqdm(_loader(dataset, batch_size, num_workers, max_images), desc="evaluate",
-                               disable=not progress, leave=False):
+    for images, labels in _batches(dataset, batch_size, num_workers, max_images, "evaluate", progress):
         images, labels = images.to(device), labels.to(device)
         logits = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
                          with_likelihood=False)["logits"]
@@ -193,8 +212,7 @@ def collect_sml_statistics(model, train_dataset, batch_size: int = 4, device=Non
     model.to(device).eval()
     stats = SMLStatistics(_num_classes(model, train_dataset),
                           ignore_index=getattr(train_dataset, "ignore_index", 255))
-    for images, labels in tqdm(_loader(train_dataset, batch_size, num_workers, max_images), desc="sml stats",
-                               disable=not progress, leave=False):
+    for images, labels in _batches(train_dataset, batch_size, num_workers, max_images, "sml stats", progress):
         logits = predict(model, images.to(device), mode=mode, crop_size=crop_size, stride=stride,
                          with_likelihood=False)["logits"]
         stats.update(logits, labels.to(device))
@@ -253,8 +271,7 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
     else:
         acc = {name: [] for name in scorers}
         kept_labels = []
-    for images, labels in tqdm(_loader(dataset, batch_size, num_workers, max_images), desc="anomaly",
-                               disable=not progress, leave=False):
+    for images, labels in _batches(dataset, batch_size, num_workers, max_images, "anomaly", progress):
         images, labels = images.to(device), labels.to(device)
         outputs = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
                           with_likelihood=generative)

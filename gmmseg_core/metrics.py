@@ -269,8 +269,9 @@ class AnomalyMetric:
     to the end bins). Near ``center`` the bins are linear with width ``~scale * 180 / num_bins``; far from it
     they become logarithmic with a relative width of ``~180 / num_bins``. So no score ever overflows and the
     resolution is fine where the data are. ``center`` and ``scale`` are data driven: the median and the
-    interquartile range / 1.349 of the first batch that has valid pixels (a robust standard deviation; falls
-    back to the standard deviation, then to ``max(|median|, 1) * 1e-3``), unless given. Because the
+    interquartile range / 1.349 of the finite scores of the first batch that has valid pixels (a robust
+    standard deviation; falls back to the standard deviation, then to ``max(|median|, 1) * 1e-3``; a batch with
+    no finite score gives centre 0), unless given. Infinite scores go to the end bins. Because the
     transform is monotone, bins preserve the order of scores; pixels in one bin are treated as tied (identical
     scores always land in the same bin, so true ties are exact). The error in AUROC is at most the fraction of
     positive-negative pairs that share a bin; FPR95 is read at the first bin where the TPR reaches 0.95, so it
@@ -315,17 +316,20 @@ class AnomalyMetric:
         self.neg = None
 
     def _init_transform(self, s: torch.Tensor) -> None:
-        sample = s
+        # finite scores only: a batch that is mostly +-inf would give a NaN median and bin every pixel alike
+        sample = s[torch.isfinite(s)]
         if sample.numel() > 1_000_000:  # quantiles of a strided subsample: cheap and plenty for a scale
             sample = sample[:: sample.numel() // 1_000_000 + 1]
         if self.center is None:
-            self.center = float(torch.quantile(sample, 0.5))
+            self.center = float(torch.quantile(sample, 0.5)) if sample.numel() else 0.0
         if self.scale is None:
-            q1, q3 = torch.quantile(sample, torch.tensor([0.25, 0.75], dtype=sample.dtype, device=sample.device))
-            scale = float(q3 - q1) / 1.349
+            scale = 0.0
+            if sample.numel():
+                q1, q3 = torch.quantile(sample, torch.tensor([0.25, 0.75], dtype=sample.dtype,
+                                                             device=sample.device))
+                scale = float(q3 - q1) / 1.349
             if not scale > 0 or not math.isfinite(scale):
-                finite = sample[torch.isfinite(sample)]
-                scale = float(finite.std()) if finite.numel() > 1 else 0.0
+                scale = float(sample.std()) if sample.numel() > 1 else 0.0
             if not scale > 0 or not math.isfinite(scale):
                 scale = max(abs(self.center), 1.0) * 1e-3
             self.scale = scale
@@ -410,9 +414,12 @@ def _confidences(probs: torch.Tensor, labels: torch.Tensor, ignore_index: int):
         raise ValueError(f"labels must have one entry per row/pixel of probs ({probs.shape[0]}), got "
                          f"{labels.numel()}")
     keep = labels != ignore_index
-    conf, pred = probs[keep].float().max(1)
+    # float32 or wider: a float64 confidence on a bin edge (0.2) must not move past it by rounding
+    conf, pred = probs[keep].to(torch.promote_types(probs.dtype, torch.float32)).max(1)
     if conf.numel():
         lo, hi = (float(v) for v in torch.aminmax(conf))
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError("probs contain NaN")
         if lo < 0.0 or hi > 1.0 + 1e-5:
             raise ValueError(f"probs must be class probabilities in [0, 1] (e.g. logits.softmax(1)); their row "
                              f"maxima span [{lo:.3g}, {hi:.3g}]")
@@ -439,7 +446,10 @@ class CalibrationMetric:
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: probs (N, C) or (B, C, H, W) (rows sum to 1), labels (N,) or (B, H, W)."""
         conf, correct = _confidences(probs, labels, self.ignore_index)
-        b = (torch.ceil(conf.double() * self.n_bins).long() - 1).clamp_(0, self.n_bins - 1)
+        # bin b holds (b / n, (b + 1) / n]: compared with the edges themselves, since ceil(conf * n) - 1 misplaces
+        # confidences on an edge (0.6 * 5 = 3.0000000000000004)
+        inner_edges = torch.arange(1, self.n_bins, dtype=torch.float64, device=conf.device) / self.n_bins
+        b = torch.bucketize(conf.double(), inner_edges)
         self.count += torch.bincount(b, minlength=self.n_bins).double().cpu()
         self.conf_sum += torch.zeros(self.n_bins, dtype=torch.float64, device=b.device).index_add_(
             0, b, conf.double()).cpu()

@@ -14,7 +14,8 @@ For a component with mean :math:`\mu` and diagonal variance :math:`\sigma^2`,
 
 Expanding the quadratic turns the ``(N, M)`` table of all samples against all components into two matrix
 products, ``x @ (mu / var)^T - x^2 @ (1 / (2 var))^T``, plus a per-component constant, so no ``(N, M, D)``
-tensor is ever formed (the cost is about twice that of one ``(N, D) @ (D, M)`` product). The expansion
+tensor is ever formed (twice the arithmetic of one ``(N, D) @ (D, M)`` product; 2.2-2.7x its time on a 2-core
+CPU, ``benchmarks/RESULTS.md``). The expansion
 subtracts large, nearly equal numbers when the data sit far from the origin (``x^2 / var`` and
 ``2 x mu / var`` are both huge when ``x`` is near ``mu`` and ``|mu|`` is large), which in float32 destroys
 the result. Both the data and the means are therefore shifted by the mean of the means first; the
@@ -267,11 +268,16 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     Parameters
     ----------
     log_scores : Tensor, shape (N, K) or (B, N, K)
-        Scores, typically component log-likelihoods. Any finite values are safe: each row is shifted by its
-        maximum before the division by ``epsilon``, and only shifted quantities are exponentiated. ``-inf``
-        marks an impossible assignment. A valid row with no finite score, or with a NaN anywhere, gets
-        uniform responsibilities (and still counts in the column marginals); NaN is not reported, which would
-        cost a host synchronisation per call on an accelerator.
+        Scores, typically component log-likelihoods; integer scores are read as the default float dtype. Any
+        finite values are safe from overflow: each row is shifted by its maximum before the division by
+        ``epsilon``, and only shifted quantities are exponentiated. The start from the raw scores (see below)
+        puts ``(row max - overall max) / epsilon`` into the row duals, so in float32 score spreads beyond
+        about ``1e5 * epsilon`` blur the smaller rows' preferences (use float64, or scale the scores as the
+        GMM head does). ``-inf`` marks an impossible assignment; a column that is ``-inf`` for every valid row
+        receives no mass (its marginal then cannot be met and stays in the error). A valid row with no finite
+        score, with a ``+inf`` or with a NaN anywhere gets uniform responsibilities (and still counts in the
+        column marginals); NaN is not reported, which would cost a host synchronisation per call on an
+        accelerator.
     epsilon : float, default 0.05
         Entropic regularisation; smaller is closer to a hard assignment.
     n_iters : int, default 3
@@ -294,12 +300,15 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
         Only when ``return_errors`` is true.
     """
     _check_tensor("log_scores", log_scores, (2, 3))
-    if not (isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon > 0):
+    if not (is_real(epsilon) and epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
-    if not (isinstance(n_iters, int) and not isinstance(n_iters, bool) and n_iters >= 1):
+    if not (is_int(n_iters) and n_iters >= 1):
         raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol >= 0):
+    if tol is not None and not (is_real(tol) and tol >= 0):
         raise ValueError(f"tol must be None or a non-negative float, got {tol!r}")
+    epsilon, n_iters = float(epsilon), int(n_iters)
+    if log_scores.shape[-1] == 0:
+        raise ValueError(f"log_scores needs at least one column (component), got shape {tuple(log_scores.shape)}")
     batched = log_scores.dim() == 3
     scores = log_scores if batched else log_scores.unsqueeze(0)
     n_batch, n_rows, n_cols = scores.shape
@@ -317,7 +326,7 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     if n_rows == 0:       # no rows: an empty plan, with the errors of a problem whose rows are all masked
         q = torch.zeros_like(log_scores)
         return (q, [0.0] * (1 if tol is not None else n_iters)) if return_errors else q
-    out_dtype = log_scores.dtype
+    out_dtype = log_scores.dtype if log_scores.dtype.is_floating_point else torch.get_default_dtype()
     work_dtype = out_dtype if out_dtype in (torch.float32, torch.float64) else torch.float32
     floor = _floor(work_dtype)
     with torch.no_grad():
@@ -338,7 +347,12 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
         log_u = torch.nan_to_num((row_max - top) / epsilon, nan=floor, neginf=floor).clamp(min=floor)
         log_u = torch.where(valid, log_u, float("-inf"))
         col = torch.logsumexp(logits + log_u.unsqueeze(-2), dim=-1)  # (B, K), exact first column step
-        log_v = torch.where(has_rows, log_col_mass - col, 0.0)
+        # A column that no valid row can reach (all -inf) stays empty: its dual would otherwise grow by the
+        # floor's size and hand it a full share. Unless every column is such (then rows fall back to uniform).
+        reachable = ((s > float("-inf")) & valid.unsqueeze(-2)).any(-1)  # (B, K)
+        dead = ~reachable & reachable.any(-1, keepdim=True)
+        live = has_rows & ~dead  # (B, K): the column duals that are updated
+        log_v = torch.where(live, log_col_mass - col, 0.0).masked_fill(dead, float("-inf"))
         row_weight = valid.unsqueeze(-2).to(work_dtype)  # (B, 1, N)
         tiny = torch.finfo(work_dtype).tiny
         errors = []
@@ -358,7 +372,7 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
                 errors.append(float(torch.where(has_rows.squeeze(-1), err, 0.0).max()))
                 if last or (tol is not None and errors[-1] < tol):
                     break
-            underflow = (colsum < tiny) & has_rows
+            underflow = (colsum < tiny) & live
             if bool(underflow.any()):  # a column with (numerically) no mass: exact log-domain sum
                 log_plan = torch.log_softmax(z, dim=-2).masked_fill(~valid.unsqueeze(-2), float("-inf"))
                 log_c = torch.where(
@@ -366,7 +380,7 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
                 )
             else:
                 log_c = colsum.log()
-            log_v = torch.where(has_rows, log_v + log_col_mass - log_c, log_v)
+            log_v = torch.where(live, log_v + log_col_mass - log_c, log_v)
         if hard:
             best = z.transpose(-1, -2).contiguous().argmax(-1)  # (B, N)
             # scatter rather than one_hot, which checks the index range on the host (a GPU synchronisation)
@@ -647,8 +661,9 @@ class GaussianMixture:
         ones come from ``init`` (without ``weights_init``, EM starts from the proportions of the initial
         assignment, or from uniform weights when both means and variances are given). ``weights_init`` is
         only used by ``method="em"``. As in scikit-learn, all must be finite, variances and precisions
-        positive, and the weights in [0, 1] with a sum of 1 (within ``1e-8`` for float64 weights, ``1e-6``
-        otherwise); :meth:`fit` checks them before any computation.
+        positive, and the weights in [0, 1] with a sum of 1 (within ``1e-6`` whatever their dtype, where
+        scikit-learn allows only ``1e-8`` for float64: they are renormalised anyway); :meth:`fit` checks them
+        before any computation.
     verbose : bool, default False
         Show a tqdm progress bar with the lower bound.
 

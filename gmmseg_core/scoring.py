@@ -44,8 +44,15 @@ def _logits(outputs: dict) -> torch.Tensor:
 
 
 def msp(outputs: dict, **kw) -> torch.Tensor:
-    """1 - maximum softmax probability (Hendrycks & Gimpel). Returns (B, H, W)."""
-    return 1.0 - _logits(outputs).softmax(1).amax(1)
+    """1 - maximum softmax probability (Hendrycks & Gimpel). Returns (B, H, W).
+
+    Computed as the probability of the other classes, ``exp(logsumexp_{c != argmax} z_c - logsumexp_c z_c)``:
+    the difference ``1 - max p`` rounds to exactly 0 in float32 once the top logit leads by about 17, which the
+    GMM head's log-likelihood logits often do, and would tie all those pixels.
+    """
+    z = _logits(outputs)
+    others = z.scatter(1, z.argmax(1, keepdim=True), float("-inf"))
+    return (torch.logsumexp(others, 1) - torch.logsumexp(z, 1)).exp()
 
 
 def max_logit(outputs: dict, **kw) -> torch.Tensor:

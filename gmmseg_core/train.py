@@ -137,14 +137,11 @@ class _StepBatches:
 
 
 def _balanced_sampler(dataset, seed):
-    try:
-        from gmmseg_core.data.sampler import ClassBalancedSampler
-    except ImportError as err:  # pragma: no cover - depends on the data package's version
-        raise ImportError("balanced_sampler=True needs gmmseg_core.data.sampler.ClassBalancedSampler") from err
-    try:
-        return ClassBalancedSampler(dataset, seed=seed)
-    except TypeError:
-        return ClassBalancedSampler(dataset)
+    """The class-balanced draw of the whole global batch stream: ``_StepBatches`` shards it across processes
+    itself, so the sampler must not shard it again under DDP."""
+    from gmmseg_core.data.sampler import ClassBalancedSampler
+
+    return ClassBalancedSampler(dataset, seed=seed, rank=0, world_size=1)
 
 
 def build_model_from_spec(spec: dict) -> nn.Module:

@@ -1,6 +1,7 @@
 """Each reader on a tiny tree in the exact directory layout and file naming of the real dataset."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -53,6 +54,21 @@ def test_a_relative_root_enters_the_cache_key_as_an_absolute_path(tmp_path, monk
         monkeypatch.chdir(tmp_path / project)
         keys.append(build_dataset("cityscapes", "train", root="data").cache_key)
     assert keys[0] != keys[1] and str(tmp_path / "a" / "data") in keys[0]
+
+
+def test_rewritten_annotations_change_the_cache_key_and_the_class_index(tmp_path):
+    from gmmseg_core.data import class_image_index
+
+    label = tmp_path / "gtFine" / "train" / "aachen" / "x_gtFine_labelTrainIds.png"
+    _image(tmp_path / "leftImg8bit" / "train" / "aachen" / "x_leftImg8bit.png")
+    _label(label, [0, 255])
+    before = build_dataset("cityscapes", "train", root=tmp_path)
+    assert class_image_index(before, cache_dir=tmp_path / "cache") == {0: [0]}
+    _label(label, [13, 255])
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))   # a later edit
+    after = build_dataset("cityscapes", "train", root=tmp_path)
+    assert after.cache_key != before.cache_key
+    assert class_image_index(after, cache_dir=tmp_path / "cache") == {13: [0]}
 
 
 def test_cityscapes_label_ids_are_mapped_and_root_may_be_parent(tmp_path):
@@ -149,6 +165,16 @@ def test_resize_and_num_images(tmp_path):
     image, label = ds[1]
     assert len(ds) == 2 and image.shape == (3, 6, 8) and label.shape == (6, 8)
     assert set(label.unique().tolist()) <= {0, 1, 255}
+
+
+def test_an_image_and_label_of_different_sizes_are_refused_even_when_resized(tmp_path):
+    base = tmp_path / "fishyscapes" / "Static"
+    _image(base / "original" / "0.png")
+    (base / "labels").mkdir(parents=True)
+    Image.fromarray(np.zeros((H // 2, W), np.uint8)).save(base / "labels" / "0.png")
+    for kw in ({}, {"image_size": (6, 8)}):
+        with pytest.raises(ValueError, match=r"is \(12, 16\) but its label .* is \(6, 16\)"):
+            build_dataset("fishyscapes_static", "anomaly", root=tmp_path, **kw)[0]
 
 
 @pytest.mark.parametrize("kw, message", [

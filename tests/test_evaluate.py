@@ -130,6 +130,30 @@ def test_closed_set_perfect_model_and_reference():
     assert 0 <= out["ece"] <= 1 and out["reliability"]["bin_count"].sum() == (noisy.labels != 255).sum()
 
 
+class MixedSizeDataset(LabelDataset):
+    """LabelDataset whose odd items are cropped: a batch mixes image sizes, as native-size datasets do."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return (image[:, :9, :7], label[:9, :7]) if i % 2 else (image, label)
+
+
+def test_evaluation_runs_batches_that_mix_image_sizes():
+    ds = MixedSizeDataset(seed=2, jitter=1.0)
+    model = ChannelModel(generative=True)
+    with torch.no_grad():
+        model.scale.fill_(0.5)
+    batched = evaluate_closed_set(model, ds, batch_size=4, progress=False)
+    single = evaluate_closed_set(model, ds, batch_size=1, progress=False)
+    np.testing.assert_array_equal(batched["confusion"], single["confusion"])
+    assert batched["num_images"] == 5 and batched["ece"] == pytest.approx(single["ece"])
+    anomaly = MixedSizeDataset(n=4, anomaly=True)
+    model = ChannelModel(num_classes=2, generative=True)
+    a = evaluate_anomaly(model, anomaly, scorers=["msp", "gmm"], batch_size=3, progress=False)
+    b = evaluate_anomaly(model, anomaly, scorers=["msp", "gmm"], batch_size=1, progress=False)
+    assert {k: a[k]["auroc"] for k in a} == pytest.approx({k: b[k]["auroc"] for k in b})
+
+
 def test_anomaly_evaluation_matches_direct_metrics():
     ds = LabelDataset(n=4, anomaly=True)
     model = ChannelModel(num_classes=2, generative=True)

@@ -190,6 +190,23 @@ def test_streaming_fixed_transform_accepts_numpy_floats():
     assert metric.compute()["auroc"] == 1.0
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_streaming_first_batch_of_mostly_infinite_scores(sign, rng):
+    inf = float("inf")
+    first = torch.tensor([sign * inf] * 4 + [0.1, 0.2, 0.3])
+    first_labels = torch.tensor([1, 1, 1, 0, 0, 1, 0])
+    later = torch.as_tensor(rng.normal(size=500))
+    later_labels = torch.as_tensor((rng.random(500) < 0.3).astype(np.int64))
+    metric = AnomalyMetric()
+    metric.update(first, first_labels)
+    metric.update(later, later_labels)
+    exact = anomaly_metrics(torch.cat([first, later]), torch.cat([first_labels, later_labels]))
+    assert math.isfinite(metric.center) and math.isfinite(metric.scale)
+    streamed = metric.compute()
+    for key in ("auroc", "ap", "fpr95"):
+        assert streamed[key] == pytest.approx(exact[key], abs=1e-3)
+
+
 def test_streaming_constant_scores_are_one_tie():
     metric = AnomalyMetric()
     metric.update(torch.full((100,), 7.0), torch.tensor([0, 1] * 50))
@@ -236,6 +253,17 @@ def test_perfectly_calibrated_is_zero():
     probs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     assert expected_calibration_error(probs, torch.tensor([0, 1])) == 0.0
     assert expected_calibration_error(probs, torch.tensor([1, 0])) == 1.0
+
+
+def test_calibration_bins_are_closed_on_the_right_at_the_edges():
+    # (lo, hi] bins: 0.2 belongs to the first of five, 0.6 to the third, in float64 as given
+    assert reliability_diagram(torch.tensor([[0.2] * 5], dtype=torch.float64), torch.tensor([0]),
+                               n_bins=5)["bin_count"].tolist() == [1, 0, 0, 0, 0]
+    probs = torch.tensor([[0.6, 0.4], [0.61, 0.39]], dtype=torch.float64)
+    # bin (0.4, 0.6]: confidence 0.6, correct; bin (0.6, 0.8]: 0.61, wrong
+    assert expected_calibration_error(probs, torch.tensor([0, 1]), n_bins=5) == pytest.approx(0.505)
+    with pytest.raises(ValueError, match="probs contain NaN"):
+        expected_calibration_error(torch.tensor([[float("nan"), 0.5]]), torch.tensor([0]))
 
 
 def test_calibration_refuses_logits_for_probabilities():

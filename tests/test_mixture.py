@@ -277,6 +277,36 @@ def test_sinkhorn_column_without_mass_recovers():
     torch.testing.assert_close(q.sum(0), torch.full((3,), 10.0, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
+def test_sinkhorn_column_impossible_for_every_row_gets_no_mass():
+    scores = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scores[:, 0] = float("-inf")
+    for n_iters in (3, 200):
+        q = sinkhorn(scores, epsilon=1.0, n_iters=n_iters)
+        assert torch.isfinite(q).all() and q[:, 0].abs().max() == 0
+        torch.testing.assert_close(q.sum(1), torch.ones(8, dtype=torch.float64))
+    # the two reachable columns share the rows equally at convergence; the third stays in the error
+    torch.testing.assert_close(q.sum(0)[1:], torch.full((2,), 4.0, dtype=torch.float64), atol=1e-6, rtol=0)
+    _, errors = sinkhorn(scores, epsilon=1.0, n_iters=200, return_errors=True)
+    assert errors[-1] == pytest.approx(math.sqrt(1 / 9 + 2 * (1 / 2 - 1 / 3) ** 2), abs=1e-6)
+
+
+def test_sinkhorn_takes_numpy_scalars_and_refuses_bools():
+    scores = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sinkhorn(scores, epsilon=np.float32(0.5), n_iters=np.int64(4)),
+                               sinkhorn(scores, epsilon=0.5, n_iters=4))
+    with pytest.raises(ValueError, match="tol must be None or a non-negative float, got True"):
+        sinkhorn(scores, tol=True)
+
+
+def test_sinkhorn_reads_integer_scores_as_floats():
+    scores = torch.tensor([[0, -3, -1], [-2, 0, -5], [-1, -1, 0]])
+    q = sinkhorn(scores, epsilon=1.0, n_iters=10)
+    assert q.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(q, sinkhorn(scores.float(), epsilon=1.0, n_iters=10))
+    with pytest.raises(ValueError, match=r"log_scores needs at least one column \(component\), got shape \(3, 0\)"):
+        sinkhorn(torch.zeros(3, 0))
+
+
 def test_sinkhorn_hard_is_one_hot_argmax_of_plan():
     scores = torch.randn(2, 25, 4)
     mask = torch.ones(2, 25, dtype=torch.bool)

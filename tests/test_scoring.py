@@ -43,6 +43,15 @@ def test_higher_is_more_anomalous_on_a_flat_posterior():
         assert SCORERS[name]({"logits": flat}) > SCORERS[name]({"logits": confident}), name
 
 
+def test_msp_keeps_its_ranking_when_the_top_logit_leads_far():
+    # 1 - max softmax would round to exactly 0 for all these pixels in float32
+    gap = torch.linspace(20.0, 40.0, 50)
+    logits = torch.stack([gap, torch.zeros(50), torch.zeros(50)]).reshape(1, 3, 1, 50)
+    score = SCORERS["msp"]({"logits": logits})[0, 0]
+    assert (score > 0).all() and (score.diff() < 0).all()
+    torch.testing.assert_close(score, 2 * torch.exp(-gap.double()).float() / (1 + 2 * torch.exp(-gap.double())).float())
+
+
 def test_entropy_of_a_class_with_logit_minus_inf():
     z = torch.tensor([1.0, 2.0, float("-inf")]).view(1, 3, 1, 1)
     got = SCORERS["entropy"]({"logits": z})

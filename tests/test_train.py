@@ -274,6 +274,22 @@ def test_balanced_sampler_option(tmp_path):
     assert is_finished(run_dir)
 
 
+def test_balanced_stream_is_sharded_once_under_a_process_group(monkeypatch):
+    """Ranks of a 2-process group together draw what one process with the global batch draws."""
+    from gmmseg_core.data import build_dataset
+
+    ds = build_dataset("scenes", "train", image_size=16, num_images=8)
+    one = _StepBatches(ds, 4, seed=0, start_step=0, num_steps=5, balanced=True)
+    single = [one.batch(s) for s in range(5)]
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    streams = []
+    for rank in range(2):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, _r=rank, **k: _r)
+        streams.append(_StepBatches(ds, 2, seed=0, start_step=0, num_steps=5, rank=rank, world=2, balanced=True))
+    assert [streams[0].batch(s) + streams[1].batch(s) for s in range(5)] == single
+
+
 def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
     with pytest.warns(UserWarning, match="amp='bf16' needs CUDA"):
         run_dir = train(tiny_cfg(tmp_path, iters=1, amp="bf16", head="softmax", head_kwargs={}))

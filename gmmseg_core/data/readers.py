@@ -27,6 +27,7 @@ smiyc_obstacle      the same under ``dataset_ObstacleTrack``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -124,13 +125,23 @@ class FileSegmentationDataset(SegmentationDataset):
         self.image_size = None if image_size is None else check_size_pair("image_size", image_size)
         # absolute: the cache key (the sampler's class index) must not confuse two ./data trees
         self.root = None if root is None else str(Path(root).expanduser().resolve())
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     @property
     def cache_key(self) -> str:
-        return f"{self.name}-{self.split}-{len(self)}-{self.image_size}-{self.root}"
+        """Name, split, size, root and a fingerprint of the files (paths, sizes, modification times), so that
+        regenerated annotations under the same root do not reuse a stale class index."""
+        if self._fingerprint is None:
+            digest = hashlib.sha1()
+            for pair in self.pairs:
+                for path in pair:
+                    st = Path(path).stat()
+                    digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+            self._fingerprint = digest.hexdigest()[:12]
+        return f"{self.name}-{self.split}-{len(self)}-{self.image_size}-{self.root}-{self._fingerprint}"
 
     def _map(self, raw: np.ndarray) -> np.ndarray:
         if self.label_map is None:
@@ -140,26 +151,32 @@ class FileSegmentationDataset(SegmentationDataset):
         table = self.label_map
         return table[np.clip(raw, 0, len(table) - 1)]
 
-    def load_label(self, index: int) -> np.ndarray:
-        label = self._map(_load_label(self.pairs[self._check_index(index)][1])).astype(np.uint8)
+    def _native_label(self, index: int) -> np.ndarray:
+        return self._map(_load_label(self.pairs[index][1])).astype(np.uint8)
+
+    def _resized_label(self, label: np.ndarray) -> np.ndarray:
         if self.image_size is not None and label.shape != self.image_size:
             from .transforms import resize_label
 
             label = resize_label(label, self.image_size)
         return label
 
+    def load_label(self, index: int) -> np.ndarray:
+        return self._resized_label(self._native_label(self._check_index(index)))
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._check_index(index)
         image = _load_image(self.pairs[index][0])
-        label = self.load_label(index)
+        label = self._native_label(index)
+        # compared before resizing, which would give both the requested size whatever they were
+        if image.shape[:2] != label.shape:
+            raise ValueError(f"{self.name}: image {self.pairs[index][0]} is {image.shape[:2]} but its label "
+                             f"{self.pairs[index][1]} is {label.shape}")
         if self.image_size is not None and image.shape[:2] != self.image_size:
             from .transforms import resize_image
 
             image = np.clip(resize_image(image.astype(np.float32), self.image_size) + 0.5, 0, 255).astype(np.uint8)
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"{self.name}: image {self.pairs[index][0]} is {image.shape[:2]} but its label "
-                             f"{self.pairs[index][1]} is {label.shape}")
-        return image, label
+        return image, self._resized_label(label)
 
 
 def _pairs_or_raise(pairs, name: str, where: Path, layout: str):
