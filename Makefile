@@ -35,7 +35,7 @@ pytest: $(STAMP) fashion-data
 
 test: lint pytest
 
-reproduce: $(STAMP)
+reproduce: $(STAMP) fashion-data
 	$(VENV)/bin/gmmseg reproduce --profile $(PROFILE)
 
 bench: $(STAMP)

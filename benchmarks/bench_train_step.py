@@ -93,7 +93,9 @@ def format_results(results, args) -> str:
     lines = [f"Device `{args.device}`. One training step (forward_train + backward + AdamW + update_head), "
              f"batch {args.batch_size} of "
              f"{args.image_size[0]}x{args.image_size[1]} scenes images, in-house `tiny` backbones of width "
-             f"{', '.join(map(str, args.widths))} (the {args.profile} profile trains width {args.profile_width}); "
+             f"{', '.join(map(str, args.widths))}"
+             + (" (quick sizes)" if args.quick else f" (the {args.profile} profile trains width {args.profile_width})")
+             + "; "
              f"GMM head "
              f"D={args.embed_dim}, K={args.num_components}, M-step every {args.update_interval} steps; "
              f"{args.threads} torch thread(s). Heads run interleaved on the same batch; a step's time is the mean "

@@ -30,11 +30,14 @@ The run directory (<out-dir>/<run-name>) receives config.json, log.csv, metrics.
 Options given on the command line override --config; --set overrides both and reaches every TrainConfig
 field, including dict entries (head_kwargs.num_components=3, dataset_kwargs.image_size=64). Values of
 --set are read as JSON when they parse (3, 1e-3, true, null, {"a": 1}) and as strings otherwise.
+A run directory that already holds a trained run is continued with --resume and started again only with
+--overwrite. With --resume, --config <run>/config.json continues that run wherever the command is run from.
 
 examples:
   gmmseg train --arch segformer --head softmax --iters 500 --batch-size 8 --device cuda
   gmmseg train --dataset scenes --set dataset_kwargs.image_size=64 --set model_kwargs.width=16
   gmmseg train --config runs/x/config.json --resume          # continue an interrupted run
+  gmmseg train --config runs/x/config.json --run-name x_lr3e-4 --set lr=3e-4    # a variant as a new run
   torchrun --nproc_per_node 2 -m gmmseg_core train --device cuda --iters 1000   # multi-GPU (DDP)
 """
 
@@ -87,7 +90,11 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", help="parent directory of the run (default runs)")
     p.add_argument("--run-name", help="run directory name (default: derived from the config's hash)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the run directory's checkpoint.pt if it exists")
+                   help="continue from the run directory's checkpoint.pt if it exists (with --config "
+                        "<run>/config.json: that run's directory, wherever the command runs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that already holds a trained run (its checkpoint, "
+                        "metrics and evaluations are deleted); without it such a start is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any TrainConfig field (repeatable), e.g. --set head_kwargs.embed_dim=32")
@@ -129,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the dataset's own size for another one)")
     p.add_argument("--num-images", type=int,
                    help="images in the split: how many a generated dataset (scenes, fashion, digits) makes, or "
-                        "the first N of a dataset read from disk (default: the run's setting for its own dataset, "
-                        "else the split's size)")
+                        "the first N of a dataset read from disk (default: the run's setting for the train and val "
+                        "splits of its own dataset, else the split's own size)")
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")
@@ -163,8 +170,12 @@ def _train_config(args):
     from gmmseg_core.config import TrainConfig
     from gmmseg_core.data import dataset_info
 
-    cfg = TrainConfig.from_json(args.config) if args.config else TrainConfig()
+    cfg = _config_file(args.config) if args.config else TrainConfig()
     d = cfg.to_dict()
+    run_of_config = _run_dir_of(args.config, cfg) if args.config else None
+    if args.resume and run_of_config is not None and args.out_dir is None and args.run_name is None:
+        # config.json of a run: resume that run, not a namesake under the current directory
+        d.update(out_dir=str(run_of_config.parent), run_name=run_of_config.name)
     flags = {"arch": args.arch, "head": args.head, "dataset": args.dataset, "data_root": args.data_root,
              "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "head_lr_mult": args.head_lr_mult,
              "weight_decay": args.weight_decay, "warmup_iters": args.warmup_iters, "grad_clip": args.grad_clip,
@@ -186,13 +197,47 @@ def _train_config(args):
     return cfg
 
 
+def _config_file(path):
+    """``--config``: a TrainConfig JSON file (or inline JSON object), with errors that name the file."""
+    from gmmseg_core.config import TrainConfig
+
+    text = str(path)
+    if not text.lstrip().startswith("{"):
+        if Path(text).is_dir():
+            raise ValueError(f"--config must be a JSON file, got the directory {text!r}")
+        text = Path(text).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {str(path)!r} must hold a JSON object of TrainConfig fields, got a "
+                         f"{type(data).__name__}")
+    return TrainConfig.from_dict(data)
+
+
+def _run_dir_of(config_path, cfg):
+    """The run directory a ``config.json`` belongs to (absolute), or None for a config file of its own."""
+    path = Path(str(config_path))
+    if str(config_path).lstrip().startswith("{") or path.name != "config.json":
+        return None
+    folder = path.resolve().parent
+    return folder if folder.name == cfg.run_name or (folder / "checkpoint.pt").exists() else None
+
+
 def cmd_train(args) -> int:
-    from gmmseg_core.train import train
+    from gmmseg_core.train import CHECKPOINT, train
 
     cfg = _train_config(args)
     if args.print_config:
         print(cfg.to_json())
         return 0
+    existing = cfg.run_dir / CHECKPOINT
+    if not cfg.resume and not args.overwrite and existing.exists():
+        raise ValueError(f"{str(cfg.run_dir)!r} already holds a trained run ({CHECKPOINT}); pass --resume to "
+                         "continue it, --overwrite to start it again, or --run-name for a new run")
+    if cfg.resume and not cfg.run_dir.exists():   # (train() itself warns about a run that left no checkpoint)
+        print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
     run_dir = train(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     final = metrics.get("final") or {}
@@ -218,6 +263,14 @@ def cmd_evaluate(args) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.is_dir():
         raise ValueError(f"--output must be a file path, got the directory {str(output)!r}")
+    blocked = next((q for q in (output.parents if output is not None else ()) if q.exists() and not q.is_dir()),
+                   None)
+    if blocked is not None:     # checked before the evaluation, whose results would otherwise be lost
+        raise ValueError(f"--output {str(output)!r} cannot be written: {str(blocked)!r} is a file")
+    if args.sml_images < 0:
+        raise ValueError(f"--sml-images must be >= 0 (0 = all training images), got {args.sml_images}")
+    if args.mode == "whole" and (args.crop_size is not None or args.stride is not None):
+        raise ValueError("--crop-size and --stride apply to --mode slide")
     unknown = sorted(set(args.scorers or ()) - set(SCORERS))
     if unknown:
         raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
@@ -238,8 +291,9 @@ def cmd_evaluate(args) -> int:
     dataset = build_dataset(name, args.split, root=root, **kw)
     common = dict(batch_size=args.batch_size, device=args.device, mode=args.mode, crop_size=args.crop_size,
                   stride=args.stride, progress=not args.no_progress)
-    if args.scorers and not getattr(dataset, "is_anomaly_split", False):
-        raise ValueError(f"--scorers apply to anomaly splits; {name}/{args.split} is a closed-set split")
+    for flag, given in (("--scorers", args.scorers), ("--streaming", args.streaming)):
+        if given and not getattr(dataset, "is_anomaly_split", False):
+            raise ValueError(f"{flag} applies to anomaly splits; {name}/{args.split} is a closed-set split")
     if getattr(dataset, "is_anomaly_split", False):
         scorers = args.scorers
         want_sml = scorers is None or "sml" in scorers
@@ -262,7 +316,11 @@ def cmd_evaluate(args) -> int:
             print(f"  {cls:<16}{100 * iou:8.2f}")
     out = output or Path(args.run_dir) / f"eval_{name}_{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(out, {"dataset": name, "split": args.split, "results": results})
+    options = {"mode": args.mode, "crop_size": args.crop_size, "stride": args.stride, "num_images": len(dataset),
+               "image_size": kw.get("image_size"), "data_root": None if root is None else str(root)}
+    if getattr(dataset, "is_anomaly_split", False):
+        options.update(streaming=args.streaming, sml_images=args.sml_images)
+    _write_json(out, {"dataset": name, "split": args.split, "options": options, "results": results})
     print(f"written: {out}")
     return 0
 
@@ -299,7 +357,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as err:            # a training stopped by Ctrl-C says where its checkpoint is
         print(f"gmmseg {args.command}: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except SystemExit as err:                   # SIGTERM: the same, with the exit status SystemExit carries
+        if getattr(err, "detail", None):
+            print(f"gmmseg {args.command}: terminated: {err.detail}", file=sys.stderr)
+        raise
+    except (ValueError, OSError) as err:        # bad values, and paths that are missing or not what they must be
         print(f"gmmseg {args.command}: error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:           # a diverged training: not a usage error, no traceback either

@@ -189,6 +189,9 @@ class GMMHead(nn.Module):
     dropout : float
         Channel dropout (``Dropout2d``) on the features before the embedding's convolution, in training only;
         0 (default) disables it. The released configs use 0.1.
+    momentum : float, optional
+        Another name for ``mean_momentum`` (the means' momentum, the one the method describes); the variances
+        have their own, ``variance_momentum``, 0 in both variants as in the released code.
 
     Attributes (buffers, all in ``state_dict``)
     -------------------------------------------
@@ -210,8 +213,13 @@ class GMMHead(nn.Module):
                  variance_floor: float | None = None, update_interval: int | None = None,
                  m_step_scope: str | None = None, component_loss_weight: float | None = None,
                  sinkhorn_epsilon: float | None = None, sinkhorn_iters: int | None = None,
-                 ignore_index: int = IGNORE_INDEX, dropout: float = 0.0):
+                 ignore_index: int = IGNORE_INDEX, dropout: float = 0.0, momentum: float | None = None):
         super().__init__()
+        if momentum is not None:
+            if mean_momentum is not None and mean_momentum != momentum:
+                raise ValueError(f"momentum is another name for mean_momentum; got momentum={momentum!r} and "
+                                 f"mean_momentum={mean_momentum!r}")
+            mean_momentum = momentum
         if variant not in VARIANT_DEFAULTS:
             raise ValueError(f"variant must be one of {sorted(VARIANT_DEFAULTS)}, got {variant!r}")
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),

@@ -857,7 +857,7 @@ class GaussianMixture:
         weights = uniform  # when only means and variances are given
         if given_means is None or given_variances is None:
             labels = self._initial_labels(X)
-            resp = torch.nn.functional.one_hot(labels, self.n_components).to(X.dtype)
+            resp = X.new_zeros(labels.shape[0], self.n_components).scatter_(1, labels.unsqueeze(1), 1.0)
             nk, means, variances = estimate_diag_gaussian_parameters(X, resp, self.reg_covar)
             weights = nk / nk.sum()
         if given_means is not None:

@@ -160,6 +160,8 @@ def band(ax, x, curves, label: str, color=None, quantiles=(0.1, 0.9)):
 
 def pad_curves(curves: Sequence[Sequence[float]]) -> np.ndarray:
     """Ragged per-run curves -> (R, T) array, each run's last value carried forward (a converged run stays put)."""
+    if len(curves) == 0:
+        raise ValueError("pad_curves needs at least one curve, got none")
     T = max(len(c) for c in curves)
     out = np.full((len(curves), T), np.nan)
     for i, c in enumerate(curves):
@@ -247,8 +249,10 @@ def image_grid(rows: Sequence[Sequence], titles: Sequence[str] | None = None, cm
 
     Returns the figure.
     """
+    if len(rows) == 0 or not any(len(r) for r in rows):
+        raise ValueError("image_grid needs at least one panel, got none (e.g. a notebook asked for 0 examples)")
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    first = to_numpy(rows[0][0])
+    first = to_numpy(next(r for r in rows if len(r))[0])
     aspect = first.shape[0] / first.shape[1]  # panel height / width, so wide images leave no blank bands
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(size * n_cols, size * n_rows * aspect + 0.4 * (titles is not None)),
                              squeeze=False)

@@ -282,12 +282,14 @@ class NotebooksFailedError(RuntimeError):
 
     def __init__(self, failures, result):
         self.failures, self.result = list(failures), result
-        lines = [f"{len(self.failures)} of {len(result['notebooks'])} notebooks failed (the others ran):"]
+        ran = len(result["notebooks"]) - len(self.failures)
+        lines = [f"{len(self.failures)} of {len(result['notebooks'])} notebooks failed"
+                 + (f" ({ran} ran to the end):" if ran else ":")]
         lines += [str(err) for err in self.failures]
         super().__init__("\n".join(lines))
 
 
-def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir="figures",
+def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir=None,
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
               keep_going: bool = False, log=print) -> dict:
     """Execute the study notebooks for ``profile`` and collect their timings.
@@ -302,8 +304,10 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         Torch device for the notebooks; None -> "cpu".
     out_dir : path or None
         Where the executed notebooks and ``timings.json`` go; default ``outputs/<profile>``.
-    figures_dir : path
-        Where the figures (PNG) and the tables (``*_table.md`` / ``*_table.csv``) go.
+    figures_dir : path or None
+        Where the figures (PNG) and the tables (``*_table.md`` / ``*_table.csv``) go; default ``figures`` (the
+        committed reference) for the cpu profile, ``<out_dir>/figures`` for the others, so a smoke or gpu run
+        never overwrites the reference figures by accident.
     cache_dir : path or None
         Trained-model cache shared by the notebooks; default ``<out_dir>/cache``.
     notebooks : list of names or paths, optional
@@ -343,7 +347,17 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     _check_notebook_packages()
     out_dir = Path(out_dir if out_dir is not None else Path("outputs") / profile).resolve()
+    if figures_dir is None:
+        figures_dir = "figures" if profile == "cpu" else out_dir / "figures"
     figures_dir = Path(figures_dir).resolve()
+    if data_root is not None:       # the kernels run in notebooks/: a relative root must be resolved here
+        data_root = Path(data_root).expanduser().resolve()
+        if not data_root.is_dir():
+            raise ValueError(f"data_root {str(data_root)!r} is not a directory; pass the folder that holds the "
+                             "datasets (see the README's real-data section)")
+    from gmmseg_core.train import _check_device
+
+    _check_device(device)
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else out_dir / "cache"
     paths = _resolve_notebooks(notebooks)
     run_wide = sorted(set(parameters or {}) & set(RUN_ARGUMENTS))
@@ -422,9 +436,10 @@ def add_arguments(parser):
     parser.add_argument("--data-root", default=None, help="root of real datasets (default: generated/shipped data)")
     parser.add_argument("--device", default=None, help="torch device for the notebooks (default cpu)")
     parser.add_argument("--out-dir", default=None, help="executed notebooks and timings (default outputs/<profile>)")
-    parser.add_argument("--figures-dir", default="figures", help="figures and tables (default figures)")
+    parser.add_argument("--figures-dir", default=None,
+                        help="figures and tables (default: figures for the cpu profile, <out-dir>/figures otherwise)")
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default <out-dir>/cache)")
-    parser.add_argument("--notebooks", nargs="*", default=None, help="run only these notebooks (names or paths)")
+    parser.add_argument("--notebooks", nargs="+", default=None, help="run only these notebooks (names or paths)")
     parser.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing notebook run the later ones anyway, then exit 1 naming every failure")
@@ -446,7 +461,7 @@ def run_from_args(args) -> int:
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
                   threads=args.threads, parameters=parameters or None, keep_going=args.keep_going)
-    except (ValueError, ImportError) as err:
+    except (ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (NotebookExecutionError, NotebooksFailedError) as err:

@@ -1,16 +1,17 @@
 """The online-hybrid training loop: cross-entropy into the feature extractor, EM bookkeeping into the GMM head.
 
 ``train(cfg)`` reads top to bottom: set-up (distributed, seeds, data, model, optimiser, resume), then the loop
-(forward, backward, optimiser step, head update, log, evaluate, checkpoint). Single process by default; under
-``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment), or inside a process group the
-caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on CUDA)
-with ``cfg.batch_size`` images per process. Only rank 0 writes files.
+(forward, backward, optimiser step, log, head update for a finite step, evaluate, checkpoint). Single process by
+default; under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment), or inside a process
+group the caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on
+CUDA) with ``cfg.batch_size`` images per process. Only rank 0 writes files.
 
 Run directory (``cfg.run_dir``)::
 
     config.json      the TrainConfig
     log.csv          one row per step: step, loss, ce, aux, lr, grad_norm, step_time_s
-    metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool, ...}
+    metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool,
+                     "train_time_s": wall time of every segment of the run, evaluations included, ...}
     checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position (written
                      atomically: a temporary file then ``os.replace``)
 
@@ -256,7 +257,11 @@ class _StopRequest:
                  f"{str(run_dir)!r}" if finished else
                  f"training stopped after step {step}; its checkpoint is in {str(run_dir)!r}: resume=True "
                  f"(gmmseg train --config {str(run_dir / 'config.json')!r} --resume) continues it")
-        return KeyboardInterrupt(where) if self.signal == signal.SIGINT else SystemExit(128 + signal.SIGTERM)
+        if self.signal == signal.SIGINT:
+            return KeyboardInterrupt(where)
+        err = SystemExit(128 + signal.SIGTERM)
+        err.detail = where      # SystemExit's argument is the exit status: the command line prints this instead
+        return err
 
 
 def dataset_kwargs_for(cfg: TrainConfig, split: str) -> dict:
@@ -405,6 +410,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         if ckpt["scaler"]:      # empty when saved by a disabled scaler: a run resumed with fp16 starts it afresh
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
+        # the optimiser holds the rate the checkpointed schedule set for this step; a resume that changed ``iters``
+        # must take its first step at the new schedule's rate too, not only the ones after
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(step, cfg)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         _set_rng_state(ckpt["rng"])
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
@@ -420,6 +430,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     elif master:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
         for name in (CHECKPOINT, "metrics.json"):
             (run_dir / name).unlink(missing_ok=True)
+        for stale in run_dir.glob("eval_*.json"):      # gmmseg evaluate's results of the earlier model
+            stale.unlink()
     if master:
         # written once data and model are built: a configuration that fails to build leaves no run directory
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +466,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     def save_checkpoint(at_step):
         nonlocal saved_step
         saved_step = at_step
+        metrics["train_time_s"] = time.perf_counter() - t_start    # all segments of a resumed run
         if master:
             log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
@@ -471,7 +484,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     writer = None
     bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
                dynamic_ncols=True)
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
     try:
@@ -491,14 +504,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
-            # EM bookkeeping of the head (no gradients). ``features`` is the tensor the head saw, so the head reuses
-            # its forward's embeddings and feature-resolution logits (for "correctly classified"); passing the
-            # upsampled logits instead would cost an argmax over the full-resolution map every step.
-            with torch.no_grad():
-                raw_model.update_head(out["features"], labels)
-            step += 1
-            if on_step is not None:
-                on_step(step, raw_model, out)
 
             # one host synchronisation per step, on every process, for everything logged and the divergence check
             # (the gradient norm is the same on every process under DDP, so the mean leaves it unchanged)
@@ -516,6 +521,17 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             # GradScaler skips such a step): stop before a checkpoint of this step is written
             finite = math.isfinite(loss_value) and math.isfinite(grad_norm_value)
             nonfinite = 0 if finite else nonfinite + 1
+            # EM bookkeeping of the head (no gradients), for a step the optimiser took: non-finite embeddings pushed
+            # into the memory would leave the mixtures NaN for good, whereas fp16's GradScaler skips such a step.
+            # ``features`` is the tensor the head saw, so the head reuses its forward's embeddings and
+            # feature-resolution logits (for "correctly classified"); passing the upsampled logits instead would
+            # cost an argmax over the full-resolution map every step.
+            if finite:
+                with torch.no_grad():
+                    raw_model.update_head(out["features"], labels)
+            step += 1
+            if on_step is not None:
+                on_step(step, raw_model, out)
             if master:
                 row = {"step": step, "loss": loss_value, "ce": ce_value, "aux": aux_value, "lr": lr,
                        "grad_norm": grad_norm_value,
@@ -621,7 +637,9 @@ def _truncate_log(path: Path, step: int) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= step)
+        # complete rows only: a kill can leave a torn last row behind (the file is flushed every few steps)
+        writer.writerows(r for r in rows if None not in r.values() and all(r.values()) and r["step"].isdigit()
+                         and int(r["step"]) <= step)
 
 
 # ------------------------------------------------------------------------------------------------ runs

@@ -82,8 +82,12 @@ def test_evaluate_checks_its_options_before_evaluating(tmp_path, capsys):
     for args, message in [
         (["--split", "anomaly", "--scorers", "msp", "bogus"], "--scorers ['bogus'] are not scorers"),
         (["--split", "anomaly", "--scorers", "gmm"], "--scorers gmm needs a GMM head"),
-        (["--scorers", "msp"], "--scorers apply to anomaly splits; scenes/val is a closed-set split"),
+        (["--scorers", "msp"], "--scorers applies to anomaly splits; scenes/val is a closed-set split"),
+        (["--streaming"], "--streaming applies to anomaly splits; scenes/val is a closed-set split"),
+        (["--crop-size", "16"], "--crop-size and --stride apply to --mode slide"),
+        (["--split", "anomaly", "--sml-images", "-1"], "--sml-images must be >= 0 (0 = all training images), got -1"),
         (["--output", str(tmp_path)], "--output must be a file path, got the directory"),
+        (["--output", str(tmp_path / "sm" / "config.json" / "x.json")], "config.json' is a file"),
         (["--device", "gpu"], "device must be a torch device string"),
     ]:
         assert main(["evaluate", run, "--no-progress", *args]) == 2, args
@@ -91,7 +95,9 @@ def test_evaluate_checks_its_options_before_evaluating(tmp_path, capsys):
         assert message in err and "Traceback" not in err, (args, err)
     target = tmp_path / "new" / "folder" / "val.json"           # missing folders are made
     assert main(["evaluate", run, "--no-progress", "--num-images", "1", "--output", str(target)]) == 0
-    assert json.loads(target.read_text())["split"] == "val"
+    written = json.loads(target.read_text())
+    assert written["split"] == "val" and written["options"]["mode"] == "whole"
+    assert written["options"]["num_images"] == 1
 
 
 def test_evaluate_finds_moved_training_data_through_data_root(tmp_path, capsys):
@@ -145,7 +151,7 @@ def test_reproduce_delegates(monkeypatch):
     monkeypatch.setattr(rep, "reproduce", lambda *args, **kw: calls.append((args, kw)) or {})
     assert main(["reproduce", "--profile", "smoke", "--data-root", "/data", "--device", "cpu",
                  "--out-dir", "o", "--threads", "2"]) == 0
-    assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir="figures",
+    assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir=None,
                                        cache_dir=None, notebooks=None, threads=2, parameters=None,
                                        keep_going=False))]
 
@@ -202,3 +208,71 @@ def test_an_interrupted_command_exits_130_with_the_reason(monkeypatch, capsys):
 def test_train_names_an_unknown_dataset(capsys):
     assert main(["train", "--dataset", "mnist", "--print-config"]) == 2
     assert "unknown dataset 'mnist'; available datasets:" in capsys.readouterr().err
+
+
+def test_train_resumes_the_run_its_config_file_belongs_to(tmp_path, monkeypatch, capsys):
+    from gmmseg_core import train as train_module
+
+    runs = tmp_path / "project" / "runs"
+    assert main(["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--set", "checkpoint_interval=2",
+                 "--iters", "4", "--out-dir", str(runs), "--run-name", "r"]) == 0
+    config = json.loads((runs / "r" / "config.json").read_text())
+    config["out_dir"] = "runs"                       # as written by a run started inside project/
+    (runs / "r" / "config.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda cfg: seen.setdefault("run_dir", cfg.run_dir))
+    assert main(["train", "--config", str(runs / "r" / "config.json"), "--resume", "--iters", "6"]) == 0
+    assert seen["run_dir"] == runs / "r"
+
+
+def test_train_refuses_to_start_over_a_trained_run_without_overwrite(tmp_path, capsys):
+    args = ["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert main(args) == 0
+    (tmp_path / "r" / "eval_scenes_val.json").write_text("{}")
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.01"]) == 2
+    assert "already holds a trained run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+    assert main([*args, "--lr", "0.01", "--overwrite"]) == 0
+    assert not (tmp_path / "r" / "eval_scenes_val.json").exists()       # the earlier model's evaluation is gone
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 0.01
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{'lr': 1}", "is not valid JSON: Expecting property name"),
+    ("[1, 2]", "must hold a JSON object of TrainConfig fields, got a list"),
+])
+def test_train_names_a_bad_config_file(tmp_path, capsys, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    assert main(["train", "--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+    assert main(["train", "--config", str(tmp_path), "--print-config"]) == 2
+    assert "--config must be a JSON file, got the directory" in capsys.readouterr().err
+
+
+def test_a_path_that_is_a_file_gives_a_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main(["train", *TINY, "--out-dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gmmseg train: error:") and "Traceback" not in err
+
+
+def test_a_terminated_training_says_where_its_checkpoint_is(monkeypatch, capsys):
+    import gmmseg_core.train as train_module
+
+    def terminated(cfg):
+        err = SystemExit(143)
+        err.detail = "training stopped after step 3; its checkpoint is in 'x'"
+        raise err
+
+    monkeypatch.setattr(train_module, "train", terminated)
+    with pytest.raises(SystemExit) as info:
+        main(["train", *TINY])
+    assert info.value.code == 143
+    assert "gmmseg train: terminated: training stopped after step 3" in capsys.readouterr().err

@@ -451,6 +451,17 @@ def test_variant_defaults_fill_unset_knobs():
     assert GMMHead(CF, C).memory_resp is not None and official.memory_resp is None
 
 
+def test_momentum_is_another_name_for_the_means_momentum():
+    head = GMMHead(CF, C, variant="paper", momentum=0.9)
+    assert head.mean_momentum == 0.9 and head.variance_momentum == 0.0
+    assert GMMHead(CF, C, momentum=0.5, mean_momentum=0.5).mean_momentum == 0.5
+    with pytest.raises(ValueError, match="momentum is another name for mean_momentum; got momentum=0.9 and "
+                                         "mean_momentum=0.5"):
+        GMMHead(CF, C, momentum=0.9, mean_momentum=0.5)
+    with pytest.raises(ValueError, match=r"mean_momentum must be in \[0, 1\), got 1.0"):
+        GMMHead(CF, C, momentum=1.0)
+
+
 def test_official_m_step_matches_released_code_loop():
     head = _head(variant="official", mean_momentum=0.9, memory_size=8)
     g = torch.Generator().manual_seed(5)

@@ -156,6 +156,27 @@ def test_bad_arguments_are_named(tmp_path):
                   figures_dir=tmp_path, threads=0)
 
 
+def test_run_wide_paths_and_device_are_resolved_and_checked_before_anything_runs(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    nb = _write_notebook(tmp_path / "ok.ipynb", [
+        "import json, pathlib\npathlib.Path(figures_dir, 'seen.json').write_text(json.dumps(data_root))"])
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    # a relative data root means the caller's folder, not the kernels' (notebooks/)
+    res = reproduce("smoke", notebooks=[nb], out_dir="out", data_root="data", log=lambda *a, **k: None)
+    figures = tmp_path / "out" / "figures"                      # not figures/: that is the cpu reference run
+    assert res["figures_dir"] == str(figures)
+    assert json.loads((figures / "seen.json").read_text()) == str(tmp_path / "data")
+    for kwargs, message in [(dict(data_root="missing"), "data_root .*missing' is not a directory"),
+                            (dict(device="bogus"), "device must be a torch device string")]:
+        with pytest.raises(ValueError, match=message):
+            reproduce("smoke", notebooks=[nb], out_dir="refused", **kwargs)
+        assert not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit):
+        main(["--profile", "smoke", "--notebooks"])              # a list of no notebooks is not "run nothing"
+
+
 def test_extra_parameters_go_only_where_declared_and_typos_are_refused(tmp_path):
     seen = tmp_path / "seen"
     a = _write_notebook(tmp_path / "a.ipynb", ["open(figures_dir + '/a.txt', 'w').write(str(value))"])

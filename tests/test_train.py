@@ -322,6 +322,55 @@ def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
         torch.testing.assert_close(g["params"][0], h["params"][0])      # same update up to rounding
 
 
+def test_a_non_finite_step_does_not_reach_the_mixtures(tmp_path, monkeypatch):
+    from gmmseg_core import train as train_module
+
+    real_forward = train_module._TrainStep.forward
+    calls = {"n": 0}
+
+    def forward(self, images, labels):      # step 3's features (and so loss and embeddings) turn NaN
+        calls["n"] += 1
+        if calls["n"] == 3:
+            images = images * float("nan")
+        return real_forward(self, images, labels)
+
+    seen = {}
+
+    def on_step(step, model, out):
+        seen[step] = (int(model.head.num_updates), bool(torch.isfinite(model.head.means).all()),
+                      bool(torch.isfinite(model.head.memory).all()))
+
+    monkeypatch.setattr(train_module._TrainStep, "forward", forward)
+    cfg = tiny_cfg(tmp_path, iters=6, head_kwargs=dict(embed_dim=4, num_components=2, update_interval=1))
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train(cfg, on_step=on_step)
+    assert seen[2] == (2, True, True) and seen[3] == (2, True, True)     # step 3 left the head untouched
+
+
+def test_a_resume_that_changes_iters_steps_at_the_new_schedules_rate(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=4, head="softmax", head_kwargs={}, lr=1e-3, run_name="grow")
+    train(cfg)
+    longer = cfg.replace(iters=8, resume=True)
+    assert train(longer) == cfg.run_dir
+    with open(longer.run_dir / "log.csv") as f:
+        lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    assert lrs[4] == pytest.approx(1e-3 * lr_factor(3, cfg))                 # the first run's schedule
+    for step in range(5, 9):
+        assert lrs[step] == pytest.approx(1e-3 * lr_factor(step - 1, longer)), step
+
+
+def test_a_torn_log_row_is_dropped_on_resume_and_time_spans_segments(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, head="softmax", head_kwargs={}, run_name="torn")
+    train(cfg, stop_after=4, on_step=lambda *a: time.sleep(0.2))
+    log = cfg.run_dir / "log.csv"
+    log.write_text(log.read_text() + "1")          # a kill left only the first byte of the next row
+    train(cfg.replace(resume=True), on_step=lambda *a: time.sleep(0.2))
+    with open(log) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+    # steps 1-3 before the checkpoint and 4-6 after it are all counted (0.2 s each at least)
+    assert json.loads((cfg.run_dir / "metrics.json").read_text())["train_time_s"] >= 6 * 0.2
+
+
 def test_a_diverging_run_stops_at_once_and_keeps_its_last_checkpoint(tmp_path, monkeypatch):
     from gmmseg_core import train as train_module
 
@@ -592,8 +641,9 @@ def test_a_stop_during_the_last_step_takes_effect_once_the_run_is_complete(tmp_p
     assert is_finished(cfg.replace(run_name="term").run_dir)
 
 
-def test_resume_ignores_where_generated_data_is_cached(tmp_path):
+def test_resume_ignores_where_generated_data_is_cached(tmp_path, monkeypatch):
     # reproduce writes absolute cache paths, a notebook opened by hand relative ones: the same cache entry
+    monkeypatch.chdir(tmp_path)                        # the relative cache lands in the test's folder
     cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={},
                    dataset_kwargs=dict(image_size=32, num_images=6, cache_dir=str(tmp_path / "data")))
     train_cached(cfg, tmp_path / "cache")
