@@ -1,4 +1,5 @@
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,10 +51,36 @@ def test_read_idx_rejects_other_files(tmp_path):
 
 
 def test_fashion_missing_files_error_names_paths_and_remedy(tmp_path, monkeypatch):
+    from gmmseg_core.data import composites
+
     monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist") as err:
         build_dataset("fashion", "train", root=tmp_path)
     assert str(tmp_path) in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
+    assert str(tmp_path / "system") in str(err.value)            # searched after the root
+
+
+def test_a_data_root_without_fashion_files_still_finds_the_system_copy(tmp_path, monkeypatch):
+    from gmmseg_core.data.composites import FASHION_DIRS
+
+    if not any(Path(d, "train-images-idx3-ubyte.gz").exists() or Path(d, "train-images-idx3-ubyte").exists()
+               for d in FASHION_DIRS):
+        pytest.skip("no system Fashion-MNIST files")
+    monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    assert len(build_dataset("fashion", "train", root=tmp_path, num_images=1, **SMALL)) == 1
+
+
+def test_composite_cache_keys_tell_object_ranges_apart(tmp_path):
+    keys = {build_dataset("digits", "train", num_images=1, objects=objects, **SMALL).cache_key
+            for objects in ((11, 11), (1, 111))}
+    assert len(keys) == 2
+
+
+def test_held_out_classes_must_leave_known_ones_and_feed_anomaly_splits():
+    with pytest.raises(ValueError, match=r"the 'anomaly' split draws its anomalies from the held-out classes; "
+                                         r"held_out \[\] names none"):
+        build_dataset("digits", "anomaly", num_images=1, held_out=(), **SMALL)
 
 
 def test_fashion_reads_files_from_root(tmp_path, rng):

@@ -157,3 +157,16 @@ def test_novel_textures_only_in_anomaly_splits(monkeypatch):
     for i in range(len(ds)):
         ds.load(i)
     assert set(used) & set(textures.NOVEL_PHOTOS)
+
+
+def test_strided_texture_windows_that_wrap_keep_their_step():
+    from gmmseg_core.data import textures
+
+    tex = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
+    for seed in range(60):                      # windows that wrap around the 256-px texture exactly once
+        for h, step in ((129, 3.0), (257, 2.0), (64, 1.0)):
+            rng = np.random.default_rng(seed)
+            r0, c0 = np.random.default_rng(seed).integers(0, 256, 2)
+            rows = (r0 + (np.arange(h) * step).astype(np.int64)) % 256
+            cols = (c0 + (np.arange(h) * step).astype(np.int64)) % 256
+            np.testing.assert_array_equal(textures.crop(tex, h, h, rng, step), tex[np.ix_(rows, cols)])

@@ -170,3 +170,15 @@ def test_short_training_learns(variant):
         acc.append(float((out["logits"].argmax(1) == labels).float().mean()))
     assert int(model.head.num_updates) == 40
     assert sum(acc[-10:]) / 10 > sum(acc[:5]) / 5 + 0.1, acc
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(decoder_chanels=(64, 32, 16, 8, 4)), r"model_kwargs \['decoder_chanels'\] are not arguments of smp.Unet"),
+    (dict(classes=3), r"model_kwargs \['classes'\] are set by the adapter"),
+])
+def test_smp_keywords_are_checked_against_the_architecture(kw, message):
+    pytest.importorskip("segmentation_models_pytorch")
+    with pytest.raises(ValueError, match=message):
+        build_model("smp:Unet:resnet18", "softmax", num_classes=3, encoder_weights=None, **kw)
+    with pytest.raises(ValueError, match="unknown smp encoder 'nope'"):
+        build_model("smp:Unet:nope", "softmax", num_classes=3, encoder_weights=None)

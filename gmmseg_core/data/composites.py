@@ -102,8 +102,7 @@ def fashion_search_dirs(root=None) -> list[Path]:
             "GMMSEG_DATA") else []):
         base = Path(base).expanduser()
         dirs += [base, base / "fashion-mnist", base / "fashion_mnist", base / "FashionMNIST" / "raw"]
-    if root is None:
-        dirs += [Path(d) for d in FASHION_DIRS]
+    dirs += [Path(d) for d in FASHION_DIRS]      # last: a data root with other datasets only still finds them
     return dirs
 
 
@@ -271,6 +270,11 @@ class CompositeDataset(GeneratedDataset):
         self._lut[self.known_ids] = np.arange(1, len(self.known_ids) + 1)
         self._pool_known = np.flatnonzero(np.isin(source.labels, self.known_ids))
         self._pool_held = np.flatnonzero(np.isin(source.labels, held_ids))
+        if not len(self._pool_known):
+            raise ValueError(f"held_out {list(held_out)} leaves no known class to draw")
+        if split.startswith("anomaly") and not len(self._pool_held):
+            raise ValueError(f"the {split!r} split draws its anomalies from the held-out classes; held_out "
+                             f"{list(held_out)} names none with sprites in this source")
         if split.startswith("anomaly"):
             self.classes, self.palette = list(ANOMALY_CLASSES), ANOMALY_PALETTE.copy()
         else:
@@ -282,7 +286,7 @@ class CompositeDataset(GeneratedDataset):
     @property
     def cache_key(self) -> str:
         held = "-".join(self.held_out).replace("/", "_").replace(" ", "_")
-        return (f"{self.name}-{self.split}-{self.height}x{self.width}-s{self.seed}-o{self.objects[0]}"
+        return (f"{self.name}-{self.split}-{self.height}x{self.width}-s{self.seed}-o{self.objects[0]}_"
                 f"{self.objects[1]}-v{self.void_width}-{len(self.source.labels)}-{held}-{self.source.fingerprint}")
 
     def generate(self, index: int):

@@ -97,7 +97,8 @@ def crop(tex: np.ndarray, h: int, w: int, rng: np.random.Generator, step: float 
     r0, c0 = rng.integers(0, th), rng.integers(0, tw)
     rows = (r0 + (np.arange(h) * step).astype(np.int64)) % th
     cols = (c0 + (np.arange(w) * step).astype(np.int64)) % tw
-    if rows[-1] - rows[0] == h - 1 and cols[-1] - cols[0] == w - 1:  # contiguous window: a slice
+    # a window without stride or wrap-around is a slice (a strided one can wrap to the same span: not a slice)
+    if step == 1 and r0 + h <= th and c0 + w <= tw:
         return tex[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     return tex.take(rows, axis=0).take(cols, axis=1)
 

@@ -63,8 +63,8 @@ def check_model_arguments(arch: str, head: str, head_kwargs: dict | None = None,
                           model_kwargs: dict | None = None) -> None:
     """Raise ``ValueError`` for argument names that ``build_model(arch, head, ...)`` would reject, without
     building anything: keys of ``head_kwargs`` that the head does not take (e.g. ``variant`` for the softmax
-    head) and of ``model_kwargs`` that the backbone does not take (smp backbones pass theirs on to smp, which
-    checks them when the model is built)."""
+    head) and of ``model_kwargs`` that the backbone does not take (an smp backbone's are checked against its smp
+    architecture when the model is built, which needs smp imported)."""
     check_arch(arch)
     if head not in HEADS:
         raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")

@@ -10,6 +10,8 @@ drop part of the network.
 
 from __future__ import annotations
 
+import inspect
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -61,6 +63,21 @@ class SMPBackbone(nn.Module):
         if architecture.lower() not in known:
             raise ValueError(f"unknown smp architecture {architecture!r}; smp {smp.__version__} has "
                              f"{sorted(known.values())}")
+        if not encoder.startswith("tu-") and encoder not in smp.encoders.encoders:
+            raise ValueError(f"unknown smp encoder {encoder!r}; smp {smp.__version__} has "
+                             f"{sorted(smp.encoders.encoders)} and timm's as 'tu-<name>'")
+        owned = {"classes", "encoder_name", "encoder_weights"} & set(kw)
+        if owned:
+            raise ValueError(f"model_kwargs {sorted(owned)} are set by the adapter (the classes belong to our head, "
+                             "the encoder to the arch string, encoder_weights is its own argument)")
+        # smp passes unknown keywords on to the encoder, where only timm ('tu-') encoders use them: a misspelt
+        # decoder option would be dropped without a word
+        model_class = smp.MODEL_ARCHITECTURES_MAPPING[known[architecture.lower()]]
+        params = set(inspect.signature(model_class.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(kw) - params) if not encoder.startswith("tu-") else []
+        if unknown:
+            raise ValueError(f"model_kwargs {unknown} are not arguments of smp.{model_class.__name__}; it takes "
+                             f"{sorted(params - {'classes', 'encoder_name', 'encoder_weights'})}")
         try:
             model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
                                      encoder_weights=encoder_weights, classes=1, **kw)
