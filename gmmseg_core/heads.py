@@ -531,6 +531,16 @@ class GMMHead(nn.Module):
         ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats)
 
     @torch.no_grad()
+    def _apply(self, fn, recurse=True):
+        # ``.float()`` / ``.half()`` would cast the float64 ring sums too: restore them in float64 from the memory
+        super()._apply(fn, recurse)
+        if self.memory_sum is not None and self.memory_sum.dtype != torch.float64:
+            self.memory_sum = self.memory_sum.double()
+            self.memory_sumsq = self.memory_sumsq.double()
+            with torch.no_grad():
+                self.refresh_memory_statistics()
+        return self
+
     def refresh_memory_statistics(self) -> None:
         """Recompute the running ring sums from the filled memory rows (after editing ``memory`` by hand)."""
         if self.memory_sum is None:

@@ -36,7 +36,10 @@ Kernels run with one intra-op thread on the CPU (see ``reproduce(threads=...)``)
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 NOTEBOOKS = (
     "01_discriminative_vs_generative",
@@ -220,12 +223,29 @@ class ExperimentRuns:
                                  data_root=self.data_root, cache_dir=self.cache_dir, model_kwargs=model_kwargs,
                                  **head_overrides)
 
+    @contextmanager
+    def _training_threads(self):
+        """One torch thread for trainings on the CPU, as ``gmmseg reproduce`` runs them: a run is bit-for-bit
+        reproducible only at one thread count, and the cache key does not hold it, so a notebook opened by hand
+        (torch's default: every core) would otherwise put other models under the reference run's keys."""
+        if str(self.device or "cpu").startswith("cuda"):
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def train_all(self, configs, processes: int = 1) -> list[Path]:
         """Train the configurations not yet in the cache, up to ``processes`` at a time (see
-        :func:`~gmmseg_core.train.train_cached_many`); returns their run directories."""
+        :func:`~gmmseg_core.train.train_cached_many`; on the CPU single-threaded, see ``_training_threads``);
+        returns their run directories."""
         from .train import train_cached_many
 
-        return train_cached_many(configs, self.cache_dir, processes=processes)
+        with self._training_threads():
+            return train_cached_many(configs, self.cache_dir, processes=processes)
 
     def trained(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, verbose: bool = True,
                 model_kwargs: dict | None = None, **head_overrides):
@@ -248,8 +268,9 @@ class ExperimentRuns:
         """
         from .train import load_run, train_cached
 
-        run_dir = train_cached(self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs, **head_overrides),
-                               self.cache_dir)
+        with self._training_threads():
+            run_dir = train_cached(self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs,
+                                               **head_overrides), self.cache_dir)
         model, _, metrics = load_run(run_dir, device=self.device)
         if verbose:
             fresh = (run_dir / "metrics.json").stat().st_mtime >= self.started

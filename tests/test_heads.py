@@ -564,3 +564,17 @@ def test_gaussians_made_trainable_get_gradients_through_the_general_path():
     logits, comp = head(f, return_component_logp=True)
     (F.cross_entropy(logits, labels) + head.extra_loss(f, labels, component_logp=comp)).backward()
     assert head.means.grad is not None and head.means.grad.abs().sum() > 0 and f.grad is not None
+
+
+def test_casting_the_head_keeps_the_ring_sums_in_float64():
+    head = GMMHead(CF, C, embed_dim=D, num_components=2, variant="official", memory_size=8)
+    with torch.no_grad():
+        head.memory.normal_(generator=torch.Generator().manual_seed(0))
+        head.memory_count.fill_(8)
+        head.refresh_memory_statistics()
+    before = head.memory_sum.clone()
+    head.float()
+    assert head.memory_sum.dtype == torch.float64 and torch.equal(head.memory_sum, before)
+    head.half()
+    assert head.memory.dtype == torch.float16 and head.memory_sumsq.dtype == torch.float64
+    torch.testing.assert_close(head.memory_sum, head.memory.double().sum(1))   # the sums of what the memory holds

@@ -4,6 +4,7 @@ import json
 
 import nbformat
 import pytest
+import torch
 
 from gmmseg_core.profiles import NOTEBOOKS, PROFILES, notebook_parameters
 from gmmseg_core.reproduce import NotebookExecutionError, NotebooksFailedError, main, reproduce
@@ -268,3 +269,25 @@ def test_experiment_runs_train_once_and_say_whether_a_model_was_trained_now(tmp_
     later = ExperimentRuns(params, cache_dir=tmp_path)         # a later notebook run finds it in the cache
     later.trained("fcn", "gmm_paper", "scenes", 1, num_components=2)
     assert capsys.readouterr().out.strip().endswith("(cached)")
+
+
+def test_notebook_trainings_run_single_threaded_on_the_cpu_as_reproduce_runs_them(tmp_path, monkeypatch):
+    import gmmseg_core.train as train_module
+    from gmmseg_core.profiles import TRAIN, ExperimentRuns
+
+    seen, real_train_cached = [], train_module.train_cached
+
+    def fake_train_cached(cfg, cache_dir):
+        seen.append(torch.get_num_threads())
+        return real_train_cached(cfg, cache_dir)
+
+    params = dict(TRAIN["smoke"], train_iters=1, num_train_images=4, num_val_images=2)
+    runs = ExperimentRuns(params, cache_dir=tmp_path)
+    before = torch.get_num_threads()
+    monkeypatch.setattr(train_module, "train_cached", fake_train_cached)
+    torch.set_num_threads(2)                                    # a kernel opened by hand: every core
+    try:
+        runs.trained("fcn", "softmax", "scenes", 0, verbose=False)
+        assert seen == [1] and torch.get_num_threads() == 2     # trained on one thread, the caller's restored
+    finally:
+        torch.set_num_threads(before)
