@@ -172,10 +172,14 @@ def _train_config(args):
 
     cfg = _config_file(args.config) if args.config else TrainConfig()
     d = cfg.to_dict()
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite starts it again: give one of them")
     run_of_config = _run_dir_of(args.config, cfg) if args.config else None
-    if args.resume and run_of_config is not None and args.out_dir is None and args.run_name is None:
-        # config.json of a run: resume that run, not a namesake under the current directory
+    if run_of_config is not None and args.out_dir is None and args.run_name is None:
+        # config.json of a run names that run, not a namesake under the current directory
         d.update(out_dir=str(run_of_config.parent), run_name=run_of_config.name)
+    if args.overwrite:
+        d["resume"] = False       # a resumed run's config.json says resume=true
     flags = {"arch": args.arch, "head": args.head, "dataset": args.dataset, "data_root": args.data_root,
              "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "head_lr_mult": args.head_lr_mult,
              "weight_decay": args.weight_decay, "warmup_iters": args.warmup_iters, "grad_clip": args.grad_clip,

@@ -532,15 +532,18 @@ class GMMHead(nn.Module):
 
     @torch.no_grad()
     def _apply(self, fn, recurse=True):
-        # ``.float()`` / ``.half()`` would cast the float64 ring sums too: restore them in float64 from the memory
+        # ``.float()`` / ``.half()`` would cast the float64 ring sums too: keep them (bit for bit, on the new
+        # device), or recompute them in float64 when the memory itself changed dtype
+        sums, memory_dtype = (self.memory_sum, self.memory_sumsq), self.memory.dtype
         super()._apply(fn, recurse)
         if self.memory_sum is not None and self.memory_sum.dtype != torch.float64:
-            self.memory_sum = self.memory_sum.double()
-            self.memory_sumsq = self.memory_sumsq.double()
-            with torch.no_grad():
+            device = self.memory.device
+            self.memory_sum, self.memory_sumsq = (t.to(device) for t in sums)
+            if self.memory.dtype != memory_dtype:
                 self.refresh_memory_statistics()
         return self
 
+    @torch.no_grad()
     def refresh_memory_statistics(self) -> None:
         """Recompute the running ring sums from the filled memory rows (after editing ``memory`` by hand)."""
         if self.memory_sum is None:

@@ -350,7 +350,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     if figures_dir is None:
         figures_dir = "figures" if profile == "cpu" else out_dir / "figures"
     figures_dir = Path(figures_dir).resolve()
-    if data_root is not None:       # the kernels run in notebooks/: a relative root must be resolved here
+    if data_root in (None, ""):
+        data_root = None
+    else:                           # the kernels run in notebooks/: a relative root must be resolved here
         data_root = Path(data_root).expanduser().resolve()
         if not data_root.is_dir():
             raise ValueError(f"data_root {str(data_root)!r} is not a directory; pass the folder that holds the "

@@ -239,6 +239,16 @@ def test_train_refuses_to_start_over_a_trained_run_without_overwrite(tmp_path, c
     assert main([*args, "--lr", "0.01", "--overwrite"]) == 0
     assert not (tmp_path / "r" / "eval_scenes_val.json").exists()       # the earlier model's evaluation is gone
     assert json.loads((tmp_path / "r" / "config.json").read_text())["lr"] == 0.01
+    # a run continued with --resume saves resume=true; --overwrite still starts it again
+    config = str(tmp_path / "r" / "config.json")
+    assert main(["train", "--config", config, "--resume", "--set", "iters=3", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["resume"] is True
+    assert main(["train", "--config", config, "--overwrite", "--set", "iters=2", "--no-progress"]) == 0
+    import torch
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["step"] == 2
+    capsys.readouterr()
+    assert main(["train", "--config", config, "--resume", "--overwrite"]) == 2
+    assert "--resume continues a run and --overwrite starts it again" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [

@@ -578,3 +578,14 @@ def test_casting_the_head_keeps_the_ring_sums_in_float64():
     head.half()
     assert head.memory.dtype == torch.float16 and head.memory_sumsq.dtype == torch.float64
     torch.testing.assert_close(head.memory_sum, head.memory.double().sum(1))   # the sums of what the memory holds
+
+
+def test_a_cast_that_changes_nothing_leaves_the_running_sums_bit_for_bit():
+    torch.manual_seed(0)
+    head = GMMHead(CF, C, embed_dim=D, num_components=2, variant="official", memory_size=4,
+                   update_interval=1000).train()
+    for _ in range(20):                                  # rings wrap: sums built by adding and subtracting
+        head.update(torch.randn(2, CF, 8, 8), torch.randint(0, C, (2, 8, 8)))
+    sums = head.memory_sum.clone(), head.memory_sumsq.clone()
+    head.float()
+    assert torch.equal(head.memory_sum, sums[0]) and torch.equal(head.memory_sumsq, sums[1])

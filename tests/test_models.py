@@ -182,3 +182,14 @@ def test_smp_keywords_are_checked_against_the_architecture(kw, message):
         build_model("smp:Unet:resnet18", "softmax", num_classes=3, encoder_weights=None, **kw)
     with pytest.raises(ValueError, match="unknown smp encoder 'nope'"):
         build_model("smp:Unet:nope", "softmax", num_classes=3, encoder_weights=None)
+
+
+def test_smp_deprecated_keywords_it_still_takes_pass_the_check():
+    pytest.importorskip("segmentation_models_pytorch")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_model("smp:Unet:resnet18", "softmax", num_classes=3, encoder_weights=None,
+                            decoder_use_batchnorm=False)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)

@@ -52,6 +52,12 @@ def test_msp_keeps_its_ranking_when_the_top_logit_leads_far():
     torch.testing.assert_close(score, 2 * torch.exp(-gap.double()).float() / (1 + 2 * torch.exp(-gap.double())).float())
 
 
+def test_msp_of_large_logits_keeps_its_precision():
+    for base in (-1e4, -1e5, -3e5):                  # GMM log-likelihood logits are large and negative
+        z = torch.tensor([base, base - 1.0]).view(1, 2, 1, 1)
+        assert float(SCORERS["msp"]({"logits": z})) == pytest.approx(1 / (1 + np.e), abs=1e-6)
+
+
 def test_entropy_of_a_class_with_logit_minus_inf():
     z = torch.tensor([1.0, 2.0, float("-inf")]).view(1, 3, 1, 1)
     got = SCORERS["entropy"]({"logits": z})

@@ -11,6 +11,7 @@ drop part of the network.
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,6 +75,8 @@ class SMPBackbone(nn.Module):
         # decoder option would be dropped without a word
         model_class = smp.MODEL_ARCHITECTURES_MAPPING[known[architecture.lower()]]
         params = set(inspect.signature(model_class.__init__).parameters) - {"self", "kwargs"}
+        # deprecated names smp still takes through **kwargs (e.g. Unet's decoder_use_batchnorm)
+        params |= set(re.findall(r"kwargs\.pop\(\s*[\"'](\w+)[\"']", inspect.getsource(model_class.__init__)))
         unknown = sorted(set(kw) - params) if not encoder.startswith("tu-") else []
         if unknown:
             raise ValueError(f"model_kwargs {unknown} are not arguments of smp.{model_class.__name__}; it takes "
