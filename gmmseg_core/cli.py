@@ -170,7 +170,7 @@ def _train_config(args):
     from gmmseg_core.config import TrainConfig
     from gmmseg_core.data import dataset_info
 
-    cfg = _config_file(args.config) if args.config else TrainConfig()
+    cfg = TrainConfig.from_json(args.config, label="--config") if args.config else TrainConfig()
     d = cfg.to_dict()
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite starts it again: give one of them")
@@ -201,29 +201,10 @@ def _train_config(args):
     return cfg
 
 
-def _config_file(path):
-    """``--config``: a TrainConfig JSON file (or inline JSON object), with errors that name the file."""
-    from gmmseg_core.config import TrainConfig
-
-    text = str(path)
-    if not text.lstrip().startswith("{"):
-        if Path(text).is_dir():
-            raise ValueError(f"--config must be a JSON file, got the directory {text!r}")
-        text = Path(text).read_text()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--config {str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {str(path)!r} must hold a JSON object of TrainConfig fields, got a "
-                         f"{type(data).__name__}")
-    return TrainConfig.from_dict(data)
-
-
 def _run_dir_of(config_path, cfg):
     """The run directory a ``config.json`` belongs to (absolute), or None for a config file of its own."""
     path = Path(str(config_path))
-    if str(config_path).lstrip().startswith("{") or path.name != "config.json":
+    if path.name != "config.json":      # inline JSON, or a config file of its own
         return None
     folder = path.resolve().parent
     return folder if folder.name == cfg.run_name or (folder / "checkpoint.pt").exists() else None

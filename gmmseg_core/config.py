@@ -172,12 +172,25 @@ class TrainConfig:
         return text
 
     @classmethod
-    def from_json(cls, path_or_text) -> TrainConfig:
-        """Load from a JSON file path or a JSON string."""
+    def from_json(cls, path_or_text, label: str = "config") -> TrainConfig:
+        """Load from a JSON file path or a JSON string (an object of fields).
+
+        ``ValueError`` names the source (``label``, e.g. ``"--config"``, then the path or text) for a directory,
+        text that is not JSON, and JSON that is not an object.
+        """
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
+            if Path(text).is_dir():
+                raise ValueError(f"{label} must be a JSON file, got the directory {text!r}")
             text = Path(text).read_text()
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{label} {str(path_or_text)!r} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{label} {str(path_or_text)!r} must hold a JSON object of TrainConfig fields, got a "
+                             f"{type(data).__name__}")
+        return cls.from_dict(data)
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed (validated)."""

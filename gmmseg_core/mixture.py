@@ -63,7 +63,7 @@ import warnings
 import numpy as np
 import torch
 
-from gmmseg_core._checks import is_int, is_real
+from gmmseg_core._checks import is_finite_real, is_int, is_real
 
 __all__ = [
     "diag_gaussian_log_prob",
@@ -300,7 +300,7 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
         Only when ``return_errors`` is true.
     """
     _check_tensor("log_scores", log_scores, (2, 3))
-    if not (is_real(epsilon) and epsilon > 0 and math.isfinite(epsilon)):
+    if not (is_finite_real(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
     if not (is_int(n_iters) and n_iters >= 1):
         raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")

@@ -51,9 +51,9 @@ def msp(outputs: dict, **kw) -> torch.Tensor:
     GMM head's log-likelihood logits often do, and would tie all those pixels.
     """
     z = _logits(outputs)
-    top = z.amax(1, keepdim=True)
+    top, argmax = z.max(1, keepdim=True)
     z = z - torch.where(torch.isfinite(top), top, 0.0)   # shifted first: large logits keep their precision
-    others = z.scatter(1, z.argmax(1, keepdim=True), float("-inf"))
+    others = z.scatter(1, argmax, float("-inf"))
     return (torch.logsumexp(others, 1) - torch.logsumexp(z, 1)).exp()
 
 

@@ -638,8 +638,7 @@ def _truncate_log(path: Path, step: int) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         # complete rows only: a kill can leave a torn last row behind (the file is flushed every few steps)
-        writer.writerows(r for r in rows if None not in r.values() and all(r.values()) and r["step"].isdigit()
-                         and int(r["step"]) <= step)
+        writer.writerows(r for r in rows if all(r.values()) and r["step"].isdigit() and int(r["step"]) <= step)
 
 
 # ------------------------------------------------------------------------------------------------ runs
