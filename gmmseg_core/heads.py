@@ -262,6 +262,13 @@ class GMMHead(nn.Module):
         self.register_buffer("seen", torch.zeros(C, dtype=torch.bool))
         self._cache: dict | None = None
 
+    def __getstate__(self):
+        # The forward's cache only serves an update with that very features tensor, which a copy never gets;
+        # it holds the batch's autograd graph, which deepcopy refuses and pickle would store.
+        state = super().__getstate__()
+        state["_cache"] = None
+        return state
+
     def extra_repr(self) -> str:
         knobs = ", ".join(f"{k}={getattr(self, k)!r}" for k in VARIANT_DEFAULTS["paper"])
         return (f"num_classes={self.num_classes}, num_components={self.num_components}, "
@@ -416,6 +423,7 @@ class GMMHead(nn.Module):
         if "assign" in cache:
             return cache["assign"]
         x, comp = cache["x"], cache["comp"].detach()
+        _check_labels(labels, x.shape[0])
         y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
         valid = (y >= 0) & (y < self.num_classes) & (y != self.ignore_index)
         idx = valid.nonzero().squeeze(1)
@@ -484,6 +492,8 @@ class GMMHead(nn.Module):
         """
         cache = self._cached(features)
         self._cache = None
+        if logits is not None:
+            _check_logits(logits, features.shape[0], self.num_classes)
         assign = self._assignments(cache, labels)
         idx, yv = assign["idx"], assign["labels"]
         # only the pushed rows of x are read (at most C*K*max_per_component), not every valid pixel's
@@ -605,16 +615,19 @@ def _argmax_last(t: Tensor) -> Tensor:
 
 @contextmanager
 def _frozen_batchnorm(module: nn.Module):
-    """Run a module without moving its BatchNorm running statistics (momentum 0 during the block)."""
+    """Run a module without moving its BatchNorm running statistics (momentum 0 during the block) or their
+    batch counters (restored afterwards)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(norms, saved):
+        for m, (momentum, tracked) in zip(norms, saved):
             m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def _check_features(features, in_channels: int) -> None:
@@ -622,6 +635,21 @@ def _check_features(features, in_channels: int) -> None:
     if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != in_channels:
         got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
         raise ValueError(f"features must be a feature map (B, {in_channels}, h, w), got {got}")
+
+
+def _check_labels(labels, batch: int) -> None:
+    """Labels of ``batch`` feature maps must be a label map ``(batch, H, W)``, of any resolution."""
+    if not isinstance(labels, Tensor) or labels.dim() != 3 or labels.shape[0] != batch:
+        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a label map ({batch}, H, W) for a batch of {batch} feature maps, got {got}")
+
+
+def _check_logits(logits, batch: int, num_classes: int) -> None:
+    """Logits given to ``update`` must be ``(batch, num_classes, H', W')``, of any resolution."""
+    if not isinstance(logits, Tensor) or logits.dim() != 4 or tuple(logits.shape[:2]) != (batch, num_classes):
+        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be ({batch}, {num_classes}, H, W) for a batch of {batch} feature maps, "
+                         f"got {got}")
 
 
 def _channel_dropout(p) -> nn.Module:

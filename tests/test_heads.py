@@ -3,6 +3,7 @@
 import copy
 import math
 import os
+import pickle
 import re
 import socket
 import tempfile
@@ -589,3 +590,53 @@ def test_a_cast_that_changes_nothing_leaves_the_running_sums_bit_for_bit():
     sums = head.memory_sum.clone(), head.memory_sumsq.clone()
     head.float()
     assert torch.equal(head.memory_sum, sums[0]) and torch.equal(head.memory_sumsq, sums[1])
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_head_copies_and_pickles_between_its_forward_and_update(variant):
+    torch.manual_seed(0)
+    head = _head(variant=variant, update_interval=1).train()
+    f = torch.randn(2, CF, 4, 4, requires_grad=True)
+    labels = torch.randint(0, C, (2, 4, 4))
+    head(f).sum().backward()                           # a training forward: the head keeps its batch for update
+    copies = [copy.deepcopy(head), pickle.loads(pickle.dumps(head))]
+    reference = copy.deepcopy(copies[0])
+    head.update(f, labels)
+    for other in copies:
+        other.update(f, labels)
+    reference.update(f.detach(), labels)
+    for name, value in head.state_dict().items():
+        for other in copies + [reference]:
+            torch.testing.assert_close(other.state_dict()[name], value, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("labels", "logits", "message"), [
+    (torch.zeros(1, 4, 4, dtype=torch.long), None, r"labels must be a label map \(2, H, W\) .* got \(1, 4, 4\)"),
+    (torch.zeros(3, 8, 8, dtype=torch.long), None, r"got \(3, 8, 8\)"),
+    (torch.zeros(2, 1, 4, 4, dtype=torch.long), None, r"got \(2, 1, 4, 4\)"),
+    (torch.zeros(4, 4, dtype=torch.long).numpy(), None, "got ndarray"),
+    (torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(1, C, 4, 4), rf"logits must be \(2, {C}, H, W\) .* "
+                                                                     rf"got \(1, {C}, 4, 4\)"),
+    (torch.zeros(2, 4, 4, dtype=torch.long), torch.zeros(2, C + 1, 4, 4), rf"got \(2, {C + 1}, 4, 4\)"),
+])
+def test_update_names_labels_or_logits_that_do_not_fit_the_batch(labels, logits, message):
+    head = _head(variant="official").train()
+    f = torch.randn(2, CF, 4, 4)
+    with pytest.raises(ValueError, match=message):
+        head.update(f, labels, logits)
+    if logits is None:
+        with pytest.raises(ValueError, match=message):
+            head.extra_loss(f, labels)
+    assert int(head.memory_count.sum()) == 0 and int(head.num_updates) == 0
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_an_update_that_recomputes_the_embedding_leaves_the_batchnorm_buffers_alone(variant):
+    torch.manual_seed(0)
+    head = _head(variant=variant, update_interval=1000).train()
+    before = {k: v.clone() for k, v in head.embed.state_dict().items()}
+    f, labels = torch.randn(2, CF, 4, 4), torch.randint(0, C, (2, 4, 4))
+    head.extra_loss(f, labels)                          # no forward before: both recompute the embedding
+    head.update(f, labels)
+    for name, value in head.embed.state_dict().items():
+        assert torch.equal(value, before[name]), name
