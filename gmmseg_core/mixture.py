@@ -640,7 +640,8 @@ class GaussianMixture:
     tol : float, default 1e-4
         Convergence threshold on the change of the per-sample lower bound between iterations.
     reg_covar : float, default 1e-6
-        Added to every variance.
+        Added to every variance. With 0, a fit in which a variance collapses to zero (duplicate samples, a
+        constant feature) raises ``ValueError``, as in scikit-learn.
     init : {"kmeans++", "random"}, default "kmeans++"
         ``"kmeans++"``: seeded k-means++ centres refined by a few Lloyd steps; ``"random"``: ``K`` distinct
         samples drawn at random as centres. Either way the samples are assigned to the nearest centre and
@@ -859,6 +860,7 @@ class GaussianMixture:
             labels = self._initial_labels(X)
             resp = X.new_zeros(labels.shape[0], self.n_components).scatter_(1, labels.unsqueeze(1), 1.0)
             nk, means, variances = estimate_diag_gaussian_parameters(X, resp, self.reg_covar)
+            self._check_variances(variances)
             weights = nk / nk.sum()
         if given_means is not None:
             means = given_means
@@ -869,6 +871,16 @@ class GaussianMixture:
         if self.method == "sinkhorn":
             weights = uniform
         return means, variances, weights
+
+    def _check_variances(self, variances):
+        """Refuse an M-step whose variances are not all positive (only possible with ``reg_covar=0``): the
+        log-densities would be NaN from then on, as scikit-learn refuses such a fit too."""
+        if not bool((variances > 0).all()):
+            raise ValueError(
+                f"fitting the mixture failed: {int((~(variances > 0)).sum())} variances are zero or undefined, "
+                "as happens for components of collapsed samples (duplicates, a constant feature); increase "
+                f"reg_covar (now {self.reg_covar:g}), decrease n_components or scale the data"
+            )
 
     def _e_step(self, X, means, variances, weights):
         """Return (per-sample log p(x) (N,), responsibilities (N, K))."""
@@ -912,6 +924,7 @@ class GaussianMixture:
                 nk, means, variances = estimate_diag_gaussian_parameters(
                     X, resp, self.reg_covar, centres=means
                 )
+                self._check_variances(variances)
                 if self.method == "em":
                     weights = nk / nk.sum()
                 lower_bound = float(log_norm.mean())

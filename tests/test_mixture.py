@@ -649,3 +649,16 @@ def test_m_step_centres_only_change_the_expansion_point():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match=r"centres must have shape \(2, 3, 4\) or \(3, 4\), got \(3, 5\)"):
         estimate_diag_gaussian_parameters(x, resp, centres=torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_a_fit_whose_variances_collapse_without_reg_covar_is_refused(method, rng):
+    X = rng.normal(size=(60, 3))
+    X[:, 1] = 2.0                                      # a constant feature: zero variance in every component
+    with pytest.raises(ValueError, match=r"fitting the mixture failed: \d+ variances are zero or undefined.*"
+                                         r"increase reg_covar \(now 0\)"):
+        GaussianMixture(2, method=method, reg_covar=0.0).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(2, method=method).fit(X)   # the default reg_covar keeps it defined
+    assert np.isfinite(gm.score(X)) and bool((gm.variances_[:, 1] > 0).all())
