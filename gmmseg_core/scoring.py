@@ -28,7 +28,7 @@ from collections.abc import Iterable
 
 import torch
 
-from gmmseg_core._checks import is_int
+from gmmseg_core._checks import is_finite_real, is_int
 
 __all__ = ["SCORERS", "msp", "max_logit", "energy", "entropy", "sml", "gmm", "SMLStatistics",
            "fit_sml_statistics", "compute_scores", "scorer_names"]
@@ -64,8 +64,8 @@ def max_logit(outputs: dict, **kw) -> torch.Tensor:
 
 def energy(outputs: dict, temperature: float = 1.0, **kw) -> torch.Tensor:
     """Free energy ``-T logsumexp(z / T)`` (Liu et al.). Returns (B, H, W)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (is_finite_real(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return -temperature * torch.logsumexp(_logits(outputs) / temperature, dim=1)
 
 
@@ -148,7 +148,11 @@ class SMLStatistics:
             raise ValueError(f"logits must be (B, {self.num_classes}, H, W), got shape {tuple(logits.shape)}")
         m, k = logits.double().max(1)
         if labels is not None:
-            keep = labels.to(m.device) != self.ignore_index
+            labels = torch.as_tensor(labels, device=m.device)
+            if labels.shape != m.shape:
+                raise ValueError(f"labels must be {tuple(m.shape)} for logits of shape {tuple(logits.shape)}, got "
+                                 f"{tuple(labels.shape)}")
+            keep = labels != self.ignore_index
             m, k = m[keep], k[keep]
         m, k = m.reshape(-1), k.reshape(-1)
         C = self.num_classes

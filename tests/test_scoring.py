@@ -108,3 +108,22 @@ def test_one_scorer_name_as_a_string_and_numpy_class_counts(outputs):
     assert SMLStatistics(np.int64(4)).num_classes == 4
     with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
         SMLStatistics(True)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan"), "1"])
+def test_energy_refuses_a_temperature_that_is_not_a_finite_positive_number(outputs, temperature):
+    with pytest.raises(ValueError, match=rf"temperature must be a finite number > 0, got {temperature!r}"):
+        SCORERS["energy"](outputs, temperature=temperature)
+
+
+def test_sml_statistics_take_numpy_labels_and_name_labels_of_another_shape(rng):
+    logits = torch.from_numpy(rng.normal(size=(2, 3, 4, 5))).float()
+    labels = rng.integers(0, 3, size=(2, 4, 5))
+    labels[0, 0] = 255
+    from_numpy = fit_sml_statistics([(logits, labels)])
+    from_tensor = fit_sml_statistics([(logits, torch.from_numpy(labels))])
+    for key in ("mean", "std", "count"):
+        torch.testing.assert_close(from_numpy[key], from_tensor[key])
+    with pytest.raises(ValueError, match=r"labels must be \(2, 4, 5\) for logits of shape \(2, 3, 4, 5\), got "
+                                         r"\(2, 1, 4, 5\)"):
+        SMLStatistics(3).update(logits, torch.zeros(2, 1, 4, 5, dtype=torch.long))
