@@ -301,8 +301,9 @@ class AnomalyMetric:
 
     def __init__(self, num_bins: int = 2 ** 20, ignore_index: int = 255, center: float | None = None,
                  scale: float | None = None, device=None):
-        if not isinstance(num_bins, int) or num_bins < 2:
+        if not is_int(num_bins) or num_bins < 2:
             raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
+        num_bins = int(num_bins)
         if center is not None and not is_finite_real(center):
             raise ValueError(f"center must be a finite float or None, got {center!r}")
         if scale is not None and not (is_finite_real(scale) and scale > 0):
@@ -434,8 +435,9 @@ class CalibrationMetric:
     """
 
     def __init__(self, n_bins: int = 15, ignore_index: int = 255):
-        if not isinstance(n_bins, int) or n_bins < 1:
+        if not is_int(n_bins) or n_bins < 1:
             raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+        n_bins = int(n_bins)
         self.n_bins = n_bins
         self.ignore_index = ignore_index
         self.count = torch.zeros(n_bins, dtype=torch.float64)

@@ -270,3 +270,19 @@ def test_calibration_refuses_logits_for_probabilities():
     logits = torch.tensor([[2.5, -1.0], [0.3, 0.1]])
     with pytest.raises(ValueError, match=r"probs must be class probabilities in \[0, 1\] \(e.g. logits.softmax\(1\)\)"):
         expected_calibration_error(logits, torch.tensor([0, 1]))
+
+
+def test_bin_counts_may_be_numpy_integers_and_never_bools(rng):
+    scores, labels = rng.normal(size=200), rng.integers(0, 2, size=200)
+    numpy_bins, int_bins = AnomalyMetric(num_bins=np.int64(64)), AnomalyMetric(num_bins=64)
+    for metric in (numpy_bins, int_bins):
+        metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    assert numpy_bins.compute()["auroc"] == int_bins.compute()["auroc"]
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(50, 3))), 1)
+    targets = torch.from_numpy(rng.integers(0, 3, size=50))
+    assert expected_calibration_error(probs, targets, n_bins=np.int64(7)) == \
+        expected_calibration_error(probs, targets, n_bins=7)
+    with pytest.raises(ValueError, match="num_bins must be an int >= 2, got True"):
+        AnomalyMetric(num_bins=True)
+    with pytest.raises(ValueError, match="n_bins must be a positive int, got True"):
+        CalibrationMetric(n_bins=True)
