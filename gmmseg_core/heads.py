@@ -575,6 +575,10 @@ class GMMHead(nn.Module):
             Classes to update (default: all). Components with an empty memory are left unchanged.
         """
         C, K, D, M = self.num_classes, self.num_components, self.embed_dim, self.memory_size
+        if classes is not None and not (isinstance(classes, Tensor) and classes.dtype == torch.bool
+                                        and tuple(classes.shape) == (C,)):
+            got = f"{classes.dtype} {tuple(classes.shape)}" if isinstance(classes, Tensor) else type(classes).__name__
+            raise ValueError(f"classes must be a bool mask ({C},) over the classes, got {got}")
         if self.memory_resp is None:                   # one component per ring: its mean and variance
             nk = self.memory_count.to(torch.float64)
             mu = self.memory_sum / nk.clamp(min=1.0)[:, None]

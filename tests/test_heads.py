@@ -640,3 +640,10 @@ def test_an_update_that_recomputes_the_embedding_leaves_the_batchnorm_buffers_al
     head.update(f, labels)
     for name, value in head.embed.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("classes", [torch.tensor([0, 2]), torch.tensor([True, False]), [True, False, True]])
+def test_m_step_names_a_class_selection_that_is_not_a_bool_mask(classes):
+    head = _head()
+    with pytest.raises(ValueError, match=rf"classes must be a bool mask \({C},\) over the classes, got "):
+        head.m_step(classes)
