@@ -286,3 +286,16 @@ def test_bin_counts_may_be_numpy_integers_and_never_bools(rng):
         AnomalyMetric(num_bins=True)
     with pytest.raises(ValueError, match="n_bins must be a positive int, got True"):
         CalibrationMetric(n_bins=True)
+
+
+@pytest.mark.parametrize("max_points", [0, 1, -1, 2.5, True])
+def test_curves_need_at_least_their_two_end_points(rng, max_points):
+    scores, labels = torch.from_numpy(rng.normal(size=100)), torch.from_numpy(rng.integers(0, 2, size=100))
+    with pytest.raises(ValueError, match=rf"max_curve_points must be None or an int >= 2, got {max_points!r}"):
+        anomaly_metrics(scores, labels, return_curves=True, max_curve_points=max_points)
+    metric = AnomalyMetric()
+    metric.update(scores, labels)
+    with pytest.raises(ValueError, match="max_curve_points must be None or an int >= 2"):
+        metric.compute(max_curve_points=max_points)
+    curves = anomaly_metrics(scores, labels, return_curves=True, max_curve_points=np.int64(2))["curves"]
+    assert len(curves["fpr"]) == 2 and curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
