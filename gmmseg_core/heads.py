@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmmseg_core import mixture
+from gmmseg_core._checks import is_finite_real, is_real
 from gmmseg_core.distributed import all_gather_rows, world_size
 from gmmseg_core.head_ops import ComponentLogProbMax, L2Normalize
 from gmmseg_core.memory import group_counts, ranks_in_group, ring_push, select_evenly_spaced
@@ -681,11 +682,10 @@ def _check_knobs(k: dict) -> None:
     if k["max_per_component"] is not None:
         _check_positive_int("max_per_component", k["max_per_component"])
     for name in ("mean_momentum", "variance_momentum"):
-        if not 0.0 <= k[name] < 1.0:
+        if not (is_real(k[name]) and 0.0 <= k[name] < 1.0):
             raise ValueError(f"{name} must be in [0, 1), got {k[name]!r}")
-    if not k["variance_floor"] > 0:
-        raise ValueError(f"variance_floor must be > 0, got {k['variance_floor']!r}")
-    if not k["sinkhorn_epsilon"] > 0:
-        raise ValueError(f"sinkhorn_epsilon must be > 0, got {k['sinkhorn_epsilon']!r}")
-    if k["component_loss_weight"] < 0:
-        raise ValueError(f"component_loss_weight must be >= 0, got {k['component_loss_weight']!r}")
+    for name in ("variance_floor", "sinkhorn_epsilon"):
+        if not (is_finite_real(k[name]) and k[name] > 0):
+            raise ValueError(f"{name} must be > 0 and finite, got {k[name]!r}")
+    if not (is_finite_real(k["component_loss_weight"]) and k["component_loss_weight"] >= 0):
+        raise ValueError(f"component_loss_weight must be >= 0 and finite, got {k['component_loss_weight']!r}")
