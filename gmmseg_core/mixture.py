@@ -721,13 +721,13 @@ class GaussianMixture:
             raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
         if not (is_real(tol) and tol >= 0):
             raise ValueError(f"tol must be a non-negative float, got {tol!r}")
-        if not (is_real(reg_covar) and reg_covar >= 0):
+        if not (is_finite_real(reg_covar) and reg_covar >= 0):
             raise ValueError(f"reg_covar must be a non-negative float, got {reg_covar!r}")
         if init not in self._INITS:
             raise ValueError(f"init must be one of {self._INITS}, got {init!r}")
         if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        if not (is_real(epsilon) and epsilon > 0):
+        if not (is_finite_real(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
         if not (is_int(sinkhorn_iters) and sinkhorn_iters >= 1):
             raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")

@@ -495,6 +495,8 @@ def test_sinkhorn_em_recovers_equal_weight_mixture(rng):
         ({"reg_covar": -1e-3}, "reg_covar must be a non-negative float, got -0.001"),
         ({"init": "kmeans"}, r"init must be one of \('kmeans\+\+', 'random'\), got 'kmeans'"),
         ({"epsilon": 0}, "epsilon must be a positive float, got 0"),
+        ({"epsilon": float("inf")}, "epsilon must be a positive float, got inf"),
+        ({"reg_covar": float("inf")}, "reg_covar must be a non-negative float, got inf"),
         ({"sinkhorn_iters": 0}, "sinkhorn_iters must be a positive int, got 0"),
         ({"seed": "a"}, "seed must be an int or None, got 'a'"),
     ],
