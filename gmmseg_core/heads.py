@@ -175,7 +175,8 @@ class GMMHead(nn.Module):
     num_classes : int
         ``C``.
     embed_dim : int
-        Embedding size ``D``.
+        Embedding size ``D``, at least 3 (see the embedding in the module docstring: with fewer values per pixel
+        its LayerNorm and L2 normalisation leave only a few points).
     num_components : int
         Components per class ``K``.
     variant : {"paper", "official"}
@@ -226,6 +227,10 @@ class GMMHead(nn.Module):
         for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
                             ("embed_dim", embed_dim), ("num_components", num_components)):
             _check_positive_int(name, value)
+        if embed_dim < 3:
+            raise ValueError(f"embed_dim must be >= 3, got {embed_dim}: the embedding's LayerNorm over D values "
+                             "followed by the L2 normalisation maps every pixel to one point for D=1 and to one "
+                             "of three for D=2, with no gradient to learn from")
         given = dict(em=em, reduce=reduce, class_norm=class_norm, hard_assign=hard_assign,
                      correct_only=correct_only, memory_size=memory_size, mean_momentum=mean_momentum,
                      variance_momentum=variance_momentum, normalize_means=normalize_means,

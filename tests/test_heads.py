@@ -421,6 +421,7 @@ def test_ddp_gather_gives_identical_parameters_equal_to_union(dtype):
     (dict(em="kmeans"), "em must be one of"),
     (dict(reduce="mean"), "reduce must be one of"),
     (dict(num_components=0), "num_components must be a positive int, got 0"),
+    (dict(embed_dim=2), "embed_dim must be >= 3, got 2: the embedding's LayerNorm"),
     (dict(memory_size=-1), "memory_size must be a positive int, got -1"),
     (dict(max_per_component=0), "max_per_component must be a positive int, got 0"),
     (dict(mean_momentum=1.0), r"mean_momentum must be in \[0, 1\), got 1.0"),
@@ -652,3 +653,13 @@ def test_m_step_names_a_class_selection_that_is_not_a_bool_mask(classes):
     head = _head()
     with pytest.raises(ValueError, match=rf"classes must be a bool mask \({C},\) over the classes, got "):
         head.m_step(classes)
+
+
+def test_the_smallest_embedding_still_separates_pixels_and_passes_gradients():
+    torch.manual_seed(0)
+    head = GMMHead(CF, C, embed_dim=3, num_components=K).train()
+    f = torch.randn(2, CF, 4, 4, requires_grad=True)
+    x = head.embedding(f).detach().reshape(-1, 3)
+    assert torch.unique(x.round(decimals=4), dim=0).shape[0] > 8
+    head(f).sum().backward()
+    assert f.grad.norm() > 1e-3
