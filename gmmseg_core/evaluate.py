@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm.auto import tqdm
 
-from gmmseg_core.metrics import AnomalyMetric, CalibrationMetric, SegmentationMetric, anomaly_metrics
+from gmmseg_core.metrics import (
+    AnomalyMetric,
+    CalibrationMetric,
+    SegmentationMetric,
+    anomaly_metrics,
+    check_max_curve_points,
+)
 from gmmseg_core.scoring import SCORERS, SMLStatistics, scorer_names
 
 __all__ = ["predict", "evaluate_closed_set", "evaluate_anomaly", "collect_sml_statistics",
@@ -256,6 +262,7 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
     precision, recall``.
     """
     scorers = scorer_names(default_scorers(model, sml_stats) if scorers is None else scorers)
+    check_max_curve_points(max_curve_points)          # before the evaluation, not after it
     if "gmm" in scorers and not _is_generative(model):
         raise ValueError("scorer 'gmm' needs a generative model (head='gmm'); this model has a softmax head")
     if "sml" in scorers and sml_stats is None:

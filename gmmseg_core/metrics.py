@@ -201,7 +201,7 @@ def _curve_from_counts(pos: torch.Tensor, neg: torch.Tensor, thresholds: torch.T
     }
 
 
-def _check_max_curve_points(max_points) -> None:
+def check_max_curve_points(max_points) -> None:
     """A curve is thinned to ``max_points >= 2`` points (its first and last kept), or not at all (None)."""
     if max_points is not None and not (is_int(max_points) and max_points >= 2):
         raise ValueError(f"max_curve_points must be None or an int >= 2, got {max_points!r}")
@@ -242,7 +242,7 @@ def anomaly_metrics(scores, labels, ignore_index: int = 255, return_curves: bool
     the first (highest) threshold at which the true-positive rate is >= 0.95. Memory is O(N) and time
     O(N log N): for 10^8 pixels and more use :class:`AnomalyMetric`.
     """
-    _check_max_curve_points(max_curve_points)
+    check_max_curve_points(max_curve_points)
     s, y = _valid_scores_labels(scores, labels, ignore_index)
     s, order = torch.sort(s, descending=True, stable=True)
     y = y[order]
@@ -393,7 +393,7 @@ class AnomalyMetric:
         ``curves`` holds numpy arrays ``thresholds, fpr, tpr, precision, recall`` ordered by decreasing
         threshold (one point per non-empty bin, thinned to ``max_curve_points``; ``None`` keeps all).
         """
-        _check_max_curve_points(max_curve_points)
+        check_max_curve_points(max_curve_points)
         if self.pos is None:
             raise ValueError("AnomalyMetric.compute() called before any update with valid pixels")
         pos, neg = self.pos.flip(0), self.neg.flip(0)

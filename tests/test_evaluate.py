@@ -185,6 +185,16 @@ def test_anomaly_evaluation_reads_one_scorer_name_as_a_list():
         evaluate_anomaly(model, ds, scorers="bogus", progress=False)
 
 
+class ExplodingModel(torch.nn.Module):
+    """A model that must not be run: its arguments are wrong before any image is read."""
+
+    num_classes = 2
+    is_generative = False
+
+    def forward(self, images):
+        raise AssertionError("the arguments should have been refused before the evaluation")
+
+
 def test_anomaly_evaluation_errors_and_defaults():
     ds = LabelDataset(n=2, anomaly=True)
     softmax_model = ChannelModel(num_classes=2)
@@ -192,6 +202,8 @@ def test_anomaly_evaluation_errors_and_defaults():
         evaluate_anomaly(softmax_model, ds, scorers=["gmm"], progress=False)
     with pytest.raises(ValueError, match="needs sml_stats"):
         evaluate_anomaly(softmax_model, ds, scorers=["sml"], progress=False)
+    with pytest.raises(ValueError, match="max_curve_points must be None or an int >= 2, got 1"):
+        evaluate_anomaly(ExplodingModel(), ds, scorers=["msp"], max_curve_points=1, progress=False)
     assert default_scorers(softmax_model) == ["msp", "max_logit", "energy", "entropy"]
     assert default_scorers(ChannelModel(generative=True), sml_stats={})[-2:] == ["sml", "gmm"]
 
