@@ -63,32 +63,54 @@ def test_version_range_admits_the_local_torch_build():
     assert _pyproject_requirements()["torch"].specifier.contains("2.14.1")
 
 
-def test_torch_range_excludes_releases_without_torch_amp_grad_scaler():
-    # train() builds torch.amp.GradScaler, which torch has since 2.3 (2.2 had only torch.cuda.amp.GradScaler)
-    spec = _pyproject_requirements()["torch"].specifier
-    assert not spec.contains("2.2.2") and spec.contains("2.3.0")
+def _requirements(group: str) -> dict[str, Requirement]:
+    project = _pyproject()["project"]
+    reqs = project["dependencies"] if group == "core" else project["optional-dependencies"][group]
+    return {Requirement(r).name.lower(): Requirement(r) for r in reqs}
+
+
+@pytest.mark.parametrize("group, name, lacking, first", [
+    ("core", "torch", "2.2.2", "2.3.0"),                      # torch.amp.GradScaler (train)
+    ("zoo", "segmentation-models-pytorch", "0.3.4", "0.4.0"),  # smp.MODEL_ARCHITECTURES_MAPPING (the smp adapter)
+    ("dev", "scikit-learn", "1.6.1", "1.7.0"),                 # GaussianMixture.lower_bounds_ (test_mixture)
+])
+def test_ranges_exclude_releases_without_an_api_the_code_uses(group, name, lacking, first):
+    spec = _requirements(group)[name].specifier
+    assert not spec.contains(lacking) and spec.contains(first)
 
 
 # import name of each distribution whose name differs from it
-IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "pillow": "PIL"}
+IMPORT_NAMES = {"scikit-learn": "sklearn", "scikit-image": "skimage", "pillow": "PIL", "pot": "ot",
+                "pyyaml": "yaml"}
 
 
-def _imported_top_level_modules(folder: Path) -> set[str]:
+def _imported_top_level_modules(*folders: Path) -> set[str]:
+    """Top-level modules the Python files under ``folders`` import (``pytest.importorskip("x")`` included)."""
     names = set()
-    for path in folder.rglob("*.py"):
+    for path in (p for folder in folders for p in folder.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                names.add(node.args[0].value.split(".")[0])
     return names
 
 
+def _unused(requirements, imported: set[str]) -> list[str]:
+    return [name for name in requirements if IMPORT_NAMES.get(name, name.replace("-", "_")) not in imported]
+
+
 def test_every_core_dependency_is_imported_by_the_package():
-    imported = _imported_top_level_modules(ROOT / "gmmseg_core")
-    core = [Requirement(r).name.lower() for r in _pyproject()["project"]["dependencies"]]
-    unused = [name for name in core if IMPORT_NAMES.get(name, name.replace("-", "_")) not in imported]
-    assert unused == []
+    assert _unused(_requirements("core"), _imported_top_level_modules(ROOT / "gmmseg_core")) == []
+
+
+def test_every_dev_dependency_is_used_by_the_tests_or_benchmarks():
+    imported = _imported_top_level_modules(ROOT / "tests", ROOT / "benchmarks")
+    tools = {"ruff"}                                          # run by make lint, not imported
+    assert _unused(_requirements("dev").keys() - tools, imported) == []
 
 
 def test_console_script_points_at_the_cli():
