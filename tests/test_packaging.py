@@ -113,6 +113,13 @@ def test_every_dev_dependency_is_used_by_the_tests_or_benchmarks():
     assert _unused(_requirements("dev").keys() - tools, imported) == []
 
 
+def test_pyproject_version_is_the_package_version():
+    # config.json records gmmseg_core.__version__, gmmseg --version the installed metadata: the two must agree
+    import gmmseg_core
+
+    assert _pyproject()["project"]["version"] == gmmseg_core.__version__
+
+
 def test_console_script_points_at_the_cli():
     assert _pyproject()["project"]["scripts"]["gmmseg"] == "gmmseg_core.cli:main"
 
