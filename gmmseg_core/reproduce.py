@@ -1,11 +1,11 @@
 """Run the study notebooks for a named profile with papermill.
 
-The notebooks under ``notebooks/`` are executed in order, each with the parameters of the chosen profile
-(:data:`gmmseg_core.profiles.PROFILES`) plus the run-wide ones (``device``, ``data_root``, ``figures_dir``,
-``cache_dir``, ``out_dir``). Trained models are shared between notebooks through ``train_cached``: the same
-configuration gives the same cache key under ``cache_dir``, so a model trained by one notebook is reused by the
-next. Executed notebooks go to ``out_dir``; figures (PNG) and the two tables (Markdown and CSV) to
-``figures_dir``.
+The notebooks under ``notebooks/`` (installed inside the package, as ``gmmseg_core/notebooks``) are executed in
+order, each with the parameters of the chosen profile (:data:`gmmseg_core.profiles.PROFILES`) plus the run-wide
+ones (``device``, ``data_root``, ``figures_dir``, ``cache_dir``, ``out_dir``). Trained models are shared between
+notebooks through ``train_cached``: the same configuration gives the same cache key under ``cache_dir``, so a
+model trained by one notebook is reused by the next. Executed notebooks go to ``out_dir``; figures (PNG) and the
+tables (Markdown and CSV) to ``figures_dir``.
 
 Usage::
 
@@ -28,7 +28,17 @@ from pathlib import Path
 
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+
+def _notebook_dir() -> Path:
+    """Where the study notebooks are: inside the package when it is installed from a wheel or an sdist
+    (``gmmseg_core/notebooks``), else the checkout's ``notebooks/`` beside the package (a source tree, or an
+    editable install)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "notebooks"
+    return installed if installed.is_dir() else package.parent / "notebooks"
+
+
+NOTEBOOK_DIR = _notebook_dir()
 RUN_PARAMETERS = ("device", "data_root", "figures_dir", "cache_dir", "out_dir")
 
 
@@ -66,7 +76,12 @@ class NotebookExecutionError(RuntimeError):
 def _resolve_notebooks(notebooks) -> list[Path]:
     """Names (``"03_closed_set"``), file names or paths -> existing notebook paths, in the given order."""
     if notebooks is None:
-        return [NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS]
+        paths = [NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"the study notebooks {missing} are not in {NOTEBOOK_DIR}; reinstall gmmseg "
+                                    "(its wheel ships them) or run from a checkout that has notebooks/")
+        return paths
     if isinstance(notebooks, (str, os.PathLike)):
         notebooks = [notebooks]
     paths = []
