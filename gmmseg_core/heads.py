@@ -41,7 +41,7 @@ knob                          ``"paper"``      ``"official"``   meaning
 
 The variance floor keeps a component whose memory holds nearly identical embeddings from shrinking to zero
 variance, where its log-density (and the likelihood) would grow without bound; it also caps every log-density at
-``-D/2 log(2 pi variance_floor)`` (22.1 nats for ``D = 16``).
+``-D/2 log(2 pi variance_floor)`` (22.1 nats for ``D = 16`` and the default 0.01).
 
 Shared choices (both variants): the embedding is ``1x1 conv -> BatchNorm -> ReLU -> LayerNorm(D) -> L2
 normalisation`` (the released code's; the paper leaves it open, and unit-norm embeddings keep the Gaussians
