@@ -39,6 +39,10 @@ knob                          ``"paper"``      ``"official"``   meaning
 ``sinkhorn_iters``            3               3                Sinkhorn iterations
 ============================  ==============  ===============  ======================================================
 
+The variance floor keeps a component whose memory holds nearly identical embeddings from shrinking to zero
+variance, where its log-density (and the likelihood) would grow without bound; it also caps every log-density at
+``-D/2 log(2 pi variance_floor)`` (22.1 nats for ``D = 16`` and the default 0.01).
+
 Shared choices (both variants): the embedding is ``1x1 conv -> BatchNorm -> ReLU -> LayerNorm(D) -> L2
 normalisation`` (the released code's; the paper leaves it open, and unit-norm embeddings keep the Gaussians
 on a bounded domain), with no dropout before the convolution unless ``dropout`` is given (the released configs
@@ -55,10 +59,11 @@ memory of that class (``mixture.estimate_grouped_diag_gaussian_parameters``; pus
 into running sums would cost more per step than this pass every ``update_interval`` steps).
 
 How far back the memory reaches depends on how many rows a step pushes. The official variant pushes at most 20
-per component, so 2048 rows span 100 steps. The paper variant pushes every labelled pixel: at the cpu profile's
-sizes (a few thousand feature pixels per batch) a ring holds roughly ten steps, but once a batch brings a ring
-more than ``memory_size`` rows, the ring holds an evenly spaced part of the latest batch only, and each M-step
-sees that batch alone. For large batches, raise ``memory_size`` or set ``max_per_component`` to keep a history.
+per component, so 2048 rows span at least 100 steps. The paper variant pushes every labelled pixel: at the cpu
+profile's sizes (a few thousand feature pixels per batch) a ring of a frequent class holds roughly ten steps (of a
+rare class, more), but once a batch brings a ring more than ``memory_size`` rows, the ring holds an evenly
+spaced part of the latest batch only, and each M-step sees that batch alone. For large batches, raise
+``memory_size`` or set ``max_per_component`` to keep a history.
 
 Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
 correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process

@@ -33,8 +33,10 @@ rescaling. :func:`sinkhorn` keeps ``log u`` and ``log v`` and only exponentiates
 softmax of ``S / epsilon + log v``), so any finite score is safe; the released GMMSeg code exponentiates
 ``S / 0.05`` directly, which overflows for large scores. It ends every iteration with the row step, so the
 returned rows are exact distributions (responsibilities) and the columns carry the remaining error.
-With ``epsilon = 1`` and uniform weights this is the E-step of Sinkhorn EM (Mena et al., 2020); GMMSeg uses
-``epsilon = 0.05`` on normalised scores, which is close to a balanced hard assignment.
+With ``epsilon = 1`` and uniform weights this is the E-step of Sinkhorn EM (Mena et al., 2020). GMMSeg uses
+``epsilon = 0.05`` on scores divided by their largest magnitude, i.e. ``0.05 * max |S|`` on the raw scale: once
+``max |S|`` reaches 20 nats that is at least 1, as soft as the EM posterior, not a hard assignment (the released
+code takes the argmax of the plan afterwards).
 
 Equal column masses are a property of the converged plan. A fixed, small number of iterations (GMMSeg: 3)
 balances components that overlap, but when the components are well separated (score gaps of many

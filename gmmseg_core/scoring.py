@@ -17,9 +17,12 @@ name           score                                                       needs
 
 The logit-based scorers apply to any model, the GMM model included (its logits are the class log-likelihoods,
 possibly normalised across classes in the "official" variant), so the same GMM network can be scored both with
-its density (``gmm``) and with softmax-style scores of its posterior. ``sml`` is the Standardized Max Logit of
-Jung et al. (ICCV 2021): the max logit standardised by the mean and standard deviation of the max logit over
-the training pixels *predicted* as the same class (:func:`fit_sml_statistics`).
+its density (``gmm``) and with softmax-style scores of its posterior. ``gmm`` is high when the pixel is unlikely
+under every class; the logit-based scores read how the classes compete (``msp``, ``entropy``) or how much evidence
+the winner has (``max_logit``, ``energy``, ``sml``). On the paper variant's logits, which are the log-densities
+themselves, ``max_logit`` equals ``gmm``. ``sml`` is the Standardized Max Logit of Jung et al. (ICCV 2021): the max
+logit standardised by the mean and standard deviation of the max logit over the training pixels *predicted* as the
+same class (:func:`fit_sml_statistics`).
 """
 
 from __future__ import annotations
