@@ -108,3 +108,38 @@ def test_one_scorer_name_as_a_string_and_numpy_class_counts(outputs):
     assert SMLStatistics(np.int64(4)).num_classes == 4
     with pytest.raises(ValueError, match="num_classes must be a positive int, got True"):
         SMLStatistics(True)
+
+
+def test_msp_of_an_infinite_top_logit_is_zero():
+    # a class whose logit is +inf takes all the probability: certain, not undefined
+    z = torch.tensor([float("inf"), 0.0, -3.0]).view(1, 3, 1, 1)
+    assert float(SCORERS["msp"]({"logits": z})) == 0.0
+
+
+def test_sml_class_predicted_once_takes_the_pooled_std():
+    # one pixel gives no spread: such a class is standardised by the spread of all pixels
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0] = torch.tensor([1.0, 2.0, 4.0, -5.0])          # pixel 3 is predicted as class 1 (max 0)
+    stats = fit_sml_statistics([logits])
+    maxima = np.array([1.0, 2.0, 4.0, 0.0])
+    assert stats["count"].tolist() == [3.0, 1.0]
+    np.testing.assert_allclose(stats["std"][1], maxima.std(), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"][0], maxima[:3].std(), rtol=1e-6)
+
+
+def test_sml_unseen_class_takes_the_pooled_mean_and_std():
+    logits = torch.zeros(1, 3, 1, 5)
+    logits[0, 0, 0, :3] = torch.tensor([1.0, 2.0, 6.0])            # class 0: three pixels
+    logits[0, 1, 0, 3:] = torch.tensor([10.0, 11.0])               # class 1: two pixels; class 2 never
+    stats = fit_sml_statistics([logits])
+    maxima = np.array([1.0, 2.0, 6.0, 10.0, 11.0])
+    np.testing.assert_allclose(stats["mean"][2], maxima.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"][2], maxima.std(), rtol=1e-6)
+
+
+def test_sml_std_is_floored_for_a_constant_class():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0] = 3.0                                             # class 0 always predicted, max logit 3
+    stats = fit_sml_statistics([logits])
+    assert float(stats["std"][0]) == pytest.approx(1e-6)
+    assert torch.isfinite(SCORERS["sml"]({"logits": logits}, sml_stats=stats)).all()
