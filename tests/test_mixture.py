@@ -649,3 +649,41 @@ def test_m_step_centres_only_change_the_expansion_point():
             torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match=r"centres must have shape \(2, 3, 4\) or \(3, 4\), got \(3, 5\)"):
         estimate_diag_gaussian_parameters(x, resp, centres=torch.zeros(3, 5))
+
+
+def test_m_step_variances_of_distant_components_are_centred_in_float32():
+    # two tight components 2000 apart: every sample must be expanded about its own component's centre, not the
+    # other one, or float32 loses the variances (1e-4) against squared offsets of 4e6
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(600) % 2
+    centres = torch.tensor([[1000.0] * 3, [-1000.0] * 3], dtype=torch.float64)
+    x = centres[labels] + 0.01 * torch.randn(600, 3, dtype=torch.float64, generator=g)
+    resp = torch.zeros(600, 2, dtype=torch.float64).scatter_(1, labels[:, None], 1.0)
+    resp = 0.999 * resp + 0.0005                    # nearly hard, so each row's argmax is its own component
+    _, _, ref = estimate_diag_gaussian_parameters(x, resp, reg_covar=0.0)
+    for given in (None, centres.float()):
+        _, _, ours = estimate_diag_gaussian_parameters(x.float(), resp.float(), reg_covar=0.0, centres=given)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_column_impossible_for_every_valid_row_ignores_padding():
+    # padding rows may hold finite scores in a column that no valid row can reach: it still gets no mass
+    scores = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(10) < 6
+    scores[:6, 0] = float("-inf")
+    q = sinkhorn(scores, epsilon=1.0, n_iters=200, mask=mask)
+    assert torch.isfinite(q).all() and q[:, 0].abs().max() == 0
+    torch.testing.assert_close(q[:6], sinkhorn(scores[:6], epsilon=1.0, n_iters=200))
+    torch.testing.assert_close(q.sum(0)[1:], torch.full((2,), 3.0, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_column_sum_underflowing_inside_the_iterations_stays_finite():
+    # finite but extreme float64 scores: after the first row step a column's sum underflows to 0; its update
+    # is then taken in the log domain instead of dividing by zero
+    scores = torch.tensor([[-1.0062e41, 1.0959e39, 1.0794e39, float("-inf")],
+                           [-9.8234e40, 8.1891e38, 5.5087e38, 6.5895e38],
+                           [-9.9849e40, 8.9680e38, -1.3865e39, 4.5657e38]], dtype=torch.float64)
+    for n_iters in (3, 10):
+        q = sinkhorn(scores, epsilon=1e-3, n_iters=n_iters)
+        assert torch.isfinite(q).all() and (q >= 0).all() and q[0, 3] == 0
+        torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=torch.float64))
