@@ -687,3 +687,51 @@ def test_sinkhorn_column_sum_underflowing_inside_the_iterations_stays_finite():
         q = sinkhorn(scores, epsilon=1e-3, n_iters=n_iters)
         assert torch.isfinite(q).all() and (q >= 0).all() and q[0, 3] == 0
         torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def _separated_unequal_clusters(rng):
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    labels = np.repeat([0, 1, 2], [300, 100, 50])
+    return rng.normal(size=(450, 2)) * 0.5 + centres[labels], labels
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_initial_parameters_are_the_m_step_of_the_initial_clusters(rng, method, seed):
+    # k-means++ finds the three separated clusters; EM starts from their proportions, Sinkhorn EM from 1/K
+    X, labels = _separated_unequal_clusters(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method=method, seed=seed, max_iter=1).fit(X)
+    x = torch.from_numpy(X)
+    comps = [x[torch.from_numpy(labels == k)] for k in range(3)]
+    means = torch.stack([c.mean(0) for c in comps])
+    variances = torch.stack([c.var(0, unbiased=False) for c in comps]) + 1e-6
+    weights = torch.tensor([len(c) / len(X) for c in comps], dtype=torch.float64)
+    if method == "sinkhorn":
+        weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    dist = torch.distributions.Independent(torch.distributions.Normal(means, variances.sqrt()), 1)
+    expected = torch.logsumexp(dist.log_prob(x[:, None]) + weights.log(), 1).mean().item()
+    assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_random_init_gives_every_component_a_sample(rng):
+    X, _ = _overlapping_data(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method="em", init="random", seed=0, max_iter=1).fit(X)
+    assert float(gm.weights_.min()) > 0.5 / len(X)
+
+
+def test_weights_init_are_renormalised(rng):
+    X, centres = _overlapping_data(rng, spread=4.0)
+    weights = np.array([0.2, 0.3, 0.5 - 8e-7])                   # sums to 1 within the 1e-6 tolerance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method="em", means_init=centres, variances_init=np.ones_like(centres),
+                             weights_init=weights, max_iter=1).fit(X)
+    dist = torch.distributions.Independent(
+        torch.distributions.Normal(torch.from_numpy(centres), torch.ones(centres.shape, dtype=torch.float64)), 1)
+    log_w = torch.from_numpy(weights / weights.sum()).log()
+    expected = torch.logsumexp(dist.log_prob(torch.from_numpy(X)[:, None]) + log_w, 1).mean().item()
+    assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-12)
