@@ -589,3 +589,53 @@ def test_a_cast_that_changes_nothing_leaves_the_running_sums_bit_for_bit():
     sums = head.memory_sum.clone(), head.memory_sumsq.clone()
     head.float()
     assert torch.equal(head.memory_sum, sums[0]) and torch.equal(head.memory_sumsq, sums[1])
+
+
+def test_select_evenly_spaced_keeps_input_order_within_groups_of_many_rows():
+    # a few hundred rows: enough for an unstable sort to reorder the rows of a group
+    groups = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(4))
+    for cap in (None, 1, 7, 1000):
+        expected = []
+        for gi in range(5):
+            members = (groups == gi).nonzero().squeeze(1)
+            m = members.numel() if cap is None else min(cap, members.numel())
+            expected += members[torch.linspace(0, members.numel() - 1, m).long()].tolist()
+        assert select_evenly_spaced(groups, 5, cap).tolist() == expected, cap
+
+
+def test_ring_push_writes_extras_with_their_rows_when_a_ring_overflows():
+    G, M = 2, 3
+    memory, ptr, count = torch.zeros(G, M, 1), torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
+    extra = torch.zeros(G, M, 2)
+    group = torch.tensor([0] * 5 + [1] * 2)                       # ring 0 gets 5 rows for 3 slots
+    values = torch.arange(7.0)[:, None]
+    ring_push(memory, ptr, count, values, group, extras=((extra, torch.cat([values, -values], 1)),))
+    torch.testing.assert_close(extra[..., 0], memory[..., 0])
+    torch.testing.assert_close(extra[..., 1], -memory[..., 0])
+    assert sorted(memory[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
+
+
+def test_labels_outside_the_classes_are_skipped_like_ignore_index():
+    f, labels = _batch(seed=3)
+    odd = labels.clone()
+    odd[0, 1, :3] = -1
+    odd[1, 2, 2:] = C                                             # neither a class nor ignore_index
+    skipped = labels.clone()
+    skipped[odd != labels] = 255
+    heads = []
+    for lab in (odd, skipped):
+        torch.manual_seed(0)                                      # the same embedding for both heads
+        head = _head(update_interval=1, mean_momentum=0.5).eval()
+        _randomise(head)
+        head.update(f, lab)
+        heads.append(head)
+    for name in ("memory", "memory_count", "means", "variances"):
+        assert torch.equal(getattr(heads[0], name), getattr(heads[1], name)), name
+
+
+def test_a_class_index_as_ignore_index_never_enters_the_memory():
+    f, labels = _batch(seed=4)
+    head = _head(ignore_index=1, update_interval=1).eval()
+    head.update(f, labels)
+    count = head.memory_count.reshape(C, K)
+    assert int(count[1].sum()) == 0 and int(count.sum()) == int(((labels != 1) & (labels != 255)).sum())
