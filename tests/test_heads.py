@@ -639,3 +639,19 @@ def test_a_class_index_as_ignore_index_never_enters_the_memory():
     head.update(f, labels)
     count = head.memory_count.reshape(C, K)
     assert int(count[1].sum()) == 0 and int(count.sum()) == int(((labels != 1) & (labels != 255)).sum())
+
+
+@pytest.mark.parametrize("scope, third", [("seen", [True, True, False]), ("batch", [True, False, False])])
+def test_m_step_runs_every_interval_on_the_classes_of_its_scope(scope, third):
+    # one class per batch (2, then 1, then 0) and an M-step every second call, starting with the first: "seen"
+    # re-estimates the classes seen since the previous M-step, "batch" those of the current batch only
+    torch.manual_seed(0)
+    head = _head(m_step_scope=scope, update_interval=2, mean_momentum=0.5).eval()
+    _randomise(head)
+    f, labels = _batch(seed=5)
+    changed = []
+    for c in (2, 1, 0):
+        before = head.means.clone()
+        head.update(f, torch.full_like(labels, c))
+        changed.append((head.means != before).flatten(1).any(1).tolist())
+    assert changed == [[False, False, True], [False, False, False], third]
