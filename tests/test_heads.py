@@ -655,3 +655,29 @@ def test_m_step_runs_every_interval_on_the_classes_of_its_scope(scope, third):
         head.update(f, torch.full_like(labels, c))
         changed.append((head.means != before).flatten(1).any(1).tolist())
     assert changed == [[False, False, True], [False, False, False], third]
+
+
+def test_a_cap_above_the_memory_size_still_keeps_evenly_spaced_rows():
+    head = GMMHead(CF, 1, embed_dim=D, num_components=1, variant="paper", memory_size=4,
+                   max_per_component=8).eval()
+    f = torch.randn(1, CF, 2, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+    head.update(f, torch.zeros(1, 2, 5, dtype=torch.long))
+    torch.testing.assert_close(head.memory[0], x[[0, 3, 6, 9]])
+
+
+def test_paper_m_step_leaves_components_without_memory_or_mass_unchanged():
+    head = _head(variant="paper", mean_momentum=0.0, memory_size=4)
+    g = torch.Generator().manual_seed(7)
+    resp = torch.softmax(torch.randn(4, K, generator=g), -1)
+    with torch.no_grad():
+        head.memory.copy_(torch.randn(head.memory.shape, generator=g))
+        head.memory_resp[0] = resp                     # class 0: ring 1 empty, though its component has mass
+        head.memory_resp[2:4, :, 0] = 1.0              # class 1: both rings filled, component 1 without mass
+        head.memory_count.copy_(torch.tensor([4, 0, 4, 4, 0, 0]))
+    old = head.means.clone(), head.variances.clone()
+    head.m_step()
+    for c, k in ((0, 1), (1, 1), (2, 0), (2, 1)):
+        assert torch.equal(head.means[c, k], old[0][c, k]) and torch.equal(head.variances[c, k], old[1][c, k])
+    assert not torch.equal(head.means[0, 0], old[0][0, 0]) and not torch.equal(head.means[1, 0], old[0][1, 0])
