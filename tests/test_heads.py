@@ -681,3 +681,17 @@ def test_paper_m_step_leaves_components_without_memory_or_mass_unchanged():
     for c, k in ((0, 1), (1, 1), (2, 0), (2, 1)):
         assert torch.equal(head.means[c, k], old[0][c, k]) and torch.equal(head.variances[c, k], old[1][c, k])
     assert not torch.equal(head.means[0, 0], old[0][0, 0]) and not torch.equal(head.means[1, 0], old[0][1, 0])
+
+
+def test_refreshed_ring_sums_read_only_the_filled_rows():
+    head = _head(variant="official", memory_size=5)
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([5, 3, 0, 1, 4, 2])
+    with torch.no_grad():
+        head.memory.copy_(torch.randn(head.memory.shape, generator=g))     # unfilled rows hold values too
+        head.memory_count.copy_(counts)
+    head.refresh_memory_statistics()
+    for ring, n in enumerate(counts.tolist()):
+        rows = head.memory[ring, :n].double()
+        torch.testing.assert_close(head.memory_sum[ring], rows.sum(0))
+        torch.testing.assert_close(head.memory_sumsq[ring], rows.square().sum(0))
