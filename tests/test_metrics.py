@@ -339,3 +339,25 @@ def test_streaming_update_larger_than_a_slice_counts_every_pixel(rng):
     a, b = sliced.compute(), whole.compute()
     assert a["n_pos"] + a["n_neg"] == int((labels != 255).sum())
     assert all(a[k] == b[k] for k in ("auroc", "ap", "fpr95", "n_pos", "n_neg"))
+
+
+def test_nan_scores_are_refused_by_both_anomaly_paths():
+    scores, labels = torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        anomaly_metrics(scores, labels)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        AnomalyMetric().update(scores, labels)
+
+
+def test_streaming_scale_of_a_first_batch_with_no_interquartile_range(rng):
+    # most scores tied at 1000: the interquartile range is 0, so the scale falls back to the standard deviation
+    n = 20_000
+    labels = (rng.random(n) < 0.5).astype(np.int64)
+    scores = np.full(n, 1000.0)
+    spread = rng.random(n) < 0.2
+    scores[spread] += 1e-3 * (rng.normal(size=spread.sum()) + 1.5 * labels[spread])
+    metric = AnomalyMetric()
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    out, ref = metric.compute(), _sklearn_reference(scores, labels)
+    for key in ("auroc", "ap", "fpr95"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-3), key
