@@ -695,3 +695,33 @@ def test_refreshed_ring_sums_read_only_the_filled_rows():
         rows = head.memory[ring, :n].double()
         torch.testing.assert_close(head.memory_sum[ring], rows.sum(0))
         torch.testing.assert_close(head.memory_sumsq[ring], rows.square().sum(0))
+
+
+def test_every_pixel_is_filed_under_its_class_and_most_responsible_component():
+    head = _head(variant="paper", memory_size=32).eval()
+    _randomise(head)
+    f, labels = _batch(seed=6)
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+    head.update(f, labels)
+    y = labels.reshape(-1)
+    for ring in range(C * K):
+        c, k = divmod(ring, K)
+        n = int(head.memory_count[ring])
+        rows, resp = head.memory[ring, :n], head.memory_resp[ring, :n]
+        assert (resp.argmax(1) == k).all()
+        if n:
+            assert float(torch.cdist(rows, x[y == c]).min(1).values.max()) < 1e-6
+    assert int(head.memory_count.sum()) == int((y != 255).sum())
+
+
+def test_correct_only_reads_the_given_logits():
+    # logits that predict every label exactly (at twice the feature resolution): every labelled pixel is correct
+    head = _head(variant="official", max_per_component=None, memory_size=64).eval()
+    _randomise(head)
+    f, labels = _batch(seed=7)
+    target = labels.clone()
+    target[target == 255] = 0
+    logits = F.one_hot(target, C).permute(0, 3, 1, 2).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
+    head.update(f, labels, logits)
+    assert int(head.memory_count.sum()) == int((labels != 255).sum())
