@@ -735,3 +735,16 @@ def test_weights_init_are_renormalised(rng):
     log_w = torch.from_numpy(weights / weights.sum()).log()
     expected = torch.logsumexp(dist.log_prob(torch.from_numpy(X)[:, None]) + log_w, 1).mean().item()
     assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sinkhorn_em_step_uses_its_epsilon_and_iterations(rng):
+    X, centres = _overlapping_data(rng, spread=1.0)
+    x = torch.from_numpy(X)
+    log_prob = diag_gaussian_log_prob(x, torch.from_numpy(centres), torch.ones(centres.shape, dtype=torch.float64))
+    for epsilon, iters in ((0.3, 4), (1.0, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm = GaussianMixture(3, method="sinkhorn", means_init=centres, variances_init=np.ones_like(centres),
+                                 epsilon=epsilon, sinkhorn_iters=iters, max_iter=1).fit(X)
+        resp = sinkhorn(log_prob, epsilon=epsilon, n_iters=iters)
+        torch.testing.assert_close(gm.means_, (resp.T @ x) / resp.sum(0)[:, None])
