@@ -748,3 +748,18 @@ def test_sinkhorn_em_step_uses_its_epsilon_and_iterations(rng):
                                  epsilon=epsilon, sinkhorn_iters=iters, max_iter=1).fit(X)
         resp = sinkhorn(log_prob, epsilon=epsilon, n_iters=iters)
         torch.testing.assert_close(gm.means_, (resp.T @ x) / resp.sum(0)[:, None])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_plus_plus_seeds_one_centre_per_separated_cluster(rng, seed):
+    # eight separated clusters: k-means++ samples each new centre by its distance to the nearest chosen one, so
+    # every cluster gets a centre (Lloyd steps cannot move a second centre out of a cluster)
+    from sklearn.metrics import adjusted_rand_score
+
+    centres = np.stack([np.arange(8) * 20.0, (np.arange(8) % 2) * 20.0], 1)
+    labels = np.repeat(np.arange(8), 50)
+    X = rng.normal(size=(400, 2)) * 0.5 + centres[labels]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(8, method="em", seed=seed, max_iter=1).fit(X)
+    assert adjusted_rand_score(labels, gm.predict(X).numpy()) == 1.0
