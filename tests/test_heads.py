@@ -725,3 +725,24 @@ def test_correct_only_reads_the_given_logits():
     logits = F.one_hot(target, C).permute(0, 3, 1, 2).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
     head.update(f, labels, logits)
     assert int(head.memory_count.sum()) == int((labels != 255).sum())
+
+
+def test_paper_m_step_updates_a_component_with_less_than_one_unit_of_mass():
+    head = _head(variant="paper", mean_momentum=0.0, memory_size=4)
+    with torch.no_grad():
+        head.memory[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        head.memory[1, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+        head.memory_resp[0, 0] = torch.tensor([0.8, 0.2])
+        head.memory_resp[1, 0] = torch.tensor([0.3, 0.7])          # component 1: mass 0.9
+        head.memory_count[:2] = 1
+    head.m_step()
+    torch.testing.assert_close(head.means[0, 1], torch.tensor([0.2, 0.7, 0.0, 0.0]) / 0.9)
+
+
+def test_extra_loss_without_valid_pixels_is_a_differentiable_zero():
+    head = _head(variant="official").train()
+    f = torch.randn(1, CF, 3, 4, requires_grad=True)
+    loss = head.extra_loss(f, torch.full((1, 3, 4), 255, dtype=torch.long))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert f.grad is not None and float(f.grad.abs().max()) == 0.0

@@ -361,3 +361,23 @@ def test_streaming_scale_of_a_first_batch_with_no_interquartile_range(rng):
     out, ref = metric.compute(), _sklearn_reference(scores, labels)
     for key in ("auroc", "ap", "fpr95"):
         assert out[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
+def test_reliability_diagram_bins_against_a_loop(rng):
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(400, 3)) * 2), 1)
+    labels = torch.from_numpy(rng.integers(0, 3, size=400))
+    diag = reliability_diagram(probs, labels, n_bins=5)
+    conf, pred = probs.max(1)
+    conf, correct = conf.numpy(), (pred == labels).numpy()
+    b = np.clip(np.ceil(conf * 5).astype(int) - 1, 0, 4)
+    for i in range(5):
+        inb = b == i
+        assert diag["bin_count"][i] == inb.sum()
+        if inb.any():
+            assert diag["bin_confidence"][i] == pytest.approx(conf[inb].mean(), rel=1e-12)
+            assert diag["bin_accuracy"][i] == pytest.approx(correct[inb].mean(), rel=1e-12)
+
+
+def test_segmentation_metric_refuses_predictions_outside_the_classes():
+    with pytest.raises(ValueError, match=r"pred values must be in \[0, 3\), got range \[0, 3\]"):
+        SegmentationMetric(3).update(torch.tensor([0, 3]), torch.tensor([0, 1]))

@@ -763,3 +763,18 @@ def test_kmeans_plus_plus_seeds_one_centre_per_separated_cluster(rng, seed):
         warnings.simplefilter("ignore", ConvergenceWarning)
         gm = GaussianMixture(8, method="em", seed=seed, max_iter=1).fit(X)
     assert adjusted_rand_score(labels, gm.predict(X).numpy()) == 1.0
+
+
+def test_log_prob_reads_integer_inputs_as_floats():
+    x, means, variances = torch.tensor([[0, 1], [2, -1]]), torch.tensor([[1, 1], [0, 2]]), torch.tensor([[1, 2], [3, 1]])
+    out = diag_gaussian_log_prob(x, means, variances)
+    assert out.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(out, _broadcast_log_prob(x, means, variances).to(out.dtype))
+
+
+def test_sinkhorn_batched_errors_are_the_largest_of_the_batch():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.stack([torch.randn(20, 3, dtype=torch.float64, generator=g) * s for s in (0.5, 4.0)])
+    _, batched = sinkhorn(scores, epsilon=1.0, n_iters=4, return_errors=True)
+    singles = [sinkhorn(s, epsilon=1.0, n_iters=4, return_errors=True)[1] for s in scores]
+    assert batched == pytest.approx(np.maximum(*singles).tolist(), rel=1e-12)

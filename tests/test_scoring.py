@@ -143,3 +143,12 @@ def test_sml_std_is_floored_for_a_constant_class():
     stats = fit_sml_statistics([logits])
     assert float(stats["std"][0]) == pytest.approx(1e-6)
     assert torch.isfinite(SCORERS["sml"]({"logits": logits}, sml_stats=stats)).all()
+
+
+def test_sml_statistics_skip_their_own_ignore_index():
+    logits = torch.zeros(1, 2, 1, 3)
+    logits[0, 0, 0] = torch.tensor([1.0, 2.0, 9.0])
+    labels = torch.tensor([[[0, 255, 7]]])                           # 7 is ignored, 255 is not
+    stats = fit_sml_statistics([(logits, labels)], ignore_index=7)
+    assert stats["count"].tolist() == [2.0, 0.0]
+    assert float(stats["mean"][0]) == pytest.approx(1.5)
