@@ -152,3 +152,11 @@ def test_sml_statistics_skip_their_own_ignore_index():
     stats = fit_sml_statistics([(logits, labels)], ignore_index=7)
     assert stats["count"].tolist() == [2.0, 0.0]
     assert float(stats["mean"][0]) == pytest.approx(1.5)
+
+
+def test_energy_and_sml_refuse_bad_parameters(outputs):
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        SCORERS["energy"](outputs, temperature=0)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
+    with pytest.raises(ValueError, match="sml_stats has 2 classes but the logits have 4"):
+        SCORERS["sml"](outputs, sml_stats=stats)
