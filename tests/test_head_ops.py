@@ -63,3 +63,19 @@ def test_l2_normalize_equals_f_normalize():
     (F.normalize(b, dim=-1) * g).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
     assert torch.autograd.gradcheck(L2Normalize.apply, (x[1:].clone().requires_grad_(),))
+
+
+def test_component_log_prob_max_gradient_far_from_the_origin_in_float32():
+    # data and means near 1000: the backward must centre them like the forward, or float32 loses the gradient
+    x, means, variances = _gaussians(40, 2, 3, 4)
+    x, means = (x * 0.1 + 1000.0).float().double(), (means * 0.1 + 1000.0).float().double()   # float32 values
+    g = torch.Generator().manual_seed(2)
+    grad_comp, grad_max = torch.randn(40, 6, generator=g, dtype=x.dtype), torch.randn(40, 2, generator=g,
+                                                                                   dtype=x.dtype)
+    grads = []
+    for dtype in (torch.float64, torch.float32):
+        xa = x.detach().to(dtype).requires_grad_()
+        comp, maxima = ComponentLogProbMax.apply(xa, means.to(dtype), variances.to(dtype), 3)
+        ((comp * grad_comp.to(dtype)).sum() + (maxima * grad_max.to(dtype)).sum()).backward()
+        grads.append(xa.grad.double())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)

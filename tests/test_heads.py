@@ -663,3 +663,160 @@ def test_the_smallest_embedding_still_separates_pixels_and_passes_gradients():
     assert torch.unique(x.round(decimals=4), dim=0).shape[0] > 8
     head(f).sum().backward()
     assert f.grad.norm() > 1e-3
+
+
+def test_select_evenly_spaced_keeps_input_order_within_groups_of_many_rows():
+    # a few hundred rows: enough for an unstable sort to reorder the rows of a group
+    groups = torch.randint(0, 5, (300,), generator=torch.Generator().manual_seed(4))
+    for cap in (None, 1, 7, 1000):
+        expected = []
+        for gi in range(5):
+            members = (groups == gi).nonzero().squeeze(1)
+            m = members.numel() if cap is None else min(cap, members.numel())
+            expected += members[torch.linspace(0, members.numel() - 1, m).long()].tolist()
+        assert select_evenly_spaced(groups, 5, cap).tolist() == expected, cap
+
+
+def test_ring_push_writes_extras_with_their_rows_when_a_ring_overflows():
+    G, M = 2, 3
+    memory, ptr, count = torch.zeros(G, M, 1), torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
+    extra = torch.zeros(G, M, 2)
+    group = torch.tensor([0] * 5 + [1] * 2)                       # ring 0 gets 5 rows for 3 slots
+    values = torch.arange(7.0)[:, None]
+    ring_push(memory, ptr, count, values, group, extras=((extra, torch.cat([values, -values], 1)),))
+    torch.testing.assert_close(extra[..., 0], memory[..., 0])
+    torch.testing.assert_close(extra[..., 1], -memory[..., 0])
+    assert sorted(memory[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
+
+
+def test_labels_outside_the_classes_are_skipped_like_ignore_index():
+    f, labels = _batch(seed=3)
+    odd = labels.clone()
+    odd[0, 1, :3] = -1
+    odd[1, 2, 2:] = C                                             # neither a class nor ignore_index
+    skipped = labels.clone()
+    skipped[odd != labels] = 255
+    heads = []
+    for lab in (odd, skipped):
+        torch.manual_seed(0)                                      # the same embedding for both heads
+        head = _head(update_interval=1, mean_momentum=0.5).eval()
+        _randomise(head)
+        head.update(f, lab)
+        heads.append(head)
+    for name in ("memory", "memory_count", "means", "variances"):
+        assert torch.equal(getattr(heads[0], name), getattr(heads[1], name)), name
+
+
+def test_a_class_index_as_ignore_index_never_enters_the_memory():
+    f, labels = _batch(seed=4)
+    head = _head(ignore_index=1, update_interval=1).eval()
+    head.update(f, labels)
+    count = head.memory_count.reshape(C, K)
+    assert int(count[1].sum()) == 0 and int(count.sum()) == int(((labels != 1) & (labels != 255)).sum())
+
+
+@pytest.mark.parametrize("scope, third", [("seen", [True, True, False]), ("batch", [True, False, False])])
+def test_m_step_runs_every_interval_on_the_classes_of_its_scope(scope, third):
+    # one class per batch (2, then 1, then 0) and an M-step every second call, starting with the first: "seen"
+    # re-estimates the classes seen since the previous M-step, "batch" those of the current batch only
+    torch.manual_seed(0)
+    head = _head(m_step_scope=scope, update_interval=2, mean_momentum=0.5).eval()
+    _randomise(head)
+    f, labels = _batch(seed=5)
+    changed = []
+    for c in (2, 1, 0):
+        before = head.means.clone()
+        head.update(f, torch.full_like(labels, c))
+        changed.append((head.means != before).flatten(1).any(1).tolist())
+    assert changed == [[False, False, True], [False, False, False], third]
+
+
+def test_a_cap_above_the_memory_size_still_keeps_evenly_spaced_rows():
+    head = GMMHead(CF, 1, embed_dim=D, num_components=1, variant="paper", memory_size=4,
+                   max_per_component=8).eval()
+    f = torch.randn(1, CF, 2, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+    head.update(f, torch.zeros(1, 2, 5, dtype=torch.long))
+    torch.testing.assert_close(head.memory[0], x[[0, 3, 6, 9]])
+
+
+def test_paper_m_step_leaves_components_without_memory_or_mass_unchanged():
+    head = _head(variant="paper", mean_momentum=0.0, memory_size=4)
+    g = torch.Generator().manual_seed(7)
+    resp = torch.softmax(torch.randn(4, K, generator=g), -1)
+    with torch.no_grad():
+        head.memory.copy_(torch.randn(head.memory.shape, generator=g))
+        head.memory_resp[0] = resp                     # class 0: ring 1 empty, though its component has mass
+        head.memory_resp[2:4, :, 0] = 1.0              # class 1: both rings filled, component 1 without mass
+        head.memory_count.copy_(torch.tensor([4, 0, 4, 4, 0, 0]))
+    old = head.means.clone(), head.variances.clone()
+    head.m_step()
+    for c, k in ((0, 1), (1, 1), (2, 0), (2, 1)):
+        assert torch.equal(head.means[c, k], old[0][c, k]) and torch.equal(head.variances[c, k], old[1][c, k])
+    assert not torch.equal(head.means[0, 0], old[0][0, 0]) and not torch.equal(head.means[1, 0], old[0][1, 0])
+
+
+def test_refreshed_ring_sums_read_only_the_filled_rows():
+    head = _head(variant="official", memory_size=5)
+    g = torch.Generator().manual_seed(8)
+    counts = torch.tensor([5, 3, 0, 1, 4, 2])
+    with torch.no_grad():
+        head.memory.copy_(torch.randn(head.memory.shape, generator=g))     # unfilled rows hold values too
+        head.memory_count.copy_(counts)
+    head.refresh_memory_statistics()
+    for ring, n in enumerate(counts.tolist()):
+        rows = head.memory[ring, :n].double()
+        torch.testing.assert_close(head.memory_sum[ring], rows.sum(0))
+        torch.testing.assert_close(head.memory_sumsq[ring], rows.square().sum(0))
+
+
+def test_every_pixel_is_filed_under_its_class_and_most_responsible_component():
+    head = _head(variant="paper", memory_size=32).eval()
+    _randomise(head)
+    f, labels = _batch(seed=6)
+    with torch.no_grad():
+        x = head.embedding(f).reshape(-1, D)
+    head.update(f, labels)
+    y = labels.reshape(-1)
+    for ring in range(C * K):
+        c, k = divmod(ring, K)
+        n = int(head.memory_count[ring])
+        rows, resp = head.memory[ring, :n], head.memory_resp[ring, :n]
+        assert (resp.argmax(1) == k).all()
+        if n:
+            assert float(torch.cdist(rows, x[y == c]).min(1).values.max()) < 1e-6
+    assert int(head.memory_count.sum()) == int((y != 255).sum())
+
+
+def test_correct_only_reads_the_given_logits():
+    # logits that predict every label exactly (at twice the feature resolution): every labelled pixel is correct
+    head = _head(variant="official", max_per_component=None, memory_size=64).eval()
+    _randomise(head)
+    f, labels = _batch(seed=7)
+    target = labels.clone()
+    target[target == 255] = 0
+    logits = F.one_hot(target, C).permute(0, 3, 1, 2).float().repeat_interleave(2, 2).repeat_interleave(2, 3)
+    head.update(f, labels, logits)
+    assert int(head.memory_count.sum()) == int((labels != 255).sum())
+
+
+def test_paper_m_step_updates_a_component_with_less_than_one_unit_of_mass():
+    head = _head(variant="paper", mean_momentum=0.0, memory_size=4)
+    with torch.no_grad():
+        head.memory[0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+        head.memory[1, 0] = torch.tensor([0.0, 1.0, 0.0, 0.0])
+        head.memory_resp[0, 0] = torch.tensor([0.8, 0.2])
+        head.memory_resp[1, 0] = torch.tensor([0.3, 0.7])          # component 1: mass 0.9
+        head.memory_count[:2] = 1
+    head.m_step()
+    torch.testing.assert_close(head.means[0, 1], torch.tensor([0.2, 0.7, 0.0, 0.0]) / 0.9)
+
+
+def test_extra_loss_without_valid_pixels_is_a_differentiable_zero():
+    head = _head(variant="official").train()
+    f = torch.randn(1, CF, 3, 4, requires_grad=True)
+    loss = head.extra_loss(f, torch.full((1, 3, 4), 255, dtype=torch.long))
+    assert float(loss.detach()) == 0.0 and loss.requires_grad
+    loss.backward()
+    assert f.grad is not None and float(f.grad.abs().max()) == 0.0

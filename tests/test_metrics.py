@@ -299,3 +299,114 @@ def test_curves_need_at_least_their_two_end_points(rng, max_points):
         metric.compute(max_curve_points=max_points)
     curves = anomaly_metrics(scores, labels, return_curves=True, max_curve_points=np.int64(2))["curves"]
     assert len(curves["fpr"]) == 2 and curves["fpr"][-1] == 1.0 and curves["tpr"][-1] == 1.0
+
+
+def test_segmentation_mean_accuracy_is_the_mean_recall_of_the_target_classes(rng):
+    C = 4
+    target = rng.integers(0, 3, size=500)                    # class 3 never a target ...
+    pred = np.where(rng.random(500) < 0.6, target, rng.integers(0, C, size=500))   # ... but predicted
+    metric = SegmentationMetric(C)
+    metric.update(torch.from_numpy(pred), torch.from_numpy(target))
+    recalls = [(pred[target == c] == c).mean() for c in range(3)]
+    assert metric.compute()["mean_acc"] == pytest.approx(np.mean(recalls), rel=1e-12)
+
+
+def test_fpr95_at_a_threshold_whose_tpr_is_exactly_095():
+    # 19 of 20 anomalies score 10, above every known pixel: TPR 0.95 is reached with no false positive
+    scores = torch.tensor([10.0] * 19 + [0.0] + [5.0] * 3 + [-1.0] * 7)
+    labels = torch.tensor([1] * 20 + [0] * 10)
+    assert _sklearn_reference(scores.numpy(), labels.numpy())["fpr95"] == 0.0
+    assert anomaly_metrics(scores, labels)["fpr95"] == 0.0
+
+
+def test_streaming_scores_in_distinct_bins_rank_exactly():
+    # one score per bin, the end bins included: the histogram keeps their order, so it equals the exact metrics
+    num_bins = 8
+    t = -AnomalyMetric.T_MAX + (torch.arange(num_bins, dtype=torch.float64) + 0.5) * 2 * AnomalyMetric.T_MAX / num_bins
+    scores, labels = torch.sinh(t), torch.tensor([1, 0, 0, 1, 0, 1, 1, 0])
+    metric = AnomalyMetric(num_bins=num_bins, center=0.0, scale=1.0)
+    metric.update(scores, labels)
+    exact = anomaly_metrics(scores, labels)
+    out = metric.compute()
+    for key in ("auroc", "ap", "fpr95"):
+        assert out[key] == pytest.approx(exact[key], abs=1e-12), key
+    assert out["curves"]["fpr"].size == num_bins
+
+
+def test_streaming_curve_thresholds_reproduce_the_curve(rng):
+    # flagging every score >= a returned threshold gives that threshold's TPR and FPR
+    scores = 50.0 + 2.0 * rng.normal(size=3000)
+    labels = (rng.random(3000) < 0.3).astype(np.int64)
+    metric = AnomalyMetric(num_bins=4096)
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    c = metric.compute(max_curve_points=None)["curves"]
+    pos, neg = labels == 1, labels == 0
+    for i in range(0, c["thresholds"].size, 97):
+        flagged = scores >= c["thresholds"][i]
+        assert (flagged & pos).sum() / pos.sum() == pytest.approx(c["tpr"][i], abs=1e-12)
+        assert (flagged & neg).sum() / neg.sum() == pytest.approx(c["fpr"][i], abs=1e-12)
+
+
+def test_streaming_anomaly_metric_far_from_the_origin_matches_sklearn(rng):
+    # a spread of 1e-2 around 1e6: the transform centred on 0 would put every score into a handful of bins
+    scores, labels = _random_anomaly_data(rng, n=20_000, ties=False)
+    scores = 1e6 + 1e-2 * scores
+    metric = AnomalyMetric()
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    out, ref = metric.compute(), _sklearn_reference(scores, labels)
+    for key in ("auroc", "ap", "fpr95"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
+def test_streaming_update_larger_than_a_slice_counts_every_pixel(rng):
+    scores, labels = _random_anomaly_data(rng, n=1000, ties=False)
+    sliced = AnomalyMetric(center=0.0, scale=1.0)
+    sliced.SUBCHUNK = 64                                    # many slices per update
+    sliced.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    whole = AnomalyMetric(center=0.0, scale=1.0)
+    whole.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    a, b = sliced.compute(), whole.compute()
+    assert a["n_pos"] + a["n_neg"] == int((labels != 255).sum())
+    assert all(a[k] == b[k] for k in ("auroc", "ap", "fpr95", "n_pos", "n_neg"))
+
+
+def test_nan_scores_are_refused_by_both_anomaly_paths():
+    scores, labels = torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        anomaly_metrics(scores, labels)
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        AnomalyMetric().update(scores, labels)
+
+
+def test_streaming_scale_of_a_first_batch_with_no_interquartile_range(rng):
+    # most scores tied at 1000: the interquartile range is 0, so the scale falls back to the standard deviation
+    n = 20_000
+    labels = (rng.random(n) < 0.5).astype(np.int64)
+    scores = np.full(n, 1000.0)
+    spread = rng.random(n) < 0.2
+    scores[spread] += 1e-3 * (rng.normal(size=spread.sum()) + 1.5 * labels[spread])
+    metric = AnomalyMetric()
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    out, ref = metric.compute(), _sklearn_reference(scores, labels)
+    for key in ("auroc", "ap", "fpr95"):
+        assert out[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
+def test_reliability_diagram_bins_against_a_loop(rng):
+    probs = torch.softmax(torch.from_numpy(rng.normal(size=(400, 3)) * 2), 1)
+    labels = torch.from_numpy(rng.integers(0, 3, size=400))
+    diag = reliability_diagram(probs, labels, n_bins=5)
+    conf, pred = probs.max(1)
+    conf, correct = conf.numpy(), (pred == labels).numpy()
+    b = np.clip(np.ceil(conf * 5).astype(int) - 1, 0, 4)
+    for i in range(5):
+        inb = b == i
+        assert diag["bin_count"][i] == inb.sum()
+        if inb.any():
+            assert diag["bin_confidence"][i] == pytest.approx(conf[inb].mean(), rel=1e-12)
+            assert diag["bin_accuracy"][i] == pytest.approx(correct[inb].mean(), rel=1e-12)
+
+
+def test_segmentation_metric_refuses_predictions_outside_the_classes():
+    with pytest.raises(ValueError, match=r"pred values must be in \[0, 3\), got range \[0, 3\]"):
+        SegmentationMetric(3).update(torch.tensor([0, 3]), torch.tensor([0, 1]))

@@ -664,3 +664,132 @@ def test_a_fit_whose_variances_collapse_without_reg_covar_is_refused(method, rng
         warnings.simplefilter("ignore", ConvergenceWarning)
         gm = GaussianMixture(2, method=method).fit(X)   # the default reg_covar keeps it defined
     assert np.isfinite(gm.score(X)) and bool((gm.variances_[:, 1] > 0).all())
+
+
+def test_m_step_variances_of_distant_components_are_centred_in_float32():
+    # two tight components 2000 apart: every sample must be expanded about its own component's centre, not the
+    # other one, or float32 loses the variances (1e-4) against squared offsets of 4e6
+    g = torch.Generator().manual_seed(5)
+    labels = torch.arange(600) % 2
+    centres = torch.tensor([[1000.0] * 3, [-1000.0] * 3], dtype=torch.float64)
+    x = centres[labels] + 0.01 * torch.randn(600, 3, dtype=torch.float64, generator=g)
+    resp = torch.zeros(600, 2, dtype=torch.float64).scatter_(1, labels[:, None], 1.0)
+    resp = 0.999 * resp + 0.0005                    # nearly hard, so each row's argmax is its own component
+    _, _, ref = estimate_diag_gaussian_parameters(x, resp, reg_covar=0.0)
+    for given in (None, centres.float()):
+        _, _, ours = estimate_diag_gaussian_parameters(x.float(), resp.float(), reg_covar=0.0, centres=given)
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=0)
+
+
+def test_sinkhorn_column_impossible_for_every_valid_row_ignores_padding():
+    # padding rows may hold finite scores in a column that no valid row can reach: it still gets no mass
+    scores = torch.randn(10, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(10) < 6
+    scores[:6, 0] = float("-inf")
+    q = sinkhorn(scores, epsilon=1.0, n_iters=200, mask=mask)
+    assert torch.isfinite(q).all() and q[:, 0].abs().max() == 0
+    torch.testing.assert_close(q[:6], sinkhorn(scores[:6], epsilon=1.0, n_iters=200))
+    torch.testing.assert_close(q.sum(0)[1:], torch.full((2,), 3.0, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_sinkhorn_column_sum_underflowing_inside_the_iterations_stays_finite():
+    # finite but extreme float64 scores: after the first row step a column's sum underflows to 0; its update
+    # is then taken in the log domain instead of dividing by zero
+    scores = torch.tensor([[-1.0062e41, 1.0959e39, 1.0794e39, float("-inf")],
+                           [-9.8234e40, 8.1891e38, 5.5087e38, 6.5895e38],
+                           [-9.9849e40, 8.9680e38, -1.3865e39, 4.5657e38]], dtype=torch.float64)
+    for n_iters in (3, 10):
+        q = sinkhorn(scores, epsilon=1e-3, n_iters=n_iters)
+        assert torch.isfinite(q).all() and (q >= 0).all() and q[0, 3] == 0
+        torch.testing.assert_close(q.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+def _separated_unequal_clusters(rng):
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    labels = np.repeat([0, 1, 2], [300, 100, 50])
+    return rng.normal(size=(450, 2)) * 0.5 + centres[labels], labels
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_initial_parameters_are_the_m_step_of_the_initial_clusters(rng, method, seed):
+    # k-means++ finds the three separated clusters; EM starts from their proportions, Sinkhorn EM from 1/K
+    X, labels = _separated_unequal_clusters(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method=method, seed=seed, max_iter=1).fit(X)
+    x = torch.from_numpy(X)
+    comps = [x[torch.from_numpy(labels == k)] for k in range(3)]
+    means = torch.stack([c.mean(0) for c in comps])
+    variances = torch.stack([c.var(0, unbiased=False) for c in comps]) + 1e-6
+    weights = torch.tensor([len(c) / len(X) for c in comps], dtype=torch.float64)
+    if method == "sinkhorn":
+        weights = torch.full((3,), 1 / 3, dtype=torch.float64)
+    dist = torch.distributions.Independent(torch.distributions.Normal(means, variances.sqrt()), 1)
+    expected = torch.logsumexp(dist.log_prob(x[:, None]) + weights.log(), 1).mean().item()
+    assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-9)
+
+
+def test_random_init_gives_every_component_a_sample(rng):
+    X, _ = _overlapping_data(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method="em", init="random", seed=0, max_iter=1).fit(X)
+    assert float(gm.weights_.min()) > 0.5 / len(X)
+
+
+def test_weights_init_are_renormalised(rng):
+    X, centres = _overlapping_data(rng, spread=4.0)
+    weights = np.array([0.2, 0.3, 0.5 - 8e-7])                   # sums to 1 within the 1e-6 tolerance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(3, method="em", means_init=centres, variances_init=np.ones_like(centres),
+                             weights_init=weights, max_iter=1).fit(X)
+    dist = torch.distributions.Independent(
+        torch.distributions.Normal(torch.from_numpy(centres), torch.ones(centres.shape, dtype=torch.float64)), 1)
+    log_w = torch.from_numpy(weights / weights.sum()).log()
+    expected = torch.logsumexp(dist.log_prob(torch.from_numpy(X)[:, None]) + log_w, 1).mean().item()
+    assert gm.lower_bounds_[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_sinkhorn_em_step_uses_its_epsilon_and_iterations(rng):
+    X, centres = _overlapping_data(rng, spread=1.0)
+    x = torch.from_numpy(X)
+    log_prob = diag_gaussian_log_prob(x, torch.from_numpy(centres), torch.ones(centres.shape, dtype=torch.float64))
+    for epsilon, iters in ((0.3, 4), (1.0, 1)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gm = GaussianMixture(3, method="sinkhorn", means_init=centres, variances_init=np.ones_like(centres),
+                                 epsilon=epsilon, sinkhorn_iters=iters, max_iter=1).fit(X)
+        resp = sinkhorn(log_prob, epsilon=epsilon, n_iters=iters)
+        torch.testing.assert_close(gm.means_, (resp.T @ x) / resp.sum(0)[:, None])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_plus_plus_seeds_one_centre_per_separated_cluster(rng, seed):
+    # eight separated clusters: k-means++ samples each new centre by its distance to the nearest chosen one, so
+    # every cluster gets a centre (Lloyd steps cannot move a second centre out of a cluster)
+    from sklearn.metrics import adjusted_rand_score
+
+    centres = np.stack([np.arange(8) * 20.0, (np.arange(8) % 2) * 20.0], 1)
+    labels = np.repeat(np.arange(8), 50)
+    X = rng.normal(size=(400, 2)) * 0.5 + centres[labels]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(8, method="em", seed=seed, max_iter=1).fit(X)
+    assert adjusted_rand_score(labels, gm.predict(X).numpy()) == 1.0
+
+
+def test_log_prob_reads_integer_inputs_as_floats():
+    x, means, variances = torch.tensor([[0, 1], [2, -1]]), torch.tensor([[1, 1], [0, 2]]), torch.tensor([[1, 2], [3, 1]])
+    out = diag_gaussian_log_prob(x, means, variances)
+    assert out.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(out, _broadcast_log_prob(x, means, variances).to(out.dtype))
+
+
+def test_sinkhorn_batched_errors_are_the_largest_of_the_batch():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.stack([torch.randn(20, 3, dtype=torch.float64, generator=g) * s for s in (0.5, 4.0)])
+    _, batched = sinkhorn(scores, epsilon=1.0, n_iters=4, return_errors=True)
+    singles = [sinkhorn(s, epsilon=1.0, n_iters=4, return_errors=True)[1] for s in scores]
+    assert batched == pytest.approx(np.maximum(*singles).tolist(), rel=1e-12)

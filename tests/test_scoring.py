@@ -127,3 +127,55 @@ def test_sml_statistics_take_numpy_labels_and_name_labels_of_another_shape(rng):
     with pytest.raises(ValueError, match=r"labels must be \(2, 4, 5\) for logits of shape \(2, 3, 4, 5\), got "
                                          r"\(2, 1, 4, 5\)"):
         SMLStatistics(3).update(logits, torch.zeros(2, 1, 4, 5, dtype=torch.long))
+
+
+def test_msp_of_an_infinite_top_logit_is_zero():
+    # a class whose logit is +inf takes all the probability: certain, not undefined
+    z = torch.tensor([float("inf"), 0.0, -3.0]).view(1, 3, 1, 1)
+    assert float(SCORERS["msp"]({"logits": z})) == 0.0
+
+
+def test_sml_class_predicted_once_takes_the_pooled_std():
+    # one pixel gives no spread: such a class is standardised by the spread of all pixels
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0] = torch.tensor([1.0, 2.0, 4.0, -5.0])          # pixel 3 is predicted as class 1 (max 0)
+    stats = fit_sml_statistics([logits])
+    maxima = np.array([1.0, 2.0, 4.0, 0.0])
+    assert stats["count"].tolist() == [3.0, 1.0]
+    np.testing.assert_allclose(stats["std"][1], maxima.std(), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"][0], maxima[:3].std(), rtol=1e-6)
+
+
+def test_sml_unseen_class_takes_the_pooled_mean_and_std():
+    logits = torch.zeros(1, 3, 1, 5)
+    logits[0, 0, 0, :3] = torch.tensor([1.0, 2.0, 6.0])            # class 0: three pixels
+    logits[0, 1, 0, 3:] = torch.tensor([10.0, 11.0])               # class 1: two pixels; class 2 never
+    stats = fit_sml_statistics([logits])
+    maxima = np.array([1.0, 2.0, 6.0, 10.0, 11.0])
+    np.testing.assert_allclose(stats["mean"][2], maxima.mean(), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"][2], maxima.std(), rtol=1e-6)
+
+
+def test_sml_std_is_floored_for_a_constant_class():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0] = 3.0                                             # class 0 always predicted, max logit 3
+    stats = fit_sml_statistics([logits])
+    assert float(stats["std"][0]) == pytest.approx(1e-6)
+    assert torch.isfinite(SCORERS["sml"]({"logits": logits}, sml_stats=stats)).all()
+
+
+def test_sml_statistics_skip_their_own_ignore_index():
+    logits = torch.zeros(1, 2, 1, 3)
+    logits[0, 0, 0] = torch.tensor([1.0, 2.0, 9.0])
+    labels = torch.tensor([[[0, 255, 7]]])                           # 7 is ignored, 255 is not
+    stats = fit_sml_statistics([(logits, labels)], ignore_index=7)
+    assert stats["count"].tolist() == [2.0, 0.0]
+    assert float(stats["mean"][0]) == pytest.approx(1.5)
+
+
+def test_energy_and_sml_refuse_bad_parameters(outputs):
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        SCORERS["energy"](outputs, temperature=0)
+    stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
+    with pytest.raises(ValueError, match="sml_stats has 2 classes but the logits have 4"):
+        SCORERS["sml"](outputs, sml_stats=stats)
