@@ -174,7 +174,7 @@ def test_sml_statistics_skip_their_own_ignore_index():
 
 
 def test_energy_and_sml_refuse_bad_parameters(outputs):
-    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0, got 0"):
         SCORERS["energy"](outputs, temperature=0)
     stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
     with pytest.raises(ValueError, match="sml_stats has 2 classes but the logits have 4"):
