@@ -366,20 +366,29 @@ def test_evaluate_refuses_a_stride_without_slide_mode(tmp_path, capsys):
 
 
 def test_evaluate_reads_another_dataset_from_its_own_root_not_the_runs(tmp_path, monkeypatch, capsys):
+    import types
+
     import gmmseg_core.data as data_module
     import gmmseg_core.train as train_module
     from gmmseg_core.config import TrainConfig
 
-    run_cfg = TrainConfig(dataset="fashion", data_root=str(tmp_path / "fashion"))
+    run_cfg = TrainConfig(dataset="fashion", data_root=str(tmp_path / "fashion"),
+                          dataset_kwargs={"transform": {"crop_size": 24}})
     monkeypatch.setattr(train_module, "load_run", lambda run_dir, device=None: (object(), run_cfg, {}))
-    roots = []
+    calls = []
 
     def build_dataset(name, split, root=None, **kw):
-        roots.append((name, root))
+        calls.append((name, split, root, "transform" in kw))
+        if split == "anomaly" and name == "fashion":          # on to the sml statistics' training split
+            return types.SimpleNamespace(is_anomaly_split=True)
         raise ValueError("stop here")
 
     monkeypatch.setattr(data_module, "build_dataset", build_dataset)
-    for args in (["--dataset", "scenes", "--split", "anomaly"], ["--split", "anomaly"],
-                 ["--dataset", "scenes", "--data-root", str(tmp_path / "other")]):
+    moved = str(tmp_path / "moved")
+    for args in (["--dataset", "scenes", "--split", "anomaly"], ["--split", "val"],
+                 ["--dataset", "scenes", "--data-root", str(tmp_path / "other")],
+                 ["--split", "anomaly", "--data-root", moved]):
         assert main(["evaluate", str(tmp_path / "run"), *args]) == 2
-    assert roots == [("scenes", None), ("fashion", str(tmp_path / "fashion")), ("scenes", str(tmp_path / "other"))]
+    assert calls == [("scenes", "anomaly", None, False), ("fashion", "val", str(tmp_path / "fashion"), False),
+                     ("scenes", "val", str(tmp_path / "other"), False), ("fashion", "anomaly", moved, False),
+                     ("fashion", "train", moved, False)]      # never augmented
