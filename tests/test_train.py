@@ -808,7 +808,9 @@ def test_a_run_without_its_checkpoint_is_not_finished_and_trains_again(tmp_path)
     run_dir = train_cached(cfg, tmp_path / "cache")
     (run_dir / "checkpoint.pt").unlink()
     assert not is_finished(run_dir)
-    assert train_cached(cfg, tmp_path / "cache") == run_dir and (run_dir / "checkpoint.pt").exists()
+    with pytest.warns(UserWarning, match="left no checkpoint, so training starts again at step 0"):
+        assert train_cached(cfg, tmp_path / "cache") == run_dir
+    assert (run_dir / "checkpoint.pt").exists() and is_finished(run_dir)
 
 
 def test_train_cached_resumes_an_unfinished_run_from_its_checkpoint(tmp_path):
