@@ -286,3 +286,109 @@ def test_a_terminated_training_says_where_its_checkpoint_is(monkeypatch, capsys)
         main(["train", *TINY])
     assert info.value.code == 143
     assert "gmmseg train: terminated: training stopped after step 3" in capsys.readouterr().err
+
+
+def test_every_train_flag_reaches_its_config_field(tmp_path, capsys):
+    flags = {"--arch": ("arch", "segformer"), "--head": ("head", "softmax"), "--dataset": ("dataset", "digits"),
+             "--data-root": ("data_root", str(tmp_path)), "--iters": ("iters", 7), "--batch-size": ("batch_size", 3),
+             "--lr": ("lr", 0.25), "--head-lr-mult": ("head_lr_mult", 4.0), "--weight-decay": ("weight_decay", 0.5),
+             "--warmup-iters": ("warmup_iters", 2), "--grad-clip": ("grad_clip", 1.5), "--amp": ("amp", "bf16"),
+             "--eval-interval": ("eval_interval", 3), "--checkpoint-interval": ("checkpoint_interval", 4),
+             "--seed": ("seed", 11), "--device": ("device", "cuda:1"), "--num-workers": ("num_workers", 2),
+             "--out-dir": ("out_dir", str(tmp_path / "runs")), "--run-name": ("run_name", "named")}
+    args = [str(a) for flag, (_, value) in flags.items() for a in (flag, value)]
+    assert main(["train", *args, "--balanced-sampler", "--resume", "--no-progress", "--image-size", "24",
+                 "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert {field: cfg[field] for field, _ in flags.values()} == dict(flags.values())
+    assert (cfg["balanced_sampler"], cfg["resume"], cfg["progress"]) == (True, True, False)
+    assert cfg["dataset_kwargs"] == {"image_size": 24}
+    assert main(["train", "--print-config"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert (default["balanced_sampler"], default["resume"], default["progress"]) == (False, False, True)
+
+
+def test_evaluate_passes_its_options_to_the_evaluation(tmp_path, monkeypatch, capsys):
+    import gmmseg_core.evaluate as evaluate_module
+    from gmmseg_core.data import build_dataset
+
+    assert main(["train", *TINY, "--out-dir", str(tmp_path), "--run-name", "g"]) == 0
+    calls = {}
+
+    def record(name, result):
+        def fake(model, dataset, **kw):
+            calls[name] = dict(kw, num_images=len(dataset), dataset_split=dataset.split)
+            return result
+        return fake
+
+    scores = {"auroc": 0.5, "ap": 0.5, "fpr95": 0.5, "curves": {}}
+    monkeypatch.setattr(evaluate_module, "evaluate_anomaly", record("anomaly", {"msp": scores, "sml": scores}))
+    monkeypatch.setattr(evaluate_module, "collect_sml_statistics", record("sml", {}))
+    assert main(["evaluate", str(tmp_path / "g"), "--split", "anomaly", "--scorers", "msp", "sml", "--streaming",
+                 "--sml-images", "3", "--mode", "slide", "--crop-size", "16", "--stride", "8", "--batch-size", "5",
+                 "--no-progress"]) == 0
+    anomaly, sml = calls["anomaly"], calls["sml"]
+    assert (anomaly["mode"], anomaly["crop_size"], anomaly["stride"], anomaly["batch_size"]) == ("slide", 16, 8, 5)
+    assert anomaly["streaming"] is True and anomaly["scorers"] == ["msp", "sml"]
+    # the anomaly split keeps its own size (the run's num_images is the training split's); sml reads training data
+    assert anomaly["num_images"] == len(build_dataset("scenes", "anomaly", image_size=32))
+    assert (sml["dataset_split"], sml["num_images"], sml["max_images"], sml["mode"]) == ("train", 4, 3, "slide")
+    assert main(["evaluate", str(tmp_path / "g"), "--split", "anomaly", "--scorers", "sml", "--sml-images", "0",
+                 "--no-progress"]) == 0
+    assert calls["sml"]["max_images"] is None and calls["anomaly"]["streaming"] is False
+
+
+def test_a_config_file_names_a_run_only_when_it_lies_in_that_run(tmp_path, capsys):
+    from gmmseg_core.config import TrainConfig
+
+    own = tmp_path / "project" / "config.json"            # a config file of its own, in a folder of any name
+    own.parent.mkdir()
+    TrainConfig(out_dir=str(tmp_path / "runs")).to_json(own)
+    assert main(["train", "--config", str(own), "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["out_dir"], cfg["run_name"]) == (str(tmp_path / "runs"), None)
+    run = tmp_path / "runs" / "r" / "config.json"         # a run's own config.json: that run, unless told otherwise
+    run.parent.mkdir(parents=True)
+    TrainConfig(out_dir="elsewhere", run_name="r").to_json(run)
+    assert main(["train", "--config", str(run), "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["out_dir"] == str(tmp_path / "runs")
+    assert main(["train", "--config", str(run), "--out-dir", str(tmp_path / "new"), "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["out_dir"], cfg["run_name"]) == (str(tmp_path / "new"), "r")
+    assert main(["train", "--config", str(run), "--run-name", "variant", "--print-config"]) == 0
+    cfg = json.loads(capsys.readouterr().out)                 # a new run, where the file says runs go
+    assert (cfg["out_dir"], cfg["run_name"]) == ("elsewhere", "variant")
+
+
+def test_evaluate_refuses_a_stride_without_slide_mode(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "not-read"), "--stride", "8"]) == 2
+    assert "--crop-size and --stride apply to --mode slide" in capsys.readouterr().err
+
+
+def test_evaluate_reads_another_dataset_from_its_own_root_not_the_runs(tmp_path, monkeypatch, capsys):
+    import types
+
+    import gmmseg_core.data as data_module
+    import gmmseg_core.train as train_module
+    from gmmseg_core.config import TrainConfig
+
+    run_cfg = TrainConfig(dataset="fashion", data_root=str(tmp_path / "fashion"),
+                          dataset_kwargs={"transform": {"crop_size": 24}})
+    monkeypatch.setattr(train_module, "load_run", lambda run_dir, device=None: (object(), run_cfg, {}))
+    calls = []
+
+    def build_dataset(name, split, root=None, **kw):
+        calls.append((name, split, root, "transform" in kw))
+        if split == "anomaly" and name == "fashion":          # on to the sml statistics' training split
+            return types.SimpleNamespace(is_anomaly_split=True)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(data_module, "build_dataset", build_dataset)
+    moved = str(tmp_path / "moved")
+    for args in (["--dataset", "scenes", "--split", "anomaly"], ["--split", "val"],
+                 ["--dataset", "scenes", "--data-root", str(tmp_path / "other")],
+                 ["--split", "anomaly", "--data-root", moved]):
+        assert main(["evaluate", str(tmp_path / "run"), *args]) == 2
+    assert calls == [("scenes", "anomaly", None, False), ("fashion", "val", str(tmp_path / "fashion"), False),
+                     ("scenes", "val", str(tmp_path / "other"), False), ("fashion", "anomaly", moved, False),
+                     ("fashion", "train", moved, False)]      # never augmented

@@ -212,3 +212,32 @@ def test_empty_split_folder_is_reported(tmp_path):
     (tmp_path / "leftImg8bit" / "val").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no image/label pairs"):
         build_dataset("cityscapes", "val", root=tmp_path)
+
+
+def test_a_resized_image_is_rounded_to_the_nearest_grey_level(tmp_path):
+    base = tmp_path / "fishyscapes" / "Static"
+    (base / "original").mkdir(parents=True)
+    checker = (np.indices((H, W)).sum(0) % 2 * 255).astype(np.uint8)      # every 2 x 2 block averages 127.5
+    Image.fromarray(np.repeat(checker[..., None], 3, axis=2)).save(base / "original" / "0.png")
+    _label(base / "labels" / "0.png", [0, 1, 255])
+    image, _ = build_dataset("fishyscapes_static", "anomaly", root=tmp_path, image_size=(H // 2, W // 2)).load(0)
+    assert image.dtype == np.uint8 and np.all(image == 128)
+
+
+def test_label_ids_beyond_the_lookup_table_are_ignored(tmp_path):
+    stem = "frankfurt_000000_000294"
+    _image(tmp_path / "leftImg8bit" / "val" / "frankfurt" / f"{stem}_leftImg8bit.png")
+    path = tmp_path / "gtFine" / "val" / "frankfurt" / f"{stem}_gtFine_labelIds.png"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(np.resize(np.array([7, 300], np.uint16), (H, W))).save(path)     # a 16-bit label file
+    assert np.unique(build_dataset("cityscapes", "val", root=tmp_path).load_label(0)).tolist() == [0, 255]
+
+
+def test_a_label_saved_in_colour_is_read_from_its_first_channel(tmp_path):
+    base = tmp_path / "fishyscapes" / "Static"
+    _image(base / "original" / "0.png")
+    (base / "labels").mkdir(parents=True)
+    grey = np.resize(np.array([0, 1, 255], np.uint8), (H, W))
+    Image.fromarray(np.repeat(grey[..., None], 3, axis=2)).save(base / "labels" / "0.png")     # an RGB mask
+    label = build_dataset("fishyscapes_static", "anomaly", root=tmp_path)[0][1]
+    assert label.shape == (H, W) and torch.equal(label, torch.from_numpy(grey.astype(np.int64)))

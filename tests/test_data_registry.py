@@ -102,3 +102,10 @@ def test_normalize_is_the_numpy_expression_bit_for_bit(layout):
     out = ds.normalize(image)
     assert out.dtype == torch.float32 and out.is_contiguous() and tuple(out.shape) == (3, 16, 24)
     assert torch.equal(out, torch.from_numpy(expected))
+
+
+def test_a_dataset_that_needs_a_root_must_read_it():
+    with pytest.raises(ValueError, match=r"dataset 'x': a dataset that needs a root reads it \(needs_root=True, "
+                                         r"reads_root=False\)"):
+        register_dataset("x", ("train",), needs_root=True, reads_root=False)
+    assert "x" not in available_datasets()

@@ -93,3 +93,15 @@ def test_parameter_errors(tmp_path):
         ClassBalancedSampler(ds, num_samples=0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no labelled pixels"):
         ClassBalancedSampler(ds, index={}, cache_dir=tmp_path)
+
+
+def test_the_ignore_label_is_never_a_class_even_without_num_classes(tmp_path):
+    class NoClassCount(ToyLabels):
+        num_classes = None
+
+    assert 255 not in class_image_index(NoClassCount(), cache_dir=False)
+
+
+def test_classes_without_images_are_not_drawn():
+    sampler = ClassBalancedSampler(ToyLabels(), num_samples=50, index={0: [3], 1: []}, seed=0)
+    assert set(sampler) == {3}

@@ -147,3 +147,73 @@ def test_sizes_are_positive_ints_or_pairs(crop_size):
     with pytest.raises(ValueError, match=r"crop_size must be a positive int or a \(height, width\) pair of positive "
                                          r"ints, got"):
         train_transforms(crop_size)
+
+
+@pytest.mark.parametrize("shape, size", [((5, 7), (3, 4)), ((3, 4), (7, 9)), ((6, 10), (4, 15))])
+def test_resize_label_samples_pixel_centres_like_the_image_resize(shape, size):
+    label = np.arange(shape[0] * shape[1]).reshape(shape)
+    exact = torch.nn.functional.interpolate(torch.from_numpy(label)[None, None].double(), size=size,
+                                            mode="nearest-exact")[0, 0].long().numpy()
+    np.testing.assert_array_equal(resize_label(label, size), exact)
+
+
+def test_random_resize_fits_the_scale_keeping_the_aspect_and_rounds():
+    image, label = np.zeros((20, 40, 3), np.float32), np.zeros((20, 40), np.int64)
+    # long side 40 -> at most 60, short side 20 -> at most 40: the long side binds, factor 1.5
+    img, lab = RandomResize((60, 40), (1.0, 1.0))(image, label, np.random.default_rng(0))
+    assert lab.shape == (30, 60) and img.shape == (30, 60, 3)
+    _, lab = RandomResize(None, (1.3, 1.3))(image[:5, :7], label[:5, :7], np.random.default_rng(0))
+    assert lab.shape == (7, 9)                     # 6.5 and 9.1, rounded to the nearest as mmcv does
+
+
+def _balanced_among_void(h=64, w=64):
+    """Void (255) except every 8th row, which alternates classes 0 and 1: any 24 x 24 crop holds both equally."""
+    label = np.full((h, w), 255, np.int64)
+    label[::8] = np.arange(w) % 2
+    return np.zeros((h, w, 3), np.float32), label
+
+
+def test_cat_max_ratio_counts_labelled_pixels_only():
+    image, label = _balanced_among_void()
+    for seed in range(10):                  # balanced at the first try: the first box is kept, void or not
+        _, got = RandomCrop(24, cat_max_ratio=0.75)(image, label, np.random.default_rng(seed))
+        _, first = RandomCrop(24, cat_max_ratio=1.0)(image, label, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, first)
+
+
+def test_train_transforms_pass_on_cat_max_ratio_and_flip_prob():
+    image, label = _blocks(np.random.default_rng(0), h=40, w=40)
+    label[:] = 0
+    label[4:12, 4:12] = 1                  # a small second class: cat_max_ratio rejects most crops
+    for ratio in (0.75, 1.0):
+        for seed in range(5):
+            piped = train_transforms(24, ratio_range=(1.0, 1.0), cat_max_ratio=ratio, flip_prob=0.0,
+                                     photometric=False)(image, label, np.random.default_rng(seed))[1]
+            rng = np.random.default_rng(seed)
+            rng.uniform(1.0, 1.0)                           # the resize's draw
+            direct = RandomCrop(24, cat_max_ratio=ratio)(image, label, rng)[1]
+            np.testing.assert_array_equal(piped, direct)
+    flipped = train_transforms(40, ratio_range=(1.0, 1.0), flip_prob=1.0, photometric=False)(
+        image, np.arange(1600).reshape(40, 40), np.random.default_rng(0))[1]
+    np.testing.assert_array_equal(flipped, np.arange(1600).reshape(40, 40)[:, ::-1])
+
+
+def test_photometric_brightness_moves_both_ways_and_hue_wraps_around():
+    grey = np.full((4, 4, 3), 128.0, np.float32)
+    label = np.zeros((4, 4), np.int64)
+    brightness_only = PhotoMetricDistortion(contrast_range=(1.0, 1.0), saturation_range=(1.0, 1.0), hue_delta=0)
+    shifts = [brightness_only(grey, label, np.random.default_rng(s))[0].mean() - 128 for s in range(40)]
+    assert min(shifts) < -5 and max(shifts) > 5
+    red = np.zeros((4, 4, 3), np.float32)
+    red[..., 0] = 255.0
+    hue_only = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1.0, 1.0), saturation_range=(1.0, 1.0))
+    outs = [hue_only(red, label, np.random.default_rng(s))[0][0, 0] for s in range(40)]
+    assert any(o[2] > 10 and o[1] < 1 for o in outs)         # red shifted below hue 0 turns towards magenta
+    assert any(o[1] > 10 and o[2] < 1 for o in outs)         # ... and above it towards orange
+
+
+def test_random_crop_draws_every_offset_edges_included():
+    image, label = np.zeros((6, 7, 3), np.float32), np.arange(42).reshape(6, 7)
+    corners = {int(RandomCrop((4, 4), cat_max_ratio=1.0)(image, label, np.random.default_rng(s))[1][0, 0])
+               for s in range(200)}
+    assert corners == {r * 7 + c for r in range(3) for c in range(4)}       # offsets 0..2 down, 0..3 across

@@ -250,3 +250,43 @@ def test_input_errors_name_what_was_expected():
         evaluate_closed_set(model, ds, progress=False)
     with pytest.raises(ValueError, match=r"images must be a batch \(B, 3, H, W\), got \(3, 32, 32\)"):
         predict(model, torch.randn(3, 32, 32))
+
+
+def test_slide_inference_defaults_to_a_stride_of_two_thirds_of_the_window():
+    img = torch.randn(1, 3, 13, 17)
+    model = WindowMeanModel()
+    default = predict(model, img, mode="slide", crop_size=6)["logits"]
+    torch.testing.assert_close(default, _slide_reference(model, img, 6, 4))
+
+
+def test_evaluations_leave_the_model_in_the_mode_they_found_it():
+    closed, anomaly = LabelDataset(n=2), LabelDataset(n=2, anomaly=True)
+    model = ChannelModel(generative=True)
+    evaluate_closed_set(model.train(), closed, progress=False)
+    assert model.training
+    collect_sml_statistics(model, closed, progress=False)
+    assert model.training
+    two = ChannelModel(num_classes=2).train()
+    evaluate_anomaly(two, anomaly, scorers=["msp"], progress=False)
+    assert two.training
+    evaluate_closed_set(model.eval(), closed, progress=False)
+    assert not model.training
+
+
+def test_max_images_evaluates_the_first_images_only():
+    ds = LabelDataset(n=5, seed=3, jitter=1.0)
+    model = ChannelModel()
+    with torch.no_grad():
+        model.scale.fill_(0.5)
+    first = evaluate_closed_set(model, ds, max_images=2, progress=False)
+    assert first["num_images"] == 2
+    ref = SegmentationMetric(3)
+    ref.update(model(torch.stack([ds[i][0] for i in range(2)])).argmax(1), ds.labels[:2])
+    np.testing.assert_array_equal(first["confusion"], ref.compute()["confusion"])
+
+
+def test_format_table_prints_percent_and_nan():
+    table = format_table({"gmm": {"auroc": 0.91234, "ap": float("nan"), "fpr95": 0.05}})
+    header, row = table.splitlines()
+    assert header.split() == ["auroc", "ap", "fpr95"]
+    assert row.split() == ["gmm", "91.23", "nan", "5.00"]

@@ -19,3 +19,62 @@ def test_image_grid_refuses_no_panels():
         with pytest.raises(ValueError, match=r"image_grid needs at least one panel, got none \(e.g. a notebook "
                                              r"asked for 0 examples\)"):
             image_grid(rows)
+
+
+def test_fmt_mean_std_uses_the_sample_spread_and_skips_missing_values():
+    from gmmseg_core.plots import fmt_mean_std
+
+    assert fmt_mean_std([0.61, 0.63]) == "62.0 ± 1.4"
+    assert fmt_mean_std([0.5, float("nan"), None]) == "50.0"
+    assert fmt_mean_std([float("nan")]) == "n/a"
+
+
+def test_tables_write_markdown_and_the_raw_csv(tmp_path):
+    import csv
+
+    from gmmseg_core.plots import markdown_table, write_table
+
+    rows = [{"model": "gmm", "miou": 0.51234, "ap": float("nan")}, {"model": "softmax", "miou": None}]
+    assert markdown_table(rows, ["model", "miou", "ap"]).splitlines()[2:] == ["| gmm | 0.512 | n/a |",
+                                                                               "| softmax |  |  |"]
+    md, csv_path = write_table(rows, ["model", "miou"], tmp_path, "t", title="T", notes="note",
+                               csv_rows=[{"model": "gmm", "miou": 0.51234, "seed": 0}],
+                               csv_columns=["model", "seed", "miou"])
+    assert md.read_text().startswith("# T\n\n| model | miou |") and md.read_text().endswith("\nnote\n")
+    with open(csv_path) as f:
+        assert list(csv.reader(f)) == [["model", "seed", "miou"], ["gmm", "0", "0.51234"]]
+
+
+def test_training_curves_smooth_with_a_trailing_mean_at_the_right_steps():
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import training_curves
+
+    fig, ax = plt.subplots()
+    rows = [{"step": s, "loss": v} for s, v in zip(range(1, 6), [5.0, 3.0, 1.0, 3.0, ""])]
+    training_curves(ax, {"run": rows}, "loss", smooth=2)
+    line = ax.get_lines()[0]
+    np.testing.assert_array_equal(line.get_xdata(), [2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(line.get_ydata(), [4.0, 2.0, 2.0])
+    plt.close(fig)
+
+
+def test_colorize_paints_ignored_pixels_black_whatever_the_palette_size():
+    from gmmseg_core.plots import colorize
+
+    palette = np.full((256, 3), 255)
+    out = colorize(np.array([[0, 255], [-1, 3]]), palette)
+    np.testing.assert_array_equal(out[..., 0], [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_savefig_refuses_a_name_that_is_not_a_bare_stem(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import savefig
+
+    fig = plt.figure()
+    for name in ("", "sub/fig", "fig.png"):
+        with pytest.raises(ValueError, match="name must be a bare file stem"):
+            savefig(fig, tmp_path, name)
+    assert savefig(fig, tmp_path, "fig") == tmp_path / "fig.png" and (tmp_path / "fig.png").exists()
+    plt.close(fig)

@@ -291,3 +291,36 @@ def test_notebook_trainings_run_single_threaded_on_the_cpu_as_reproduce_runs_the
         assert seen == [1] and torch.get_num_threads() == 2     # trained on one thread, the caller's restored
     finally:
         torch.set_num_threads(before)
+
+
+def test_experiment_config_carries_every_shared_training_parameter(tmp_path):
+    from gmmseg_core.profiles import TRAIN, experiment_config
+
+    p = TRAIN["smoke"]
+    cfg = experiment_config(p, "fcn", "gmm_paper", "scenes", 2, device="cpu", cache_dir=tmp_path, em="classic")
+    assert cfg.head_kwargs == dict(variant="paper", num_components=p["num_components"], embed_dim=p["embed_dim"],
+                                   update_interval=p["update_interval"], mean_momentum=p["mean_momentum"],
+                                   em="classic")
+    assert cfg.dataset_kwargs == dict(image_size=p["image_size"], num_images=p["num_train_images"],
+                                      cache_dir=str(tmp_path / "data"))
+    assert cfg.val_dataset_kwargs == {"num_images": p["num_val_images"]}
+    assert (cfg.iters, cfg.batch_size, cfg.lr, cfg.seed, cfg.device, cfg.out_dir, cfg.progress) == (
+        p["train_iters"], p["batch_size"], p["lr"], 2, "cpu", str(tmp_path), False)
+    with pytest.raises(ValueError, match="head_overrides are GMM knobs; the softmax head takes none"):
+        experiment_config(p, "fcn", "softmax", "scenes", 0, em="classic")
+
+
+def test_an_empty_data_root_is_none_and_the_run_wide_paths_reach_the_notebook_absolute(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    nb = _write_notebook(tmp_path / "paths.ipynb", [
+        "import json, pathlib\npathlib.Path(figures_dir, 'seen.json').write_text(json.dumps([data_root, cache_dir]))"])
+    source = nbformat.read(nb, as_version=4)
+    source.cells[0].source += "\ndata_root = 'unset'\ncache_dir = 'unset'"
+    nbformat.write(source, nb)
+    monkeypatch.chdir(tmp_path)
+    res = reproduce("smoke", notebooks=[nb], out_dir="out", data_root="", cache_dir="models",
+                    log=lambda *a, **k: None)
+    seen = json.loads((tmp_path / "out" / "figures" / "seen.json").read_text())
+    assert seen == [None, str(tmp_path / "models")]
+    assert res["complete"] is True and json.loads((tmp_path / "out" / "timings.json").read_text())["complete"]

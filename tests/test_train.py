@@ -3,6 +3,7 @@
 import csv
 import json
 import multiprocessing
+import re
 import time
 
 import pytest
@@ -690,3 +691,221 @@ def test_a_device_that_is_not_here_is_named_not_called_a_damaged_checkpoint(tmp_
         pytest.skip("a CUDA device is present")
     with pytest.raises(ValueError, match=r"device='cuda'.*no CUDA device"):
         load_run(run_dir, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------- optimiser and loop
+
+
+def test_param_groups_give_the_head_its_lr_and_spare_biases_and_norms_weight_decay(tmp_path, monkeypatch):
+    from gmmseg_core import train as train_module
+
+    groups, names = [], {}
+    real_adamw = train_module.adamw
+
+    def recording(params, lr):
+        params = list(params)
+        groups.extend(params)
+        return real_adamw(params, lr)
+
+    monkeypatch.setattr(train_module, "adamw", recording)
+    cfg = tiny_cfg(tmp_path, iters=1, lr=1e-3, head_lr_mult=7.0, weight_decay=0.05)
+    train(cfg, on_step=lambda step, model, out: names.update({id(p): n for n, p in model.named_parameters()}))
+    seen = set()
+    for group in groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            seen.add(name)
+            assert group["initial_lr"] == pytest.approx(1e-3 * (7.0 if name.startswith("head.") else 1.0)), name
+            assert group["weight_decay"] == (0.05 if p.ndim >= 2 else 0.0), name
+    assert seen == set(names.values())
+    assert any(n.startswith("head.") for n in seen) and any(p.ndim < 2 for g in groups for p in g["params"])
+
+
+def _parameter_steps(tmp_path, **kw):
+    """The largest change of any parameter in step 2 of a two-step softmax run."""
+    snapshots = []
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={}, weight_decay=0.0, **kw)
+    train(cfg, on_step=lambda step, model, out: snapshots.append(
+        torch.cat([p.detach().flatten().clone() for p in model.parameters()])))
+    return (snapshots[1] - snapshots[0]).abs().max().item()
+
+
+def test_grad_clip_bounds_the_gradient_the_optimiser_sees(tmp_path):
+    # AdamW's step is about lr whatever the gradient's scale, until the gradient is small next to its eps (1e-8):
+    # clipped to a norm of 1e-12 the parameters barely move
+    free = _parameter_steps(tmp_path / "free", lr=1e-3)
+    clipped = _parameter_steps(tmp_path / "clipped", lr=1e-3, grad_clip=1e-12)
+    assert free > 1e-4 and clipped < 1e-3 * free
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def failing_save(obj, f, *args, **kwargs):          # the disk fills up halfway through the second checkpoint
+        saves["n"] += 1
+        if saves["n"] == 2:
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=1, head="softmax", head_kwargs={})
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_run(cfg.run_dir)[0] is not None
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_resume_restores_the_random_state_of_a_model_that_draws_random_numbers(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={"dropout": 0.5})
+    full = train(cfg.replace(run_name="full"))
+    part = cfg.replace(run_name="part")
+    train(part, stop_after=2)
+    train(part.replace(resume=True))
+    a = torch.load(full / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(part.run_dir / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_ending_on_an_eval_interval_evaluates_its_last_step_once(tmp_path):
+    run_dir = train(tiny_cfg(tmp_path, iters=4, eval_interval=2, head="softmax", head_kwargs={}))
+    assert [e["step"] for e in json.loads((run_dir / "metrics.json").read_text())["evals"]] == [2, 4]
+
+
+def test_step_batches_give_every_position_its_own_augmentation_seed_and_every_epoch_its_own_order():
+    ds = list(range(6))
+    stream = _StepBatches(ds, 3, seed=1, start_step=0, num_steps=20)
+    batches = [stream.batch(s) for s in range(20)]              # 10 epochs of 6 images
+    seeds = [seed for batch in batches for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)
+    epochs = [tuple(i for batch in batches[2 * e:2 * e + 2] for i, _ in batch) for e in range(10)]
+    assert all(sorted(e) == ds for e in epochs) and len(set(epochs)) > 5
+
+
+def test_an_items_augmentation_depends_on_its_stream_position_only():
+    from gmmseg_core.data import build_dataset, train_transforms
+    from gmmseg_core.train import _PositionedDataset
+
+    ds = _PositionedDataset(build_dataset("scenes", "train", image_size=32, num_images=2,
+                                          transform=train_transforms(24, photometric=False)))
+    torch.manual_seed(1)
+    first = ds[(0, 12345)]
+    torch.manual_seed(2)              # another global state, as in a DataLoader worker or a resumed run
+    again = ds[(0, 12345)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not all(torch.equal(first[0], ds[(0, seed)][0]) for seed in range(1, 5))
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    ds[(0, 12345)]
+    assert torch.equal(torch.get_rng_state(), state)          # the training stream's RNG is left alone
+
+
+def test_a_run_without_its_checkpoint_is_not_finished_and_trains_again(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    run_dir = train_cached(cfg, tmp_path / "cache")
+    (run_dir / "checkpoint.pt").unlink()
+    assert not is_finished(run_dir)
+    with pytest.warns(UserWarning, match="left no checkpoint, so training starts again at step 0"):
+        assert train_cached(cfg, tmp_path / "cache") == run_dir
+    assert (run_dir / "checkpoint.pt").exists() and is_finished(run_dir)
+
+
+def test_train_cached_resumes_an_unfinished_run_from_its_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={})
+    entry = tmp_path / "cache" / cfg.default_run_name()
+    train(cfg.replace(out_dir=str(tmp_path / "cache"), run_name=entry.name, resume=True), stop_after=3)
+    with open(entry / "log.csv") as f:
+        before = list(csv.DictReader(f))[:2]             # the steps up to its checkpoint
+    assert train_cached(cfg, tmp_path / "cache") == entry and is_finished(entry)
+    with open(entry / "log.csv") as f:
+        after = list(csv.DictReader(f))
+    assert after[:2] == before and [int(r["step"]) for r in after] == [1, 2, 3, 4]
+
+
+def test_validation_overrides_apply_to_the_validation_split_only(tmp_path):
+    from gmmseg_core.train import dataset_kwargs_for
+
+    cfg = tiny_cfg(tmp_path)              # 6 training images, 2 validation images
+    assert dataset_kwargs_for(cfg, "val")["num_images"] == 2
+    for split in ("train", "statistics", "anomaly"):
+        assert dataset_kwargs_for(cfg, split)["num_images"] == 6, split
+
+
+def test_run_files_are_strict_json_with_null_for_nan(tmp_path):
+    import numpy as np
+
+    from gmmseg_core.train import _write_json
+
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    _write_json(tmp_path / "m.json", {"iou": [0.5, float("nan"), np.float32("nan")], "ece": np.float64("nan")})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"iou": [0.5, None, None],
+                                                                                   "ece": None}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size must be a positive int, got 0"),
+    ("head_lr_mult", 0, "head_lr_mult must be a positive number, got 0"),
+    ("weight_decay", -0.1, "weight_decay must be a number >= 0, got -0.1"),
+    ("warmup_iters", -1, "warmup_iters must be an int >= 0, got -1"),
+    ("warmup_iters", 2.5, "warmup_iters must be an int >= 0, got 2.5"),
+    ("poly_power", -1.0, "poly_power must be a number >= 0, got -1.0"),
+    ("eval_interval", -1, "eval_interval must be an int >= 0, got -1"),
+    ("checkpoint_interval", 1.5, "checkpoint_interval must be an int >= 0, got 1.5"),
+    ("num_workers", -2, "num_workers must be an int >= 0, got -2"),
+    ("log_interval", 0, "log_interval must be a positive int, got 0"),
+    ("iters", True, "iters must be a positive int, got True"),
+    ("data_root", 3, "data_root must be None or a path string, got 3"),
+    ("device", 0, "device must be None or a string such as 'cuda:0', got 0"),
+    ("resume", "yes", "resume must be a bool, got 'yes'"),
+    ("balanced_sampler", 1, "balanced_sampler must be a bool, got 1"),
+    ("out_dir", "", "out_dir must be a non-empty path string, got ''"),
+    ("run_name", "a/b", "run_name must be None or a name without '/', got 'a/b'"),
+])
+def test_config_validation_covers_every_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_cfg(tmp_path, **{field: value})
+
+
+def test_a_dotted_override_of_a_field_that_is_not_a_dict_is_named(tmp_path):
+    with pytest.raises(ValueError, match="override 'iters.x': field 'iters' is not a dict"):
+        tiny_cfg(tmp_path).with_overrides(["iters.x=1"])
+
+
+def test_cache_key_ignores_the_progress_bar_and_the_device_index_but_not_the_release(tmp_path, monkeypatch):
+    from gmmseg_core import config
+
+    cfg = tiny_cfg(tmp_path, device="cuda:0")
+    key = cfg.cache_key()
+    assert cfg.replace(progress=not cfg.progress).cache_key() == key
+    assert cfg.replace(device="cuda:1").cache_key() == cfg.replace(device="cuda").cache_key() == key
+    monkeypatch.setattr(config, "__version__", "0.0.0-other")     # a cache written by another release
+    assert cfg.cache_key() != key
+
+
+def test_default_run_name_names_the_model_the_data_and_the_seed(tmp_path):
+    cfg = tiny_cfg(tmp_path, seed=3)
+    assert cfg.default_run_name() == f"fcn_gmm-paper_scenes_s3_{cfg.cache_key()[:8]}"
+    official = cfg.replace(head_kwargs={**cfg.head_kwargs, "variant": "official"})
+    assert official.default_run_name().startswith("fcn_gmm-official_scenes_s3_")
+
+
+def test_resume_refuses_to_change_the_schedule_or_the_optimiser(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=3, checkpoint_interval=1, head="softmax", head_kwargs={}, run_name="r")
+    train(cfg, stop_after=1)
+    for field, value in (("lr", 5e-4), ("head_lr_mult", 2.0), ("weight_decay", 0.0), ("warmup_iters", 2),
+                         ("poly_power", 0.9), ("seed", 1), ("balanced_sampler", True)):
+        with pytest.raises(ValueError, match=rf"cannot resume .*trained with {field}="):
+            train(cfg.replace(resume=True, **{field: value}))
+
+
+def test_every_evaluation_records_the_closed_set_summary(tmp_path):
+    run_dir = train(tiny_cfg(tmp_path, iters=2, eval_interval=1, head="softmax", head_kwargs={}))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    summary = {"step", "miou", "per_class_iou", "pixel_acc", "mean_acc", "ece", "num_images"}
+    assert [set(e) for e in metrics["evals"]] == [summary, summary] and metrics["final"] == metrics["evals"][-1]
+    assert len(metrics["final"]["per_class_iou"]) == 8 and metrics["final"]["num_images"] == 2
