@@ -12,6 +12,7 @@ input size, ``model.is_generative`` and, when generative, ``model.class_log_like
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,18 @@ __all__ = ["predict", "evaluate_closed_set", "evaluate_anomaly", "collect_sml_st
            "default_scorers"]
 
 LOGIT_SCORERS = ("msp", "max_logit", "energy", "entropy")
+
+
+
+@contextmanager
+def _eval_mode(model):
+    """``model.eval()`` for the block; the model's own mode is back afterwards, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _is_generative(model) -> bool:
@@ -184,21 +197,20 @@ def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: 
     ``num_images``.
     """
     device = _device(device)
-    was_training = model.training
-    model.to(device).eval()
-    C = _num_classes(model, dataset)
-    ignore = getattr(dataset, "ignore_index", 255)
-    seg = SegmentationMetric(C, ignore_index=ignore, device=device)
-    cal = CalibrationMetric(n_bins=ece_bins, ignore_index=ignore)
-    n_images = 0
-    for images, labels in _batches(dataset, batch_size, num_workers, max_images, "evaluate", progress):
-        images, labels = images.to(device), labels.to(device)
-        logits = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
-                         with_likelihood=False)["logits"]
-        seg.update(logits.max(dim=1).indices, labels)  # = argmax(1), several times faster over NCHW on CPU
-        cal.update(logits.softmax(1), labels)
-        n_images += images.shape[0]
-    model.train(was_training)
+    model.to(device)
+    with _eval_mode(model):
+        C = _num_classes(model, dataset)
+        ignore = getattr(dataset, "ignore_index", 255)
+        seg = SegmentationMetric(C, ignore_index=ignore, device=device)
+        cal = CalibrationMetric(n_bins=ece_bins, ignore_index=ignore)
+        n_images = 0
+        for images, labels in _batches(dataset, batch_size, num_workers, max_images, "evaluate", progress):
+            images, labels = images.to(device), labels.to(device)
+            logits = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
+                             with_likelihood=False)["logits"]
+            seg.update(logits.max(dim=1).indices, labels)  # = argmax(1), several times faster over NCHW on CPU
+            cal.update(logits.softmax(1), labels)
+            n_images += images.shape[0]
     out = seg.compute()
     rel = cal.compute()
     out.update(ece=rel.pop("ece"), reliability=rel, num_images=n_images)
@@ -214,15 +226,14 @@ def collect_sml_statistics(model, train_dataset, batch_size: int = 4, device=Non
     Returns ``{"mean": (C,), "std": (C,), "count": (C,)}`` float32 CPU tensors. Pixels labelled 255 are skipped.
     """
     device = _device(device)
-    was_training = model.training
-    model.to(device).eval()
-    stats = SMLStatistics(_num_classes(model, train_dataset),
-                          ignore_index=getattr(train_dataset, "ignore_index", 255))
-    for images, labels in _batches(train_dataset, batch_size, num_workers, max_images, "sml stats", progress):
-        logits = predict(model, images.to(device), mode=mode, crop_size=crop_size, stride=stride,
-                         with_likelihood=False)["logits"]
-        stats.update(logits, labels.to(device))
-    model.train(was_training)
+    model.to(device)
+    with _eval_mode(model):
+        stats = SMLStatistics(_num_classes(model, train_dataset),
+                              ignore_index=getattr(train_dataset, "ignore_index", 255))
+        for images, labels in _batches(train_dataset, batch_size, num_workers, max_images, "sml stats", progress):
+            logits = predict(model, images.to(device), mode=mode, crop_size=crop_size, stride=stride,
+                             with_likelihood=False)["logits"]
+            stats.update(logits, labels.to(device))
     return stats.compute()
 
 
@@ -269,28 +280,27 @@ def evaluate_anomaly(model, dataset, scorers=None, sml_stats: dict | None = None
         raise ValueError("scorer 'sml' needs sml_stats: compute them with collect_sml_statistics(model, "
                          "train_dataset)")
     device = _device(device)
-    was_training = model.training
-    model.to(device).eval()
-    generative = "gmm" in scorers
-    ignore = getattr(dataset, "ignore_index", 255)
-    if streaming:
-        acc = {name: AnomalyMetric(num_bins=num_bins, ignore_index=ignore) for name in scorers}
-    else:
-        acc = {name: [] for name in scorers}
-        kept_labels = []
-    for images, labels in _batches(dataset, batch_size, num_workers, max_images, "anomaly", progress):
-        images, labels = images.to(device), labels.to(device)
-        outputs = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
-                          with_likelihood=generative)
+    model.to(device)
+    with _eval_mode(model):
+        generative = "gmm" in scorers
+        ignore = getattr(dataset, "ignore_index", 255)
         if streaming:
+            acc = {name: AnomalyMetric(num_bins=num_bins, ignore_index=ignore) for name in scorers}
+        else:
+            acc = {name: [] for name in scorers}
+            kept_labels = []
+        for images, labels in _batches(dataset, batch_size, num_workers, max_images, "anomaly", progress):
+            images, labels = images.to(device), labels.to(device)
+            outputs = predict(model, images, mode=mode, crop_size=crop_size, stride=stride,
+                              with_likelihood=generative)
+            if streaming:
+                for name in scorers:
+                    acc[name].update(SCORERS[name](outputs, sml_stats=sml_stats), labels)
+                continue
+            valid = labels != ignore
+            kept_labels.append(labels[valid].to(torch.uint8).cpu())
             for name in scorers:
-                acc[name].update(SCORERS[name](outputs, sml_stats=sml_stats), labels)
-            continue
-        valid = labels != ignore
-        kept_labels.append(labels[valid].to(torch.uint8).cpu())
-        for name in scorers:
-            acc[name].append(SCORERS[name](outputs, sml_stats=sml_stats)[valid].float().cpu())
-    model.train(was_training)
+                acc[name].append(SCORERS[name](outputs, sml_stats=sml_stats)[valid].float().cpu())
     results = {}
     for name in scorers:
         if streaming:

@@ -290,3 +290,30 @@ def test_format_table_prints_percent_and_nan():
     header, row = table.splitlines()
     assert header.split() == ["auroc", "ap", "fpr95"]
     assert row.split() == ["gmm", "91.23", "nan", "5.00"]
+
+
+class _FailingDataset(torch.utils.data.Dataset):
+    """Two images, the second of which cannot be read."""
+
+    def __init__(self, anomaly=False):
+        self.good = LabelDataset(n=1, anomaly=anomaly)
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise OSError("unreadable image")
+        return self.good[i]
+
+
+@pytest.mark.parametrize("which", ["closed", "sml", "anomaly"])
+def test_an_evaluation_that_fails_leaves_the_model_in_training_mode(which):
+    model = (ChannelModel(num_classes=2) if which == "anomaly" else ChannelModel()).train()
+    run = {"closed": lambda: evaluate_closed_set(model, _FailingDataset(), batch_size=1, progress=False),
+           "sml": lambda: collect_sml_statistics(model, _FailingDataset(), batch_size=1, progress=False),
+           "anomaly": lambda: evaluate_anomaly(model, _FailingDataset(anomaly=True), scorers=["msp"], batch_size=1,
+                                               progress=False)}[which]
+    with pytest.raises(OSError, match="unreadable image"):
+        run()
+    assert model.training
