@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(measure(args.worker[0], int(args.worker[1]))))
         return 0
+    from benchmarks.results import machine_line, start_load, write_section
+
+    load = start_load()
     big, small = (10 ** 6, 10 ** 5) if args.quick else (10 ** 8, 10 ** 7)
     # quick: in this process (fast smoke test; the peak RSS column is then not per mode)
     run_one = measure if args.quick else in_subprocess
@@ -117,11 +120,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.quick:
-        from benchmarks.results import machine_line, write_section
-
         write_section("bench_anomaly_metrics",
-                               machine_line("the rows ran one after another, each in a fresh process") + "\n\n"
-                               + text)
+                      machine_line("the rows ran one after another, each in a fresh process", load=load) + "\n\n"
+                      + text)
     return 0
 
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import time
 
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.results import RESULTS, write_section
+from benchmarks.results import RESULTS, cpu_cores, start_load, write_section
 from gmmseg_core.data import build_dataset, train_transforms
 
 SECTION = "bench_data"
@@ -100,6 +99,7 @@ def _available(name: str) -> bool:
 
 
 def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
+    load = start_load()                # before the measurements, whose own work the load average would hold
     torch.set_num_threads(1)
     if quick:
         cases = [("scenes", (32, 64), 8), ("fashion", (32, 32), 8), ("digits", (32, 32), 8), ("scenes", (64, 64), 4)]
@@ -114,7 +114,7 @@ def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
             rows.append((name, f"{size[0]}x{size[1]}", n, None))
             continue
         rows.append((name, f"{size[0]}x{size[1]}", n, bench_dataset(name, size, n, batch)))
-    info = dict(batch=batch, load=os.getloadavg()[0], gpu_size=gpu_size,
+    info = dict(batch=batch, load=load, cores=cpu_cores(), gpu_size=gpu_size,
                 normalize=bench_normalize(gpu_size, repeats))
     return rows, info
 
@@ -122,7 +122,7 @@ def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
 def format_section(rows, info) -> str:
     today = datetime.date.today().isoformat()
     lines = [
-        f"Machine: 2-core CPU, torch {torch.__version__}, {today}; 1-minute load average at the start "
+        f"Machine: {info['cores']}-core CPU, torch {torch.__version__}, {today}; 1-minute load average at the start "
         f"{info['load']:.1f}" + (" (the machine was shared with other work: absolute rates are noisy)."
                                  if info["load"] > 1.0 else "."),
         "",

@@ -49,10 +49,25 @@ def load_caveat(load=None):
     )
 
 
-def machine_line(how: str = "ratios were measured interleaved in one run") -> str:
-    """``Machine: <cores>-core CPU, torch <version>, <date>``, the load and ``how`` the numbers were taken."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def start_load() -> float:
+    """The 1-minute load average now (NaN where the platform has none): read it before a benchmark runs, since
+    afterwards it holds the benchmark's own work."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def machine_line(how: str = "ratios were measured interleaved in one run", load: float | None = None) -> str:
+    """``Machine: <cores>-core CPU, torch <version>, <date>``, the load and ``how`` the numbers were taken.
+
+    ``load`` is the 1-minute load average at the start (from :func:`start_load`); None reads it now, which is only
+    the start when nothing has run yet.
+    """
+    cores = cpu_cores()
+    load = start_load() if load is None else load
     shared = "the machine was shared with other work, so absolute times are noisy; " if load > cores else ""
     return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
             f"1-minute load average at the start {load:.1f} ({shared}{how}).")
