@@ -1,10 +1,16 @@
 """Smoke tests of benchmarks/bench_train_step.py, bench_anomaly_metrics.py and run_all.py (tiny sizes; RESULTS.md
 is left alone)."""
 
+import argparse
+import os
 from pathlib import Path
 
+import torch
+
 from benchmarks import bench_anomaly_metrics, bench_train_step, run_all
+from benchmarks import results as results_module
 from benchmarks.results import write_section
+from gmmseg_core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,3 +40,86 @@ def test_run_all_discovers_benchmarks_and_update_section(tmp_path):
     write_section("bench_x", "second", results)
     text = results.read_text()
     assert "keep me" in text and "second" in text and "first" not in text and text.count("## bench_x") == 1
+
+
+def _result(step_ms, update_ms, softmax_ms):
+    return {"step_s": step_ms / 1000, "update_s": update_ms / 1000, "overhead": step_ms / softmax_ms - 1}
+
+
+def _format(results):
+    args = argparse.Namespace(
+        device="cpu", batch_size=2, image_size=(32, 32), widths=[4], quick=True, profile="cpu", profile_width=4,
+        embed_dim=4, num_components=2, update_interval=5, threads=1, reps=10, warmup=1)
+    return bench_train_step.format_results(results, args)
+
+
+def _row(text, name):
+    return next(line for line in text.splitlines() if line.startswith(f"| fcn | 4 | {name} |")).split(" | ")
+
+
+def test_rest_column_compares_steps_without_update_head_on_both_sides():
+    per = {"softmax": _result(40.0, 0.5, 40.0), "gmm paper": _result(50.0, 4.0, 40.0),
+           "gmm official": _result(48.0, 2.0, 40.0)}
+    text = _format({("fcn", 4): per})
+    assert _row(text, "softmax")[5] == "+0.0"
+    assert _row(text, "gmm paper")[5] == "+6.5"          # (50 - 4) - (40 - 0.5)
+    assert _row(text, "gmm official")[5] == "+6.5"       # (48 - 2) - (40 - 0.5)
+
+
+def test_section_places_each_variants_e_step_in_the_phase_that_runs_it(monkeypatch):
+    from gmmseg_core import mixture
+
+    phase, seen = {"now": None}, set()
+    sinkhorn = mixture.sinkhorn
+
+    def spy(*args, **kwargs):
+        seen.add(phase["now"])
+        return sinkhorn(*args, **kwargs)
+
+    monkeypatch.setattr(mixture, "sinkhorn", spy)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    for variant in ("paper", "official"):
+        model = build_model("fcn", "gmm", num_classes=4, width=4,
+                            head_kwargs=dict(variant=variant, embed_dim=4, num_components=2))
+        phase["now"] = (variant, "forward")
+        out = model.forward_train(images, labels)
+        out["loss"].backward()
+        phase["now"] = (variant, "update_head")
+        model.update_head(out["features"], labels)
+    text = _format({("fcn", 4): {"softmax": _result(40.0, 0.0, 40.0)}})
+    assert seen == {("paper", "update_head"), ("official", "forward")}
+    assert "for the official variant also its component loss and the Sinkhorn E-step" in " ".join(text.split())
+    assert "\"update_head\" is the EM bookkeeping after the step (memory push, M-step amortised; for the paper " \
+           "variant also the Sinkhorn E-step)" in " ".join(text.split())
+
+
+def test_machine_line_holds_the_load_before_the_run(monkeypatch):
+    load, written = {"now": 0.3}, []
+
+    def measured(*args, **kwargs):
+        load["now"] = 6.5                        # the benchmark's own work
+        return {("fcn", 8): {"softmax": _result(40.0, 0.0, 40.0), "gmm paper": _result(44.0, 2.0, 40.0),
+                             "gmm official": _result(44.0, 2.0, 40.0)}}
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"],) * 3)
+    monkeypatch.setattr(bench_train_step, "run", measured)
+    monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append((name, body)))
+    assert bench_train_step.main(["--archs", "fcn", "--widths", "8"]) == 0
+    (name, body), = written
+    assert name == "bench_train_step" and "load average at the start 0.3 (" in body and "6.5" not in body
+
+
+def test_anomaly_metrics_machine_line_holds_the_load_before_the_run(monkeypatch):
+    load, written = {"now": 0.3}, []
+
+    def measured(mode, n):
+        load["now"] = 6.5
+        return dict(mode=mode, n=n, seconds=1.0, peak_rss_mb=700.0, baseline_rss_mb=600.0, auroc=0.9, ap=0.5,
+                    fpr95=0.4)
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"],) * 3)
+    monkeypatch.setattr(bench_anomaly_metrics, "in_subprocess", measured)
+    monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append((name, body)))
+    assert bench_anomaly_metrics.main([]) == 0
+    (name, body), = written
+    assert name == "bench_anomaly_metrics" and "load average at the start 0.3 (" in body and "6.5" not in body
