@@ -1,8 +1,12 @@
-"""Smoke test of benchmarks/bench_gmm_head.py (tiny sizes, RESULTS.md untouched)."""
+"""Tests of benchmarks/bench_gmm_head.py (tiny sizes, RESULTS.md untouched)."""
 
+import argparse
 
+import pytest
+import torch
 
-from benchmarks import bench_gmm_head
+from benchmarks import bench_gmm_head, gpu_check
+from gmmseg_core.heads import GMMHead
 
 
 def test_bench_gmm_head_quick_runs_both_paths(tmp_path, monkeypatch):
@@ -12,3 +16,68 @@ def test_bench_gmm_head_quick_runs_both_paths(tmp_path, monkeypatch):
     for out in results.values():
         assert out["step_s"] > 0 and out["maxrss_bytes"] > 0
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_both_paths_run_their_training_step_equally_often(monkeypatch):
+    calls = {"reference": 0, "ours": 0}
+    for path, cls in (("reference", bench_gmm_head.ReferenceHead), ("ours", GMMHead)):
+        forward = cls.forward
+
+        def counted(self, *args, _path=path, _forward=forward, **kwargs):
+            calls[_path] += 1
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    for path in calls:
+        bench_gmm_head.run_path(path, bench_gmm_head.QUICK, torch.device("cpu"), steps=2)
+    assert calls == {"reference": 2, "ours": 2}        # no untimed warm-up on one side only
+
+
+def _can_reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _can_reset_peak_rss(), reason="needs Linux's resettable peak RSS")
+def test_in_process_peak_is_the_paths_own():
+    rss = bench_gmm_head._mark_rss()
+    spike = torch.ones(2 ** 26)                        # 256 MiB, freed before the path runs (another path's peak)
+    del spike
+    out = bench_gmm_head.run_path("ours", bench_gmm_head.QUICK, torch.device("cpu"), steps=1)
+    assert out["maxrss_bytes"] < rss + 2 ** 27
+
+
+def _parts(step_s, embed_s, peak):
+    return dict(loglik_fwd_s=0.01, fwd_bwd_s=step_s, e_push_s=0.01, m_step_s=0.01, step_s=step_s, embed_s=embed_s,
+                gmm_step_s=step_s - embed_s, matmul_s=0.001, maxrss_bytes=peak, step_added_rss_bytes=peak / 2)
+
+
+def test_section_keeps_a_decimal_for_ratios_below_ten():
+    results = {"reference": _parts(1.6, 0.16, 2 ** 31), "ours": _parts(0.8, 0.1, 2 ** 30)}
+    args = argparse.Namespace(device="cpu", threads=1, steps=3, rounds=2, inprocess=False)
+    text = bench_gmm_head._section(results, bench_gmm_head.QUICK, args)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("|")}
+    assert rows["| **whole head per step**"].endswith("| 2.0x |")
+    assert rows["| of which the embedding (fwd + bwd; same layers, ours channels-last)"].endswith("| 1.6x |")
+    assert rows["| peak RSS added by the training step (above the set-up: torch, data, memory bank)"].endswith(
+        "| 2.0x less |")
+    assert "Whole head per step: 2.0x faster" in text and "is 1.6x faster in ours" in text
+
+
+def test_in_process_section_does_not_speak_of_worker_processes():
+    results = {"reference": _parts(1.6, 0.16, 2 ** 31), "ours": _parts(0.8, 0.1, 2 ** 30)}
+    args = argparse.Namespace(device="cpu", threads=1, steps=3, rounds=2, inprocess=True)
+    text = bench_gmm_head._section(results, bench_gmm_head.QUICK, args)
+    assert "worker process" not in text and "both paths in this process" in text
+
+
+def test_gpu_check_reports_each_paths_step_memory_on_the_cpu():
+    out = gpu_check.check_gmm_head("cpu", quick=True)
+    ref, ours = (out[p]["step_added_rss_bytes"] / 2 ** 30 for p in ("reference", "ours"))
+    assert out["summary"].endswith(f"peak RSS added by the step: {ref:.2f} vs {ours:.2f} GiB")
+
+
