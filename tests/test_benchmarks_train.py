@@ -123,3 +123,18 @@ def test_anomaly_metrics_machine_line_holds_the_load_before_the_run(monkeypatch)
     assert bench_anomaly_metrics.main([]) == 0
     (name, body), = written
     assert name == "bench_anomaly_metrics" and "load average at the start 0.3 (" in body and "6.5" not in body
+
+
+def test_a_run_with_more_threads_keeps_the_one_thread_section(monkeypatch):
+    written, threads = [], torch.get_num_threads()
+    monkeypatch.setattr(bench_train_step, "run", lambda *a, **k: {
+        ("fcn", 8): {"softmax": _result(40.0, 0.0, 40.0), "gmm paper": _result(44.0, 2.0, 40.0),
+                     "gmm official": _result(44.0, 2.0, 40.0)}})
+    monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append(name))
+    try:
+        for argv in (["--threads", "2"], ["--threads", "2", "--device", "cuda", "--profile", "gpu"], []):
+            assert bench_train_step.main(["--archs", "fcn", "--widths", "8", *argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert written == ["bench_train_step (2 threads)", "bench_train_step (cuda, gpu profile, 2 threads)",
+                       "bench_train_step"]
