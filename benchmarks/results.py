@@ -78,12 +78,13 @@ def add_sweep_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
     parser.add_argument(
-        "--threads", default=None, help="comma-separated thread counts to run, e.g. 1,2 (default: torch's)"
+        "--threads", default="1",
+        help="comma-separated thread counts to run, e.g. 1,2 (default 1, as every benchmark: the recorded runs)"
     )
 
 
 def run_thread_sweep(name, threads_arg, run_once, report, write):
-    """Run ``run_once(threads)`` for each thread count of ``threads_arg`` ("1,2"; default torch's), print the
+    """Run ``run_once(threads)`` for each thread count of ``threads_arg`` ("1,2"; None: torch's), print the
     reports and, if ``write``, replace the benchmark's section of RESULTS.md. Returns the results."""
     counts = [int(t) for t in threads_arg.split(",")] if threads_arg else [torch.get_num_threads()]
     parts, results = [], []

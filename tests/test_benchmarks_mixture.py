@@ -10,10 +10,15 @@ from benchmarks.results import write_section
 
 def test_bench_loglik_quick(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "RESULTS", tmp_path / "RESULTS.md")
-    (res,) = bench_loglik.main(["--quick", "--no-write"])
+    torch.set_num_threads(2)
+    try:
+        (res,) = bench_loglik.main(["--quick"])
+        # one thread by default, as every benchmark (and the recorded runs); the caller's count is restored
+        assert res["threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     assert set(res["times_ms"]) == {"matmul", "ours", "ours+grad", "broadcast"}
     assert res["max_abs_err_ours"] < 1e-3
-    assert torch.get_num_threads() == 1  # the benchmark restores the caller's thread count
     assert not (tmp_path / "RESULTS.md").exists()
 
 
