@@ -22,6 +22,11 @@ def test_bench_loglik_quick(tmp_path, monkeypatch):
     assert not (tmp_path / "RESULTS.md").exists()
 
 
+def test_bench_loglik_report_names_the_rows_it_checked():
+    res = bench_loglik.run(n=300, d=4, m=3, min_run_time=0.001, threads=1)
+    assert "Accuracy on 300 rows vs a float64 reference" in bench_loglik.report(res, "note")
+
+
 def test_bench_gmm_fit_quick():
     (res,) = bench_gmm_fit.main(["--quick", "--no-write"])
     rows = res["rows"]
