@@ -123,6 +123,8 @@ def test_anomaly_metrics_machine_line_holds_the_load_before_the_run(monkeypatch)
     assert bench_anomaly_metrics.main([]) == 0
     (name, body), = written
     assert name == "bench_anomaly_metrics" and "load average at the start 0.3 (" in body and "6.5" not in body
+    # the exact paths' memory column holds their input too, not only the metric's own
+    assert "exact and sklearn hold all of them" in " ".join(body.split())
 
 
 def test_a_run_with_more_threads_keeps_the_one_thread_section(monkeypatch):
