@@ -363,12 +363,16 @@ def main(argv=None):
         _worker(args)
         return None
     cfg = QUICK if args.quick else FULL
-    if args.inprocess:             # for the smoke test: no interpreter start-up, RSS not separated
-        results = {}
-        for path in ("reference", "ours"):
-            rss0 = _maxrss_bytes()
-            results[path] = run_path(path, cfg, torch.device(args.device), args.steps)
-            results[path].update(maxrss_at_start_bytes=rss0)
+    if args.inprocess:             # for the smoke test: no interpreter start-up
+        results, threads = {}, torch.get_num_threads()
+        torch.set_num_threads(args.threads)        # as a worker does; the caller's count is restored
+        try:
+            for path in ("reference", "ours"):
+                rss0 = _maxrss_bytes()
+                results[path] = run_path(path, cfg, torch.device(args.device), args.steps)
+                results[path].update(maxrss_at_start_bytes=rss0)
+        finally:
+            torch.set_num_threads(threads)
     else:                          # alternate the paths so that a busy spell of the machine hits both
         results = {}
         for _ in range(args.rounds):

@@ -81,3 +81,20 @@ def test_gpu_check_reports_each_paths_step_memory_on_the_cpu():
     assert out["summary"].endswith(f"peak RSS added by the step: {ref:.2f} vs {ours:.2f} GiB")
 
 
+
+
+def test_in_process_run_uses_the_thread_count_it_reports(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_gmm_head, "RESULTS", tmp_path / "RESULTS.md")
+    seen = []
+
+    def timed(path, cfg, device, steps):
+        seen.append(torch.get_num_threads())
+        return _parts(1.0, 0.1, 2 ** 30)
+
+    monkeypatch.setattr(bench_gmm_head, "run_path", timed)
+    torch.set_num_threads(2)
+    try:
+        bench_gmm_head.main(["--quick", "--inprocess", "--threads", "1"])
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
