@@ -165,10 +165,8 @@ def run_path(path, cfg, device, steps):
     from gmmseg_core.mixture import diag_gaussian_log_prob
 
     torch.manual_seed(0)
-    # this path's peaks only, also when another path ran before it in this process
-    if device.type == "cuda":
+    if device.type == "cuda":                  # this path's peak only, also after another path in this process
         torch.cuda.reset_peak_memory_stats(device)
-    _mark_rss()
     C, K, D, M = cfg["classes"], cfg["components"], cfg["dim"], cfg["memory"]
     features, labels = _data(cfg, device)
     N = features.shape[0] * features.shape[2] * features.shape[3]
@@ -368,7 +366,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)        # as a worker does; the caller's count is restored
         try:
             for path in ("reference", "ours"):
-                rss0 = _maxrss_bytes()
+                rss0 = _mark_rss()                 # the peak RSS from here on is this path's (Linux)
                 results[path] = run_path(path, cfg, torch.device(args.device), args.steps)
                 results[path].update(maxrss_at_start_bytes=rss0)
         finally:
