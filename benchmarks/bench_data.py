@@ -130,7 +130,9 @@ def format_section(rows, info) -> str:
         "`generate`: items drawn in the main process without cache (a cold epoch). `cold`: a fresh dataset "
         "through a DataLoader (items generated inside it). `warm`: in-memory cache filled first (later epochs). "
         "`+aug`: warm, with `train_transforms` (resize 0.5-2, crop with cat_max_ratio, flip, photometric). "
-        "`wN`: num_workers=N. `generate (CPU)` divides by the process's CPU time instead of wall time, which "
+        "`wN`: num_workers=N; every pass builds a fresh loader, so a `w2` rate includes starting its two "
+        "worker processes, a fixed cost that dominates the short warm passes (a training starts them once). "
+        "`generate (CPU)` divides by the process's CPU time instead of wall time, which "
         "is less sensitive to other work on the machine. Target for scene generation: hundreds of images per "
         "second.",
         "",

@@ -46,3 +46,4 @@ def test_section_reports_the_machines_cores_and_the_load_before_the_run(monkeypa
     text = bench_data.main(["--quick", "--no-write"])
     assert "Machine: 8-core CPU" in text
     assert "load average at the start 0.3." in text and "7.5" not in text
+    assert "a `w2` rate includes starting its two worker processes" in " ".join(text.split())
