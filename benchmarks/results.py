@@ -60,16 +60,19 @@ def start_load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def machine_line(how: str = "ratios were measured interleaved in one run", load: float | None = None) -> str:
-    """``Machine: <cores>-core CPU, torch <version>, <date>``, the load and ``how`` the numbers were taken.
+def machine_line(how: str = "ratios were measured interleaved in one run", load: float | None = None,
+                 device="cpu") -> str:
+    """``Machine: <cores>-core CPU[ and <GPU>], torch <version>, <date>``, the load and ``how`` the numbers were
+    taken.
 
     ``load`` is the 1-minute load average at the start (from :func:`start_load`); None reads it now, which is only
-    the start when nothing has run yet.
+    the start when nothing has run yet. A CUDA ``device`` adds its name.
     """
     cores = cpu_cores()
     load = start_load() if load is None else load
     shared = "the machine was shared with other work, so absolute times are noisy; " if load > cores else ""
-    return (f"Machine: {cores}-core CPU, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
+    gpu = f" and one {torch.cuda.get_device_name(device)}" if torch.device(device).type == "cuda" else ""
+    return (f"Machine: {cores}-core CPU{gpu}, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
             f"1-minute load average at the start {load:.1f} ({shared}{how}).")
 
 

@@ -127,16 +127,19 @@ def test_anomaly_metrics_machine_line_holds_the_load_before_the_run(monkeypatch)
     assert "exact and sklearn hold all of them" in " ".join(body.split())
 
 
-def test_a_run_with_more_threads_keeps_the_one_thread_section(monkeypatch):
+def test_runs_with_other_settings_keep_the_recorded_section_and_name_their_gpu(monkeypatch):
     written, threads = [], torch.get_num_threads()
     monkeypatch.setattr(bench_train_step, "run", lambda *a, **k: {
         ("fcn", 8): {"softmax": _result(40.0, 0.0, 40.0), "gmm paper": _result(44.0, 2.0, 40.0),
                      "gmm official": _result(44.0, 2.0, 40.0)}})
-    monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append(name))
+    monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append((name, body)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     try:
         for argv in (["--threads", "2"], ["--threads", "2", "--device", "cuda", "--profile", "gpu"], []):
             assert bench_train_step.main(["--archs", "fcn", "--widths", "8", *argv]) == 0
     finally:
         torch.set_num_threads(threads)
-    assert written == ["bench_train_step (2 threads)", "bench_train_step (cuda, gpu profile, 2 threads)",
-                       "bench_train_step"]
+    assert [name for name, _ in written] == ["bench_train_step (2 threads)",
+                                             "bench_train_step (cuda, gpu profile, 2 threads)", "bench_train_step"]
+    assert "Machine: " in written[1][1] and "CPU and one Test GPU, torch" in written[1][1]
+    assert "Test GPU" not in written[0][1]
