@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.results import RESULTS, load_caveat, synchronize, write_section
+from benchmarks.results import RESULTS, load_caveat, start_load, synchronize, write_section
 
 SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
@@ -291,9 +291,18 @@ def _fmt_ratio(r):
     return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x"
 
 
-def _section(results, cfg, args):
+def _uptime():
+    """``uptime``'s line (time, load averages), or '' where there is no such command."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _section(results, cfg, args, before=None):
+    """The RESULTS.md section; ``before`` is ``(uptime line, 1-minute load)`` read before the run (None: now)."""
     ref, ours = results["reference"], results["ours"]
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    uptime, load = before if before is not None else (_uptime(), None)
     peak = "maxrss_bytes" if args.device == "cpu" else "peak_bytes"
     rows = [("log-likelihood forward (N x C*K)", "loglik_fwd_s"), ("forward + losses + backward (E-step included)",
             "fwd_bwd_s"), ("memory push", "e_push_s"),
@@ -303,7 +312,7 @@ def _section(results, cfg, args):
     gpu = f" and {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
     lines = [f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}){gpu}, torch "
              f"{torch.__version__}, {args.threads} thread(s) per worker, device `{args.device}`; "
-             f"{time.strftime('%Y-%m-%d %H:%M')}. Load when run: `{uptime}`." + load_caveat(), "",
+             f"{time.strftime('%Y-%m-%d %H:%M')}. Load before the run: `{uptime}`." + load_caveat(load), "",
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "
              f"{cfg['batch'] * cfg['height'] * cfg['width']:,} pixels, {cfg['classes']} classes x "
              f"{cfg['components']} components, D = {cfg['dim']}, memory {cfg['memory']:,} per component, "
@@ -361,6 +370,7 @@ def main(argv=None):
         _worker(args)
         return None
     cfg = QUICK if args.quick else FULL
+    before = (_uptime(), start_load())         # afterwards the load average holds this benchmark's own work
     if args.inprocess:             # for the smoke test: no interpreter start-up
         results, threads = {}, torch.get_num_threads()
         torch.set_num_threads(args.threads)        # as a worker does; the caller's count is restored
@@ -382,7 +392,7 @@ def main(argv=None):
         for out in results.values():               # totals from the best parts
             out["step_s"] = out["fwd_bwd_s"] + out["e_push_s"] + out["m_step_s"] / INTERVAL
             out["gmm_step_s"] = out["step_s"] - out["embed_s"]
-    body = _section(results, cfg, args)
+    body = _section(results, cfg, args, before)
     # one section per thread count, so that a run with both cores does not replace the one-thread record
     section = SECTION if args.threads == 1 else f"{SECTION} ({args.threads} threads)"
     print(f"## {section}\n\n{body}")

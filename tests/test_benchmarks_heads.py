@@ -1,6 +1,8 @@
 """Tests of benchmarks/bench_gmm_head.py (tiny sizes, RESULTS.md untouched)."""
 
 import argparse
+import os
+import subprocess
 
 import pytest
 import torch
@@ -100,3 +102,26 @@ def test_in_process_run_uses_the_thread_count_it_reports(monkeypatch, tmp_path):
         assert seen == [1, 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
+
+
+def test_section_reports_the_load_from_before_the_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench_gmm_head, "RESULTS", tmp_path / "RESULTS.md")
+    load = {"now": 0.3}
+
+    def timed(path, cfg, device, steps):
+        load["now"] = 9.5                              # the benchmark's own work
+        return _parts(1.0, 0.1, 2 ** 30)
+
+    run = subprocess.run
+
+    def uptime(cmd, **kwargs):
+        if cmd != ["uptime"]:
+            return run(cmd, **kwargs)
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"load average: {load['now']:.2f}\n", stderr="")
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (load["now"],) * 3)
+    monkeypatch.setattr(bench_gmm_head.subprocess, "run", uptime)
+    monkeypatch.setattr(bench_gmm_head, "run_path", timed)
+    bench_gmm_head.main(["--quick", "--inprocess", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert "load average: 0.30`" in text and "9.5" not in text and "exceeded the core count" not in text
