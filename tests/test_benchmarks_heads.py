@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks import bench_gmm_head, gpu_check
 from gmmseg_core.heads import GMMHead
@@ -125,3 +126,46 @@ def test_section_reports_the_load_from_before_the_run(monkeypatch, tmp_path, cap
     bench_gmm_head.main(["--quick", "--inprocess", "--threads", "1"])
     text = capsys.readouterr().out
     assert "load average: 0.30`" in text and "9.5" not in text and "exceeded the core count" not in text
+
+
+def _max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+def test_reference_head_does_the_work_of_ours():
+    """The released-style path computes what ``GMMHead(variant="official")`` computes, so the timings compare
+    like with like: loss, E-step, memory push and M-step agree (float64, same parameters, a full memory)."""
+    cfg = dict(bench_gmm_head.QUICK, height=32, width=32, classes=5, components=3, dim=8, memory=64)
+    C, K, D, M = cfg["classes"], cfg["components"], cfg["dim"], cfg["memory"]
+    features, labels = bench_gmm_head._data(cfg, torch.device("cpu"))
+    features = features.double()
+    ref = bench_gmm_head.ReferenceHead(cfg["in_channels"], C, K, D, M).double()
+    ours = GMMHead(cfg["in_channels"], C, embed_dim=D, num_components=K, variant="official", memory_size=M).double()
+    with torch.no_grad():
+        ours.embed[0].weight.copy_(ref.projection[0].weight)
+        ref.feat_norm.weight.copy_(torch.rand(D) + 0.5)
+        ours.embed_norm.weight.copy_(ref.feat_norm.weight)
+        ref.mask_norm.weight.copy_(torch.rand(C) + 0.5)
+        ours.class_normalizer.weight.copy_(ref.mask_norm.weight)
+        ref.diagonal.copy_(torch.rand(C, K, D) * 0.3 + 0.2)                 # standard deviations
+        ours.means.copy_(ref.means)
+        ours.variances.copy_(ref.diagonal ** 2)
+        ours.memory.copy_(ref.queue.transpose(1, 2))
+        ours.memory_count.fill_(M)
+        ours.refresh_memory_statistics()
+
+    loss_ref, emb, gt, qs = ref(features, labels)
+    logits, comp = ours(features, return_component_logp=True)
+    loss_ours = F.cross_entropy(logits, labels, ignore_index=255) + ours.extra_loss(features, labels,
+                                                                                    component_logp=comp)
+    assert abs(loss_ours.item() - loss_ref.item()) < 1e-10
+
+    ref.enqueue(emb, gt, qs)
+    ours.num_updates.fill_(1)                                               # no M-step in this update
+    ours.update(features, labels, None)
+    assert torch.equal(ours.memory_ptr, ref.queue_ptr)                     # the same rows per ring, from 0
+    assert _max_diff(ours.memory, ref.queue.transpose(1, 2)) < 1e-12
+
+    ref.m_step(list(range(C)))
+    ours.m_step(torch.ones(C, dtype=torch.bool))
+    assert _max_diff(ours.means, ref.means) < 1e-12 and _max_diff(ours.variances, ref.diagonal ** 2) < 1e-12
