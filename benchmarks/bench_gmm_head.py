@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.results import RESULTS, load_caveat, start_load, synchronize, write_section
+from benchmarks.results import RESULTS, cpu_cores, load_caveat, start_load, synchronize, write_section
 
 SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
@@ -310,7 +310,7 @@ def _section(results, cfg, args, before=None):
             ("of which the embedding (fwd + bwd; same layers, ours channels-last)", "embed_s"),
             ("**GMM part per step** (whole head minus embedding)", "gmm_step_s")]
     gpu = f" and {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
-    lines = [f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}){gpu}, torch "
+    lines = [f"Machine: {cpu_cores()}-core CPU ({platform.processor() or platform.machine()}){gpu}, torch "
              f"{torch.__version__}, {args.threads} thread(s) per worker, device `{args.device}`; "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Load before the run: `{uptime}`." + load_caveat(load), "",
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "

@@ -31,7 +31,7 @@ def machine_note(threads):
     """One line: CPU count, torch version, threads, load average before the run."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (
-        f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"{cpu_cores()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
         f"{threads} thread(s); load average before the run (1, 5, 15 min): {load}"
     )
 
@@ -39,7 +39,7 @@ def machine_note(threads):
 def load_caveat(load=None):
     """A sentence for reports measured while other work loaded the machine ('' when it was not)."""
     load = os.getloadavg()[0] if load is None else load
-    if load <= (os.cpu_count() or 1):
+    if load <= cpu_cores():
         return ""
     return (
         f" The 1-minute load average ({load:.1f}) exceeded the core count: other work shared this CPU, so "

@@ -1,6 +1,8 @@
 """Smoke tests: the mixture benchmarks' --quick paths run in-process (without touching RESULTS.md)."""
 
 
+import os
+
 import pytest
 import torch
 
@@ -47,3 +49,11 @@ def test_write_section_replaces_only_its_own(tmp_path):
     assert "keep me" in text and "keep too" in text and text.index("keep me") < text.index("new body")
     write_section("bench_gmm_fit", "appended", path)
     assert path.read_text().rstrip().endswith("appended")
+
+
+def test_machine_descriptions_count_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert results.machine_note(1).startswith("4-core CPU")
+    assert results.machine_line(load=0.5).startswith("Machine: 4-core CPU")
+    assert results.load_caveat(5.0) and not results.load_caveat(3.5)     # compared with the 4 usable cores
