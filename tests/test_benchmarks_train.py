@@ -143,3 +143,17 @@ def test_runs_with_other_settings_keep_the_recorded_section_and_name_their_gpu(m
                                              "bench_train_step (cuda, gpu profile, 2 threads)", "bench_train_step"]
     assert "Machine: " in written[1][1] and "CPU and one Test GPU, torch" in written[1][1]
     assert "Test GPU" not in written[0][1]
+
+
+def test_run_all_runs_each_benchmark_and_reports_failures(monkeypatch, capsys):
+    calls = []
+
+    def call(cmd, cwd=None):
+        calls.append(cmd[1:])
+        return 1 if cmd[-2:] == ["benchmarks.bench_loglik", "--quick"] else 0
+
+    monkeypatch.setattr(run_all.subprocess, "call", call)
+    assert run_all.main(["--quick", "--only", "bench_loglik", "bench_data"]) == 1
+    assert calls == [["-m", "benchmarks.bench_data", "--quick"], ["-m", "benchmarks.bench_loglik", "--quick"]]
+    assert "failed: ['bench_loglik']" in capsys.readouterr().err
+    assert run_all.main(["--only", "bench_nothing"]) == 2 and len(calls) == 2
