@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         # one section per device, profile and thread count: a run with other settings keeps the recorded one
         where = [] if (args.device, args.profile) == ("cpu", "cpu") else [f"{args.device}, {args.profile} profile"]
         where += [] if args.threads == 1 else [f"{args.threads} threads"]
-        write_section("bench_train_step" + (f" ({', '.join(where)})" if where else ""), machine_line(load=load, device=args.device) + "\n\n" + text)
+        write_section("bench_train_step" + (f" ({', '.join(where)})" if where else ""),
+                      machine_line(load=load, device=args.device) + "\n\n" + text)
     return 0
 
 
