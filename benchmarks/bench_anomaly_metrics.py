@@ -108,8 +108,8 @@ def main(argv=None) -> int:
              f"~{runs[0]['baseline_rss_mb']:.0f} MB) is subtracted in the next column, which also holds the "
              f"scores and labels: streaming generates one image's at a time, exact and sklearn hold all of them "
              f"(5 bytes per pixel, twice while the chunks are joined: ~100 MB at 10^7). One torch thread. "
-             f"The exact paths are compared at 10^7 only: at 10^8 they would hold several GB (float64 scores, sort indices, "
-             f"cumulative counts).",
+             f"The exact paths are compared at 10^7 only: at 10^8 they would hold several GB (float64 scores, "
+             f"sort indices, cumulative counts).",
              "", "| mode | pixels | time (s) | peak RSS (MB) | RSS over baseline (MB) | AUROC | AP | FPR95 | "
              "max abs diff vs sklearn |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
