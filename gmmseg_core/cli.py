@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a run directory written by `gmmseg train`.")
     p.add_argument("run_dir", help="run directory (holds checkpoint.pt)")
     p.add_argument("--dataset", help="dataset name (default: the training dataset)")
-    p.add_argument("--data-root", help="dataset root (default: the training run's; for the training dataset it "
-                                       "also locates the split the sml statistics come from)")
+    p.add_argument("--data-root", help="dataset root (default: the training run's for its own dataset, $GMMSEG_DATA "
+                                       "or ./data for another one; for the training dataset it also locates the "
+                                       "split the sml statistics come from)")
     p.add_argument("--split", default="val", help="split to evaluate: val, anomaly, ... (default val)")
     p.add_argument("--image-size", type=int, help="image size (default: the training run's for its own dataset, "
                                                   "the dataset's own size for another one)")

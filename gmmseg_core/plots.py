@@ -213,7 +213,11 @@ def training_curves(ax, logs: Mapping[str, Sequence[Mapping]], key: str, step_ke
 
 def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                  ylabel: str = "", colors: Mapping[str, str] | None = None):
-    """Grouped bar chart: ``series[name] = (means per group, stds per group)`` with error bars."""
+    """Grouped bar chart: ``series[name] = (means per group, stds per group)`` with error bars.
+
+    The group labels are turned upright when side by side they would overlap (e.g. 19 Cityscapes classes on
+    one row); labels that fit stay horizontal.
+    """
     n = len(series)
     width = 0.8 / max(n, 1)
     x = np.arange(len(groups))
@@ -221,8 +225,19 @@ def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple[Sequence[
         ax.bar(x + (i - (n - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=name,
                color=(colors or HEAD_COLORS).get(name))
     ax.set_xticks(x)
-    ax.set_xticklabels(groups, fontsize=8)
+    labels = ax.set_xticklabels(groups, fontsize=8)
+    if _overlapping(ax, labels):
+        ax.set_xticklabels(groups, fontsize=8, rotation=90)
     ax.set_ylabel(ylabel)
+
+
+def _overlapping(ax, texts) -> bool:
+    """Whether neighbouring ``texts`` (tick labels, left to right) overlap as the figure is laid out now."""
+    renderer = ax.figure.canvas.get_renderer() if hasattr(ax.figure.canvas, "get_renderer") else None
+    if renderer is None or len(texts) < 2:
+        return False
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return any(left.x1 > right.x0 for left, right in zip(boxes, boxes[1:]))
 
 
 # ---------------------------------------------------------------- images

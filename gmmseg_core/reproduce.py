@@ -371,7 +371,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         data_root = Path(data_root).expanduser().resolve()
         if not data_root.is_dir():
             raise ValueError(f"data_root {str(data_root)!r} is not a directory; pass the folder that holds the "
-                             "datasets (see the README's real-data section)")
+                             "datasets, each in its usual layout (listed in gmmseg_core/data/readers.py and the "
+                             "README's Data section)")
     from gmmseg_core.train import _check_device
 
     _check_device(device)

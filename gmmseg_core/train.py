@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.torch_version import TorchVersion
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
@@ -89,6 +89,17 @@ class _PositionedDataset(Dataset):
             # CUDA generators of the training process, at ~1 ms per item
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
+
+
+def _collate_training_batch(items):
+    """``default_collate`` of ``(image (3, H, W), label (H, W))`` items, refusing images of different sizes with
+    a ValueError that says how to give them one (a real dataset read at its native sizes, such as ADE20K)."""
+    sizes = sorted({tuple(image.shape[-2:]) for image, _ in items})
+    if len(sizes) > 1:
+        raise ValueError(f"a training batch mixes image sizes {sizes} (height, width): give the dataset one size "
+                         "with dataset_kwargs.image_size (--image-size) or a cropping augmentation with "
+                         "dataset_kwargs.transform (e.g. --set 'dataset_kwargs.transform={\"crop_size\": 512}')")
+    return default_collate(items)
 
 
 class _StepBatches:
@@ -448,8 +459,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
                            balanced=cfg.balanced_sampler)
     loader = DataLoader(_PositionedDataset(train_ds), batch_sampler=batches, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=False)
+                        collate_fn=_collate_training_batch, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
 
     def evaluate_now(at_step):
         if master:

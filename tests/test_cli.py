@@ -27,6 +27,13 @@ def test_help_lists_the_commands_with_examples(capsys):
         assert "usage: gmmseg " + command in capsys.readouterr().out
 
 
+def test_evaluate_help_says_where_another_dataset_is_read_from(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the training run's for its own dataset, $GMMSEG_DATA or ./data for another one" in help_text
+
+
 def test_print_config_merges_file_flags_and_overrides(tmp_path, capsys):
     from gmmseg_core.config import TrainConfig
 

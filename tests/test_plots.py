@@ -78,3 +78,39 @@ def test_savefig_refuses_a_name_that_is_not_a_bare_stem(tmp_path):
             savefig(fig, tmp_path, name)
     assert savefig(fig, tmp_path, "fig") == tmp_path / "fig.png" and (tmp_path / "fig.png").exists()
     plt.close(fig)
+
+
+def _tick_boxes(fig, ax):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+
+
+@pytest.mark.parametrize("n_classes, fig_width", [(19, 11), (150, 24)])
+def test_grouped_bars_class_names_do_not_overlap(n_classes, fig_width):
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.data.classnames import ADE20K_CLASSES, CITYSCAPES_CLASSES
+    from gmmseg_core.plots import grouped_bars
+
+    classes = (CITYSCAPES_CLASSES if n_classes == 19 else ADE20K_CLASSES)[:n_classes]
+    fig, ax = plt.subplots(figsize=(fig_width, 3.2))
+    values = np.linspace(0, 50, n_classes)
+    grouped_bars(ax, classes, {"softmax": (values, 0 * values), "gmm_paper": (values, 0 * values)})
+    fig.tight_layout()
+    boxes = _tick_boxes(fig, ax)
+    plt.close(fig)
+    overlaps = [(a, b) for a, b, left, right in zip(classes, classes[1:], boxes, boxes[1:]) if left.x1 > right.x0]
+    assert not overlaps, f"overlapping class names: {overlaps[:3]}"
+
+
+def test_grouped_bars_labels_that_fit_stay_horizontal():
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import grouped_bars
+
+    fig, ax = plt.subplots(figsize=(11, 3.2))
+    names = ["road", "sidewalk", "building", "vegetation", "sky", "vehicle", "person", "pole"]
+    grouped_bars(ax, names, {"softmax": (np.ones(8), np.zeros(8))})
+    assert {t.get_rotation() for t in ax.get_xticklabels()} == {0.0}
+    plt.close(fig)

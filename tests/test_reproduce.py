@@ -169,7 +169,8 @@ def test_run_wide_paths_and_device_are_resolved_and_checked_before_anything_runs
     figures = tmp_path / "out" / "figures"                      # not figures/: that is the cpu reference run
     assert res["figures_dir"] == str(figures)
     assert json.loads((figures / "seen.json").read_text()) == str(tmp_path / "data")
-    for kwargs, message in [(dict(data_root="missing"), "data_root .*missing' is not a directory"),
+    for kwargs, message in [(dict(data_root="missing"),
+                             "data_root .*missing' is not a directory.*gmmseg_core/data/readers.py"),
                             (dict(device="bogus"), "device must be a torch device string")]:
         with pytest.raises(ValueError, match=message):
             reproduce("smoke", notebooks=[nb], out_dir="refused", **kwargs)

@@ -909,3 +909,25 @@ def test_every_evaluation_records_the_closed_set_summary(tmp_path):
     summary = {"step", "miou", "per_class_iou", "pixel_acc", "mean_acc", "ece", "num_images"}
     assert [set(e) for e in metrics["evals"]] == [summary, summary] and metrics["final"] == metrics["evals"][-1]
     assert len(metrics["final"]["per_class_iou"]) == 8 and metrics["final"]["num_images"] == 2
+
+
+def _ade20k_of_two_sizes(root):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub, tag in (("training", "train"), ("validation", "val")):
+        for j, (h, w) in enumerate([(24, 32), (32, 24)]):
+            stem = f"ADE_{tag}_{j + 1:08d}"
+            for folder, arr in (("images", rng.integers(0, 256, (h, w, 3))), ("annotations", rng.integers(0, 151, (h, w)))):
+                path = root / "ADEChallengeData2016" / folder / sub / f"{stem}.{'jpg' if folder == 'images' else 'png'}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr.astype(np.uint8)).save(path)
+    return root
+
+
+def test_training_images_of_different_sizes_are_refused_with_the_remedy(tmp_path):
+    root = str(_ade20k_of_two_sizes(tmp_path / "data"))
+    cfg = tiny_cfg(tmp_path, dataset="ade20k", data_root=root, iters=1, dataset_kwargs={})
+    with pytest.raises(ValueError, match=r"mixes image sizes \[\(24, 32\), \(32, 24\)\].*image_size.*crop_size"):
+        train(cfg)

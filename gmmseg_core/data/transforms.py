@@ -220,7 +220,8 @@ def train_transforms(crop_size, scale=None, ratio_range=(0.5, 2.0), cat_max_rati
     crop_size : int or (int, int)
         Output size (h, w); smaller images are padded (label 255).
     scale : (int, int), optional
-        mmseg ``img_scale`` (e.g. (2048, 512) for Cityscapes); None rescales relative to the image's own size.
+        mmseg ``img_scale`` (e.g. (2048, 1024) for Cityscapes, (2048, 512) for ADE20K); None rescales relative
+        to the image's own size.
     ratio_range, cat_max_ratio, flip_prob, photometric
         As in mmseg's configs.
     """
