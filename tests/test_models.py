@@ -6,10 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmmseg_core.heads import GMMHead, SoftmaxHead
-from gmmseg_core.models import ARCHS, SegmentationModel, build_backbone, build_model
+from gmmseg_core.models import ARCHS, SegmentationModel, build_backbone, build_model, check_model_arguments
 from gmmseg_core.models.deeplab import ASPP
 from gmmseg_core.models.fcn import DilatedResNet
-from gmmseg_core.models.segformer import EfficientSelfAttention
+from gmmseg_core.models.segformer import Block, EfficientSelfAttention
 
 C = 4
 IN_HOUSE = sorted(ARCHS)
@@ -339,3 +339,63 @@ def test_segformer_stages_end_layer_normalised():
             x = stage(x)
             torch.testing.assert_close(x.mean(1), torch.zeros_like(x[:, 0]), atol=1e-5, rtol=0)
             torch.testing.assert_close(x.var(1, unbiased=False), torch.ones_like(x[:, 0]), atol=1e-3, rtol=0)
+
+
+def _reference_attention(attn, x, h, w, heads):
+    """Multi-head attention, ``softmax(q k^T / sqrt(d)) v``, with keys and values from the map reduced by
+    ``attn.sr`` (a strided convolution, then LayerNorm) when it has one."""
+    B, N, C = x.shape
+    kv = x
+    if attn.sr is not None:
+        kv = attn.sr_norm(attn.sr(x.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2))
+    k, v = attn.kv(kv).split(C, dim=-1)
+
+    def split(t):                                                  # (B, n, C) -> (B, heads, n, C / heads)
+        return t.reshape(B, -1, heads, C // heads).transpose(1, 2)
+
+    q, k, v = split(attn.q(x)), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (C // heads) ** 0.5, dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_efficient_self_attention_is_multi_head_attention_over_the_reduced_map(sr_ratio):
+    torch.manual_seed(0)
+    attn = EfficientSelfAttention(8, heads=2, sr_ratio=sr_ratio)
+    x = torch.randn(2, 24, 8)                                      # a 4 x 6 map
+    torch.testing.assert_close(attn(x, 4, 6), _reference_attention(attn, x, 4, 6, heads=2))
+
+
+def test_transformer_block_is_pre_norm_attention_then_mix_ffn_with_residuals():
+    torch.manual_seed(0)
+    block = Block(8, heads=2, sr_ratio=2)
+    x = torch.randn(2, 24, 8)
+    y = x + _reference_attention(block.attn, block.norm1(x), 4, 6, heads=2)
+    ffn, z = block.ffn, block.norm2(y)
+    hidden = ffn.fc1(z).transpose(1, 2).reshape(2, -1, 4, 6)
+    mixed = F.gelu(ffn.dw(hidden).flatten(2).transpose(1, 2))       # depth-wise 3x3 convolution, then GELU
+    torch.testing.assert_close(block(x, 4, 6), y + ffn.fc2(mixed))
+
+
+def test_smp_inputs_are_padded_at_the_bottom_right_and_features_cropped_back():
+    pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    backbone = build_backbone("smp:Segformer:mit_b0", encoder_weights=None).eval()
+    images = torch.randn(1, 3, 40, 50)
+    with torch.no_grad():
+        features = backbone(images)                                  # stride 4 on the 64 x 64 padded input
+        padded = backbone(F.pad(images, (0, 14, 0, 24)))
+    assert features.shape[-2:] == (10, 13)
+    torch.testing.assert_close(features, padded[..., :10, :13])
+
+
+def test_build_model_puts_the_model_on_the_device_asked_for():
+    model = build_model("fcn", "gmm", num_classes=C, width=4, head_kwargs=GMM_KW, device="meta")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"} and model.arch == "fcn"
+
+
+def test_model_keywords_are_checked_without_building_anything():
+    with pytest.raises(ValueError, match=r"model_kwargs \['depth'\] are not arguments of FCNBackbone"):
+        check_model_arguments("fcn", "gmm", model_kwargs={"depth": 2})
+    with pytest.raises(ValueError, match=r"head_kwargs \['variant'\] are not arguments of SoftmaxHead"):
+        check_model_arguments("fcn", "softmax", head_kwargs={"variant": "paper"})
