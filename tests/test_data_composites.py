@@ -200,3 +200,36 @@ def test_digits_disk_cache_is_shared_across_lengths(tmp_path):
 def test_digits_bad_options_are_refused_at_construction(kw, message):
     with pytest.raises(ValueError, match=message):
         build_dataset("digits", "val", **kw)
+
+
+def test_digits_scenes_draw_the_object_range_and_one_or_two_held_out_sprites(monkeypatch):
+    from gmmseg_core.data import composites
+
+    counts = {"val": [], "anomaly": []}           # (known, held-out) sprites per scene
+    original = composites.compose
+
+    def compose(h, w, rng, source, ids):
+        held = int(np.isin(source.labels[ids], [8, 9]).sum())
+        counts[split].append((len(ids) - held, held))
+        return original(h, w, rng, source, ids)
+
+    monkeypatch.setattr(composites, "compose", compose)
+    for split in counts:
+        ds = build_dataset("digits", split, num_images=30, cache=False, objects=(2, 4), **SMALL)
+        for i in range(len(ds)):
+            ds.load(i)
+    assert {k for k, _ in counts["val"]} == {2, 3, 4} and {h for _, h in counts["val"]} == {0}
+    assert {k for k, _ in counts["anomaly"]} == {2, 3, 4} and {h for _, h in counts["anomaly"]} == {1, 2}
+
+
+def test_digits_seeds_and_splits_give_different_scenes():
+    a = build_dataset("digits", "val", num_images=1, seed=0, **SMALL)
+    b = build_dataset("digits", "val", num_images=1, seed=1, **SMALL)
+    c = build_dataset("digits", "anomaly", num_images=1, seed=0, **SMALL)
+    assert not np.array_equal(a.load(0)[0], b.load(0)[0]) and not np.array_equal(a.load(0)[0], c.load(0)[0])
+
+
+def test_digits_validation_and_anomaly_scenes_draw_from_the_held_back_half():
+    for split in ("val", "anomaly"):
+        assert build_dataset("digits", split, num_images=1, **SMALL).source is digits_source("test")
+    assert build_dataset("digits", "train", num_images=1, **SMALL).source is digits_source("train")

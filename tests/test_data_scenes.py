@@ -4,6 +4,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gmmseg_core.data import build_dataset
+from gmmseg_core.data.base import ANOMALY_PALETTE
 from gmmseg_core.data.scenes import CLASSES, SceneDataset, anomaly_label
 
 SMALL = dict(image_size=(32, 64))
@@ -62,6 +63,7 @@ def test_dataloader_workers_give_identical_items():
 def test_anomaly_splits_have_all_three_labels(split):
     ds = build_dataset("scenes", split, num_images=4, **SMALL)
     assert ds.classes == ["known", "anomaly"] and ds.num_classes == 2
+    np.testing.assert_array_equal(ds.palette, ANOMALY_PALETTE)
     for i in range(len(ds)):
         label = ds.load_label(i)
         assert set(np.unique(label)) == {0, 1, 255}
@@ -170,3 +172,60 @@ def test_strided_texture_windows_that_wrap_keep_their_step():
             rows = (r0 + (np.arange(h) * step).astype(np.int64)) % 256
             cols = (c0 + (np.arange(h) * step).astype(np.int64)) % 256
             np.testing.assert_array_equal(textures.crop(tex, h, h, rng, step), tex[np.ix_(rows, cols)])
+
+
+def test_default_void_band_grows_with_the_height():
+    assert build_dataset("scenes", "anomaly", num_images=1, image_size=(64, 128)).void_width == 2
+    assert build_dataset("scenes", "anomaly", num_images=1, image_size=(128, 128)).void_width == 4
+    assert build_dataset("scenes", "anomaly", num_images=1, image_size=(16, 32)).void_width == 1
+
+
+@pytest.mark.parametrize("split, near", [("anomaly", False), ("anomaly_near", True)])
+def test_near_anomalies_are_novel_vehicles_and_persons_far_ones_other_objects(monkeypatch, split, near):
+    from gmmseg_core.data import scenes
+
+    drawn = []
+
+    def recording(name, draw):
+        def wrapper(c, x, y, *args, **kw):
+            if kw.get("cls", scenes.ANOMALY_CODE if name in scenes.ANOMALY_DRAWERS else None) == scenes.ANOMALY_CODE:
+                drawn.append(name)
+            return draw(c, x, y, *args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(scenes, "draw_vehicle", recording("vehicle", scenes.draw_vehicle))
+    monkeypatch.setattr(scenes, "draw_person", recording("person", scenes.draw_person))
+    for name, draw in list(scenes.ANOMALY_DRAWERS.items()):
+        monkeypatch.setitem(scenes.ANOMALY_DRAWERS, name, recording(name, draw))
+    ds = build_dataset("scenes", split, num_images=6, cache=False, **SMALL)
+    for i in range(len(ds)):
+        ds.load(i)
+    assert drawn and (set(drawn) <= {"vehicle", "person"}) == near
+    assert not near or "vehicle" in drawn
+
+
+def test_disk_cache_keeps_void_widths_apart(tmp_path):
+    thin = build_dataset("scenes", "anomaly", num_images=1, void_width=1, cache_dir=tmp_path, **SMALL)
+    wide = build_dataset("scenes", "anomaly", num_images=1, void_width=3, cache_dir=tmp_path, **SMALL)
+    assert (thin.load_label(0) == 255).sum() < (wide.load_label(0) == 255).sum()
+
+
+def test_texture_banks_are_the_same_in_every_process():
+    from gmmseg_core.data import textures
+
+    first = textures.noise_bank("fine")
+    textures.noise_bank.cache_clear()               # what a fresh process (a spawned worker, a later run) draws
+    assert all(np.array_equal(a, b) for a, b in zip(first, textures.noise_bank("fine")))
+
+
+def test_photo_textures_are_rescaled_by_their_zoom():
+    from gmmseg_core.data import textures
+
+    base = textures.photo("brick")
+    assert textures.photo("brick", 0.5).shape == tuple(round(s * 0.5) for s in base.shape)
+
+
+@pytest.mark.parametrize("side", ["height", "width"])
+def test_images_narrower_than_16_pixels_are_refused(side):
+    with pytest.raises(ValueError, match="at least 16 x 16"):
+        build_dataset("scenes", "val", num_images=1, **{side: 8})

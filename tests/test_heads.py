@@ -44,6 +44,18 @@ def test_softmax_head_shapes_and_interface():
         head.class_log_likelihood(f)
 
 
+def test_softmax_head_drops_feature_channels_in_training_only():
+    torch.manual_seed(0)
+    head = SoftmaxHead(CF, C, dropout=0.5)
+    f = torch.randn(2, CF, 5, 6)
+    torch.manual_seed(1)
+    mask = F.dropout2d(torch.ones(2, CF, 1, 1), 0.5)
+    torch.manual_seed(1)
+    torch.testing.assert_close(head(f), head.classifier(f * mask))
+    head.eval()
+    torch.testing.assert_close(head(f), head.classifier(f))
+
+
 @pytest.mark.parametrize("reduce", ["logsumexp", "max"])
 def test_logits_match_torch_distributions(reduce):
     head = _head(reduce=reduce, class_norm=False).eval()
@@ -561,6 +573,18 @@ def test_update_inside_autocast_equals_update_outside(variant):
         heads[1].update(f, labels)
     for name, value in heads[0].state_dict().items():
         assert torch.equal(value, heads[1].state_dict()[name]), name
+
+
+def test_an_update_with_other_features_than_the_last_forward_uses_its_own():
+    head = _head(update_interval=1).train()
+    _randomise(head)
+    head(torch.randn(2, CF, 4, 4))                  # leaves this batch's forward in the head's cache
+    fresh = copy.deepcopy(head)                     # a copy carries no cache
+    f, labels = torch.randn(2, CF, 4, 4), torch.randint(0, C, (2, 4, 4))
+    head.update(f, labels)
+    fresh.update(f, labels)
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name]), name
 
 
 def test_gaussians_made_trainable_get_gradients_through_the_general_path():

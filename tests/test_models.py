@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gmmseg_core.heads import GMMHead, SoftmaxHead
-from gmmseg_core.models import ARCHS, SegmentationModel, build_backbone, build_model
+from gmmseg_core.models import ARCHS, SegmentationModel, build_backbone, build_model, check_model_arguments
+from gmmseg_core.models.deeplab import ASPP
+from gmmseg_core.models.fcn import DilatedResNet
+from gmmseg_core.models.segformer import Block, EfficientSelfAttention
 
 C = 4
 IN_HOUSE = sorted(ARCHS)
@@ -193,3 +198,204 @@ def test_smp_deprecated_keywords_it_still_takes_pass_the_check():
         model = build_model("smp:Unet:resnet18", "softmax", num_classes=3, encoder_weights=None,
                             decoder_use_batchnorm=False)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_forward_upsamples_the_head_logits_bilinearly():
+    torch.manual_seed(0)
+    model = build_model("fcn", "softmax", num_classes=C, width=4).eval()
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        small = model.head(model.backbone(images))
+        ref = F.interpolate(small, size=(32, 48), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(images), ref)
+
+
+def test_training_loss_is_the_labelled_pixels_cross_entropy_plus_the_component_loss():
+    torch.manual_seed(0)
+    model = build_model("fcn", "gmm", num_classes=C, width=4, head_kwargs=dict(GMM_KW, variant="official"))
+    images, labels = _data()
+    out = model.forward_train(images, labels)
+    ce = F.cross_entropy(out["logits"], labels, ignore_index=255)       # the mean over labelled pixels only
+    torch.testing.assert_close(out["ce"], ce.detach())
+    assert float(out["aux"]) > 0 and not out["ce"].requires_grad and not out["aux"].requires_grad
+    torch.testing.assert_close(out["loss"], ce + out["aux"])
+
+
+def test_labels_at_another_resolution_are_scored_by_logits_resized_to_them():
+    torch.manual_seed(0)
+    model = build_model("fcn", "softmax", num_classes=C, width=4)
+    images, labels = _data()
+    labels = labels[:, ::2, ::2]
+    out = model.forward_train(images, labels)
+    small = model.head(model.backbone(images))          # train-mode BatchNorm: batch statistics, same values
+    ref = F.cross_entropy(F.interpolate(small, size=labels.shape[-2:], mode="bilinear", align_corners=False),
+                          labels, ignore_index=255)
+    torch.testing.assert_close(out["ce"], ref.detach())
+    assert out["logits"].shape[-2:] == images.shape[-2:]
+
+
+@pytest.mark.parametrize("head", ["gmm", "softmax"])
+def test_a_batch_without_labelled_pixels_has_a_zero_loss_that_back_propagates(head):
+    model = build_model("fcn", head, num_classes=C, width=4, head_kwargs=GMM_KW if head == "gmm" else None)
+    images, labels = _data()
+    out = model.forward_train(images, torch.full_like(labels, 255))
+    assert float(out["loss"].detach()) == 0.0
+    out["loss"].backward()
+
+
+@pytest.mark.parametrize("arch, stride", [("fcn", 8), ("deeplabv3plus", 4), ("segformer", 4)])
+def test_features_come_at_the_documented_stride_and_width(arch, stride):
+    backbone = build_backbone(arch, width=4).eval()
+    with torch.no_grad():
+        features = backbone(torch.randn(1, 3, 64, 96))
+    assert backbone.out_channels == 16 and features.shape[1:] == (16, 64 // stride, 96 // stride)
+
+
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_dilated_resnet_stages_are_post_activation_residual_maps_at_their_strides(output_stride):
+    encoder = DilatedResNet(4, (1, 1, 1, 1), output_stride).eval()
+    with torch.no_grad():
+        feats = encoder(torch.randn(1, 3, 64, 64))
+    strides = (4, 8, 8, 8) if output_stride == 8 else (4, 8, 16, 16)
+    assert [f.shape[1:] for f in feats] == [(4 * m, 64 // s, 64 // s) for m, s in zip((1, 2, 4, 8), strides)]
+    assert all(float(f.min()) >= 0 for f in feats)
+
+
+def test_deeplab_runs_its_aspp_on_stride_16_features():
+    backbone = build_backbone("deeplabv3plus", width=4).eval()
+    with torch.no_grad():
+        assert backbone.encoder(torch.randn(1, 3, 64, 64))[-1].shape[-2:] == (4, 4)
+
+
+def _reach(module, x):
+    """Rows of ``x`` (1, Cin, S, S) that the centre output pixel of ``module`` (eval mode) depends on."""
+    x = x.clone().requires_grad_(True)
+    out = module.eval()(x)
+    out = out[-1] if isinstance(out, list) else out
+    out[0, :, out.shape[-2] // 2, out.shape[-1] // 2].sum().backward()
+    rows = x.grad.abs().sum((0, 1, 3)).nonzero()
+    return int(rows.max() - rows.min() + 1)
+
+
+def test_dilation_and_depth_set_the_receptive_field():
+    # theoretical receptive fields of width-4 encoders with one block per stage: the FCN backbone 275 rows (its
+    # last stages dilated 2 and 4, then two 3x3 convolutions at stride 8; 147 without dilation), the stride-16
+    # encoder 227 (163 without its rate-2 stage); a second block in every stage adds to both
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 320, 320)
+    assert _reach(build_backbone("fcn", width=4), x) == 275
+    assert _reach(DilatedResNet(4, (1, 1, 1, 1), 16), x) == 227
+    assert _reach(DilatedResNet(4, (2, 2, 2, 2), 16), x) > 227
+
+
+def test_aspp_pools_the_whole_image_and_its_branches_reach_their_rates():
+    torch.manual_seed(0)
+    aspp = ASPP(8, 8, rates=(2, 4, 6))
+    x = torch.randn(1, 8, 40, 40)
+    assert _reach(aspp, x) == 40
+    nn.init.zeros_(aspp.pool[1].weight)        # silence the image-pooling branch
+    assert _reach(aspp, x) == 2 * 6 + 1
+
+
+def test_deeplab_decoder_fuses_the_low_level_features():
+    torch.manual_seed(0)
+    backbone = build_backbone("deeplabv3plus", width=4).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fused = backbone(images)
+        handle = backbone.skip.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+        without_skip = backbone(images)
+        handle.remove()
+    assert not torch.allclose(fused, without_skip)
+
+
+def test_update_head_passes_the_given_logits_on():
+    # with correct_only, pixels whose given logits predict another class stay out of the memory
+    torch.manual_seed(0)
+    model = build_model("fcn", "gmm", num_classes=C, width=4, head_kwargs=dict(GMM_KW, correct_only=True))
+    images, labels = _data()
+    out = model.forward_train(images, labels)
+    logits = torch.zeros_like(out["logits"])
+    logits[:, 0] = 1.0                                  # class 0 everywhere
+    model.update_head(out["features"], labels, logits)
+    counts = model.head.memory_count.view(C, -1).sum(1)
+    assert int(counts[0]) > 0 and int(counts[1:].sum()) == 0
+
+
+def test_reduced_attention_sees_every_token_of_a_map_its_reduction_does_not_divide():
+    torch.manual_seed(0)
+    attn = EfficientSelfAttention(8, heads=2, sr_ratio=4)
+    x = torch.randn(1, 36, 8, requires_grad=True)               # a 6 x 6 map
+    attn(x, 6, 6)[0, 0].sum().backward()
+    assert bool((x.grad[0].abs().sum(1) > 0).all())             # the first query reads the last row and column
+
+
+def test_segformer_stages_end_layer_normalised():
+    torch.manual_seed(0)
+    backbone = build_backbone("segformer", width=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for stage in backbone.stages:
+            x = stage(x)
+            torch.testing.assert_close(x.mean(1), torch.zeros_like(x[:, 0]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(x.var(1, unbiased=False), torch.ones_like(x[:, 0]), atol=1e-3, rtol=0)
+
+
+def _reference_attention(attn, x, h, w, heads):
+    """Multi-head attention, ``softmax(q k^T / sqrt(d)) v``, with keys and values from the map reduced by
+    ``attn.sr`` (a strided convolution, then LayerNorm) when it has one."""
+    B, N, C = x.shape
+    kv = x
+    if attn.sr is not None:
+        kv = attn.sr_norm(attn.sr(x.transpose(1, 2).reshape(B, C, h, w)).flatten(2).transpose(1, 2))
+    k, v = attn.kv(kv).split(C, dim=-1)
+
+    def split(t):                                                  # (B, n, C) -> (B, heads, n, C / heads)
+        return t.reshape(B, -1, heads, C // heads).transpose(1, 2)
+
+    q, k, v = split(attn.q(x)), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / (C // heads) ** 0.5, dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("sr_ratio", [1, 2])
+def test_efficient_self_attention_is_multi_head_attention_over_the_reduced_map(sr_ratio):
+    torch.manual_seed(0)
+    attn = EfficientSelfAttention(8, heads=2, sr_ratio=sr_ratio)
+    x = torch.randn(2, 24, 8)                                      # a 4 x 6 map
+    torch.testing.assert_close(attn(x, 4, 6), _reference_attention(attn, x, 4, 6, heads=2))
+
+
+def test_transformer_block_is_pre_norm_attention_then_mix_ffn_with_residuals():
+    torch.manual_seed(0)
+    block = Block(8, heads=2, sr_ratio=2)
+    x = torch.randn(2, 24, 8)
+    y = x + _reference_attention(block.attn, block.norm1(x), 4, 6, heads=2)
+    ffn, z = block.ffn, block.norm2(y)
+    hidden = ffn.fc1(z).transpose(1, 2).reshape(2, -1, 4, 6)
+    mixed = F.gelu(ffn.dw(hidden).flatten(2).transpose(1, 2))       # depth-wise 3x3 convolution, then GELU
+    torch.testing.assert_close(block(x, 4, 6), y + ffn.fc2(mixed))
+
+
+def test_smp_inputs_are_padded_at_the_bottom_right_and_features_cropped_back():
+    pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    backbone = build_backbone("smp:Segformer:mit_b0", encoder_weights=None).eval()
+    images = torch.randn(1, 3, 40, 50)
+    with torch.no_grad():
+        features = backbone(images)                                  # stride 4 on the 64 x 64 padded input
+        padded = backbone(F.pad(images, (0, 14, 0, 24)))
+    assert features.shape[-2:] == (10, 13)
+    torch.testing.assert_close(features, padded[..., :10, :13])
+
+
+def test_build_model_puts_the_model_on_the_device_asked_for():
+    model = build_model("fcn", "gmm", num_classes=C, width=4, head_kwargs=GMM_KW, device="meta")
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"} and model.arch == "fcn"
+
+
+def test_model_keywords_are_checked_without_building_anything():
+    with pytest.raises(ValueError, match=r"model_kwargs \['depth'\] are not arguments of FCNBackbone"):
+        check_model_arguments("fcn", "gmm", model_kwargs={"depth": 2})
+    with pytest.raises(ValueError, match=r"head_kwargs \['variant'\] are not arguments of SoftmaxHead"):
+        check_model_arguments("fcn", "softmax", head_kwargs={"variant": "paper"})
