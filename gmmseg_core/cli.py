@@ -181,7 +181,9 @@ def _train_config(args):
         d.update(out_dir=str(run_of_config.parent), run_name=run_of_config.name)
     if args.overwrite:
         d["resume"] = False       # a resumed run's config.json says resume=true
-    flags = {"arch": args.arch, "head": args.head, "dataset": args.dataset, "data_root": args.data_root,
+    # an absolute data root: the run's config.json is read again from other directories (evaluate, resume)
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else args.data_root
+    flags = {"arch": args.arch, "head": args.head, "dataset": args.dataset, "data_root": data_root,
              "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "head_lr_mult": args.head_lr_mult,
              "weight_decay": args.weight_decay, "warmup_iters": args.warmup_iters, "grad_clip": args.grad_clip,
              "amp": args.amp, "eval_interval": args.eval_interval,

@@ -399,3 +399,11 @@ def test_evaluate_reads_another_dataset_from_its_own_root_not_the_runs(tmp_path,
     assert calls == [("scenes", "anomaly", None, False), ("fashion", "val", str(tmp_path / "fashion"), False),
                      ("scenes", "val", str(tmp_path / "other"), False), ("fashion", "anomaly", moved, False),
                      ("fashion", "train", moved, False)]      # never augmented
+
+
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, capsys):
+    # the run's config.json is read again from other directories (evaluate, resume)
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data-root", "data", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_root"] == str(tmp_path.resolve() / "data")
