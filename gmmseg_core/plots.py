@@ -227,7 +227,8 @@ def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple[Sequence[
     ax.set_xticks(x)
     labels = ax.set_xticklabels(groups, fontsize=8)
     if _overlapping(ax, labels):
-        ax.set_xticklabels(groups, fontsize=8, rotation=90)
+        for label in labels:
+            label.set_rotation(90)
     ax.set_ylabel(ylabel)
 
 
