@@ -450,6 +450,9 @@ class GMMHead(nn.Module):
         """``component_loss_weight`` x cross-entropy over the C*K component log-densities.
 
         The target of a pixel is its assigned component ``c * K + argmax_k resp`` (ignored pixels excluded).
+        Every such target counts, 255 included: the released code marks ignored pixels with its label 255 in the
+        same target space, so there the component whose index ``c * K + k`` is 255 never gets this loss
+        (class 51, component 0 of the COCO-Stuff config, K=5; class 31, component 7 of the ADE20K one, K=8).
 
         Parameters
         ----------

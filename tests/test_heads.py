@@ -844,3 +844,81 @@ def test_extra_loss_without_valid_pixels_is_a_differentiable_zero():
     assert float(loss.detach()) == 0.0 and loss.requires_grad
     loss.backward()
     assert f.grad is not None and float(f.grad.abs().max()) == 0.0
+
+
+def test_component_loss_counts_the_target_that_equals_the_ignore_label():
+    # 52 classes x 5 components: class 51's component 0 is target 255, the label the segmentation loss ignores
+    torch.manual_seed(0)
+    head = GMMHead(CF, 52, embed_dim=D, num_components=5, variant="official", memory_size=16)
+    f = torch.randn(1, CF, 6, 6)
+    labels = torch.full((1, 6, 6), 51)
+    _, comp = head(f, return_component_logp=True)
+    loss = head.extra_loss(f, labels, component_logp=comp)
+    with torch.no_grad():
+        own = comp[0, 51].reshape(5, -1).T                         # (pixels, K) of the labelled class
+        target = 51 * 5 + head.e_step(own, labels.reshape(-1)).argmax(1)
+    assert int((target == 255).sum()) > 0
+    ref = F.cross_entropy(comp[0].reshape(52 * 5, -1).T, target)    # every pixel counts
+    torch.testing.assert_close(loss, 0.01 * ref)
+
+
+def _released_step(x, labels_small, pred, logp, memories, cap=20):
+    """The released head's bookkeeping of one step, written loop by loop: per class, scores over its own
+    components divided by their largest magnitude, 3 Sinkhorn iterations (components, then pixels) on
+    exp(./0.05), argmax; the correctly classified pixels of each component, at most ``cap`` evenly spaced
+    ones, appended to that component's FIFO list."""
+    Kc = logp.shape[-1]
+    for c in labels_small.unique().tolist():
+        rows = (labels_small == c).nonzero().squeeze(1)
+        s = logp[rows, c]
+        q = torch.exp(s / s.abs().max() / 0.05).T                    # (K, n)
+        q = q / q.sum()
+        for _ in range(3):
+            q = q / q.sum(1, keepdim=True) / Kc
+            q = q / q.sum(0, keepdim=True) / rows.numel()
+        assigned = q.argmax(0)
+        for k in range(Kc):
+            members = rows[(assigned == k) & (pred[rows] == c)]
+            if members.numel() > cap:
+                members = members[torch.linspace(0, members.numel() - 1, cap, dtype=torch.int64)]
+            memories[c * Kc + k] = memories[c * Kc + k] + [x[i] for i in members.tolist()]
+    return labels_small.unique().tolist()
+
+
+def test_official_variant_follows_the_released_training_step_loop_by_loop():
+    torch.manual_seed(0)
+    Cn, Kn, M = 3, 3, 30
+    head = GMMHead(CF, Cn, embed_dim=D, num_components=Kn, variant="official", memory_size=M, update_interval=2)
+    memories = [[] for _ in range(Cn * Kn)]
+    means, variances = head.means.clone(), head.variances.clone()
+    for step in range(5):
+        f = torch.randn(2, CF, 6, 6)
+        labels = torch.randint(0, Cn, (2, 12, 12))
+        labels[0, :4] = 255
+        logits = head(f)
+        with torch.no_grad():
+            x = head.embedding(f).reshape(-1, D)
+            logp = torch.stack([Independent(Normal(means[c], variances[c].sqrt()), 1).log_prob(x[:, None])
+                                for c in range(Cn)], 1)              # (pixels, C, K)
+            small = F.interpolate(labels[:, None].float(), size=(6, 6), mode="nearest").reshape(-1).long()
+            keep = small != 255
+            pred = logits.argmax(1).reshape(-1)
+            classes = _released_step(x[keep], small[keep], pred[keep], logp[keep], memories)
+        head.update(f, labels)
+        if step % 2 == 0:                                            # M-step on the classes of the batch
+            for c in classes:
+                for k in range(Kn):
+                    mem = memories[c * Kn + k][-M:]
+                    if mem:
+                        mem = torch.stack(mem)
+                        centre = F.normalize(mem.sum(0), dim=0)
+                        means[c, k] = F.normalize(0.999 * means[c, k] + 0.001 * centre, dim=0)
+                        variances[c, k] = (mem - centre).square().mean(0) + 0.01
+        torch.testing.assert_close(head.means, means, rtol=0, atol=1e-5)
+        torch.testing.assert_close(head.variances, variances, rtol=0, atol=1e-5)
+        for g in range(Cn * Kn):
+            kept = memories[g][-M:]
+            assert int(head.memory_count[g]) == len(kept)
+            if kept:
+                order = torch.arange(len(kept)) + (int(head.memory_ptr[g]) - len(kept)) % M
+                torch.testing.assert_close(head.memory[g, order % M], torch.stack(kept), rtol=0, atol=1e-6)
