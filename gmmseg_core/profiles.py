@@ -130,7 +130,10 @@ def experiment_config(train_params: dict, arch: str, kind: str, dataset: str, se
     arch : str
         ``"fcn"``, ``"deeplabv3plus"``, ``"segformer"`` or ``"smp:<Arch>:<encoder>"``.
     kind : {"softmax", "gmm_paper", "gmm_official"}
-        The head: softmax, or the GMM head in its paper or official variant.
+        The head: softmax, or the GMM head in its paper or official variant. Only the head differs: every kind
+        trains with uniformly drawn images, no warm-up and no dropout, so the official variant is the released
+        head without the released training's class-balanced sampler (``TrainConfig.balanced_sampler``) and
+        1,500-step warm-up.
     dataset : str
         A ``build_dataset`` name. Real datasets (read from ``data_root``) train with mmseg's augmentation
         (``train_transforms``: random rescale 0.5-2, crop back to ``image_size``, flip, photometric distortion);

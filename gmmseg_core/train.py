@@ -209,7 +209,11 @@ def _eval_summary(metrics: dict) -> dict:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up ``(step + 1) / warmup_iters``, times poly decay."""
+    """Learning-rate multiplier at ``step``: linear warm-up ``(step + 1) / warmup_iters``, times poly decay.
+
+    The released configs warm up with mmcv's linear rule, ``1 - (1 - step / warmup_iters) (1 - 1e-6)``: it starts
+    at 1e-6 (a first step that barely moves the weights) and reaches the full rate one step later than this one.
+    """
     warm = min(1.0, (step + 1) / cfg.warmup_iters) if cfg.warmup_iters > 0 else 1.0
     return warm * max(0.0, 1.0 - step / cfg.iters) ** cfg.poly_power
 
