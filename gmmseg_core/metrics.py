@@ -239,8 +239,10 @@ def anomaly_metrics(scores, labels, ignore_index: int = 255, return_curves: bool
     -----
     Scores are sorted once (float64) and tied scores form a single threshold, exactly like
     ``sklearn.metrics.roc_auc_score`` / ``average_precision_score``. ``fpr95`` is the false-positive rate at
-    the first (highest) threshold at which the true-positive rate is >= 0.95. Memory is O(N) and time
-    O(N log N): for 10^8 pixels and more use :class:`AnomalyMetric`.
+    the first (highest) threshold at which the true-positive rate is >= 0.95, without interpolation, as the
+    SegmentMeIfYouCan evaluation code reads it; that code integrates its AP by trapezoids over binned thresholds
+    instead of this step sum. Memory is O(N) and time O(N log N): for 10^8 pixels and more use
+    :class:`AnomalyMetric`.
     """
     check_max_curve_points(max_curve_points)
     s, y = _valid_scores_labels(scores, labels, ignore_index)
