@@ -56,7 +56,9 @@ class TrainConfig:
         ``warmup_iters`` then poly decay ``(1 - step / iters) ** poly_power``; ``grad_clip`` (max global norm,
         None = off); ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``; CUDA only, ignored on CPU). The released
         GMMSeg configs differ in scope: their 10x learning rate covers the whole decode head (the decoder too,
-        which lives in the backbones here), and only parameters named ``norm`` skip weight decay there.
+        which lives in the backbones here), and only the parameters named ``norm`` or ``pos_block`` outside the
+        decode head skip weight decay there (mmcv applies the first matching key, and ``head`` comes before
+        ``norm``, so the decode head's norms and every bias decay).
     Bookkeeping
         ``eval_interval`` (validate every N steps; 0 = only at the end), ``log_interval`` (console refresh),
         ``checkpoint_interval`` (0 = only at the end), ``seed``, ``device`` (None = cpu), ``out_dir`` and
