@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gmmseg_core.evaluate import (
@@ -317,3 +318,25 @@ def test_an_evaluation_that_fails_leaves_the_model_in_training_mode(which):
     with pytest.raises(OSError, match="unreadable image"):
         run()
     assert model.training
+
+
+def test_gmm_score_of_the_official_variant_reads_the_densities_before_the_class_layernorm():
+    from torch.distributions import Independent, Normal
+
+    from gmmseg_core.models import build_model
+
+    model = build_model("fcn", "gmm", num_classes=3, width=4,
+                        head_kwargs=dict(variant="official", embed_dim=4, num_components=2)).eval()
+    head = model.head
+    with torch.no_grad():
+        head.class_normalizer.weight.uniform_(0.5, 2.0)
+        head.class_normalizer.bias.normal_()
+        x = torch.randn(1, 3, 32, 32)
+        out = predict(model, x)
+        emb = head.embedding(model.backbone(x))                                   # (1, h, w, D)
+        best = torch.stack([Independent(Normal(head.means[c], head.variances[c].sqrt()), 1)
+                            .log_prob(emb[..., None, :]).amax(-1) for c in range(3)], 1)   # (1, C, h, w)
+        ref = F.interpolate(best, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out["log_likelihood"], ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(SCORERS["gmm"](out), -ref.amax(1), rtol=1e-5, atol=1e-4)
+    assert float((out["logits"] - out["log_likelihood"]).abs().max()) > 1.0     # the logits are normalised
