@@ -47,7 +47,9 @@ Shared choices (both variants): the embedding is ``1x1 conv -> BatchNorm -> ReLU
 normalisation`` (the released code's; the paper leaves it open, and unit-norm embeddings keep the Gaussians
 on a bounded domain), with no dropout before the convolution unless ``dropout`` is given (the released configs
 drop 10% of the feature channels there, as mmseg's decode heads do for softmax classifiers too; both heads here
-default to none, so a comparison stays like for like); means start as random unit vectors and variances at 1 (the released code's start); the
+default to none, so a comparison stays like for like), and with PyTorch's default initialisation of that convolution
+(the released head builds it as an mmcv ``ConvModule``, which re-initialises it Kaiming-normal over the fan-out);
+means start as random unit vectors and variances at 1 (the released code's start); the
 Sinkhorn E-step divides each class's log-likelihoods by their largest magnitude before ``exp(./epsilon)`` (as
 the released code; it makes ``epsilon`` scale-free); the M-step only uses filled memory rows and leaves
 components with an empty memory unchanged (the released code starts the memory with random vectors instead).
