@@ -562,6 +562,20 @@ def test_a_half_precision_head_scores_in_float32(dtype):
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_float16_head_scores_a_pixel_with_a_zero_embedding_as_a_float32_head_does(variant):
+    # zero features give a zero row after the convolution, BatchNorm (fresh statistics), ReLU and LayerNorm (zero
+    # bias at the start); the L2 normalisation's guard against dividing by 0 must not round to 0 in float16
+    reference = _head(variant=variant).eval()
+    head = copy.deepcopy(reference).half()
+    f = torch.randn(1, CF, 4, 4)
+    f[..., 0, 0] = 0
+    logits = head(f.half())
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference(f), atol=0.1, rtol=0.05)
+
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
 def test_update_inside_autocast_equals_update_outside(variant):
     head = _head(variant=variant, update_interval=1).train()
     _randomise(head)
