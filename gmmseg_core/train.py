@@ -419,7 +419,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     metrics = {"evals": [], "final": None, "finished": False, "classes": list(getattr(train_ds, "classes", []))}
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
+        # the saved param groups name the saving machine's implementation (fused=True from a GPU), for which this
+        # torch may have no kernel on these parameters' device: the one adamw chose here stays
+        implementation = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, implementation):
+            group.update(chosen)
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:      # empty when saved by a disabled scaler: a run resumed with fp16 starts it afresh
             scaler.load_state_dict(ckpt["scaler"])

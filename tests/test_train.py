@@ -694,6 +694,26 @@ def test_a_device_that_is_not_here_is_named_not_called_a_damaged_checkpoint(tmp_
 
 
 
+def test_resume_uses_the_optimiser_implementation_of_this_machine_not_the_checkpoints(tmp_path, monkeypatch):
+    # a checkpoint of a fused AdamW (a GPU, or a CPU under torch >= 2.4) resumed where torch has no fused kernel
+    # for the parameters' device (a CPU under torch 2.3): the saved param_groups carry fused=True
+    from torch.torch_version import TorchVersion
+
+    from gmmseg_core import train as train_module
+
+    cfg = tiny_cfg(tmp_path, iters=3, checkpoint_interval=2, head="softmax", head_kwargs={})
+    train(cfg, stop_after=2)
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"][0]["fused"]
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(train_module, "TorchVersion", lambda version: TorchVersion("2.3.0"))
+    monkeypatch.setattr(torch, "_fused_adamw_", no_kernel)
+    train(cfg.replace(resume=True))
+    assert is_finished(cfg.run_dir)
+
+
 def test_resume_on_a_machine_with_fewer_gpus_restores_the_rng_states_of_those_it_has(monkeypatch):
     # a checkpoint written where two GPUs were visible, resumed where one is: torch.cuda.default_generators has
     # one entry, so setting a second device's state fails with an IndexError
