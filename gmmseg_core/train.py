@@ -19,8 +19,10 @@ Determinism and resume: the data order is a pure function of (seed, step): the i
 concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`` of a run with global batch
 ``G`` takes positions ``[s G, (s + 1) G)``, and each image's augmentation is drawn from a generator seeded by
 its position. So ``resume=True`` needs only the step count to continue exactly where the run stopped; with the
-restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one (on
-the same device and thread count). Evaluation runs under a forked RNG so it never shifts the training stream.
+restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one on a
+CPU at the same thread count. On CUDA it is the same up to rounding, as two uninterrupted runs are: some kernels
+there (the bilinear upsampling's backward, the cross-entropy's reduction) add with atomics, in an order that
+varies. Evaluation runs under a forked RNG so it never shifts the training stream.
 A checkpoint belongs to its configuration: resuming it under another (other than ``RESUME_MAY_CHANGE``) is refused.
 
 Interrupts (one process, main thread): Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint of it,
