@@ -120,14 +120,14 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
 
 def _autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled(device_type)``. Before torch 2.4 that function takes no device and answers for
-    CUDA, the CPU has ``is_autocast_cpu_enabled``, and other devices are taken as enabled (turning autocast off
-    where it is off changes nothing)."""
+    CUDA; other device types have their own query (``is_autocast_cpu_enabled``, ...), and none means no autocast."""
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return device_type != "cuda" or torch.is_autocast_enabled()
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        query = getattr(torch, f"is_autocast_{device_type}_enabled", None)
+        return bool(query()) if query is not None else False
 
 
 def _without_autocast(method):
