@@ -25,17 +25,19 @@ from gmmseg_core import mixture
 
 
 class L2Normalize(torch.autograd.Function):
-    """``x / max(||x||, 1e-12)`` over the last dimension with a three-op backward.
+    """``x / max(||x||, eps)`` over the last dimension with a three-op backward; ``eps = 1e-12``, or the smallest
+    normal number of a dtype where 1e-12 rounds to 0 (float16: a zero row would become 0 / 0 = NaN).
 
-    Same values as ``F.normalize(x, dim=-1)``; autograd's backward of that expression takes about five times
-    as long (norm, clamp, division and their masks are differentiated one by one). The row-wise dot product
-    goes through ``linalg.vecdot``; ``(grad * out).sum(-1)`` takes the same time on torch 2.14 (73,728 x 64 on a
-    CPU: 10-13 ms for the whole backward with either).
+    Same values as ``F.normalize(x, dim=-1)`` (which gives NaN for float16's zero rows); autograd's backward of
+    that expression takes about five times as long (norm, clamp, division and their masks are differentiated one
+    by one). The row-wise dot product goes through ``linalg.vecdot``; ``(grad * out).sum(-1)`` takes the same time
+    on torch 2.14 (73,728 x 64 on a CPU: 10-13 ms for the whole backward with either).
     """
 
     @staticmethod
     def forward(ctx, x):
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+        eps = max(1e-12, torch.finfo(x.dtype).tiny)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps)
         out = x / norm
         ctx.save_for_backward(out, norm)
         return out

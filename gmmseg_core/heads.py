@@ -120,13 +120,25 @@ def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``. Before torch 2.4 that function takes no device and answers for
+    CUDA; other device types have their own query (``is_autocast_cpu_enabled``, ...), and none means no autocast."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        if device_type == "cuda":
+            return torch.is_autocast_enabled()
+        query = getattr(torch, f"is_autocast_{device_type}_enabled", None)
+        return bool(query()) if query is not None else False
+
+
 def _without_autocast(method):
     """Run a head method with autocast off on the head's device: the EM bookkeeping stays in the Gaussians'
     precision when a caller wraps the whole training step in autocast."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         device_type = self.means.device.type
-        if not torch.is_autocast_enabled(device_type):
+        if not _autocast_enabled(device_type):
             return method(self, *args, **kwargs)
         with torch.autocast(device_type=device_type, enabled=False):
             return method(self, *args, **kwargs)

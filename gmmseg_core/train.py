@@ -19,8 +19,10 @@ Determinism and resume: the data order is a pure function of (seed, step): the i
 concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`` of a run with global batch
 ``G`` takes positions ``[s G, (s + 1) G)``, and each image's augmentation is drawn from a generator seeded by
 its position. So ``resume=True`` needs only the step count to continue exactly where the run stopped; with the
-restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one (on
-the same device and thread count). Evaluation runs under a forked RNG so it never shifts the training stream.
+restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one on a
+CPU at the same thread count. On CUDA it is the same up to rounding, as two uninterrupted runs are: some kernels
+there (the bilinear upsampling's backward, the cross-entropy's reduction) add with atomics, in an order that
+varies. Evaluation runs under a forked RNG so it never shifts the training stream.
 A checkpoint belongs to its configuration: resuming it under another (other than ``RESUME_MAY_CHANGE``) is refused.
 
 Interrupts (one process, main thread): Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint of it,
@@ -176,7 +178,10 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per device index of the machine that saved them; a machine with fewer devices restores those it
+        # has (set_rng_state_all would index past them and fail)
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -420,7 +425,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     metrics = {"evals": [], "final": None, "finished": False, "classes": list(getattr(train_ds, "classes", []))}
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
+        # the saved param groups name the saving machine's implementation (fused=True from a GPU), for which this
+        # torch may have no kernel on these parameters' device: the one adamw chose here stays
+        implementation = [{k: group[k] for k in ("fused", "foreach") if k in group} for group in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, implementation):
+            group.update(chosen)
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:      # empty when saved by a disabled scaler: a run resumed with fp16 starts it afresh
             scaler.load_state_dict(ckpt["scaler"])

@@ -7,6 +7,7 @@ import pickle
 import re
 import socket
 import tempfile
+import types
 
 import pytest
 import torch
@@ -562,6 +563,20 @@ def test_a_half_precision_head_scores_in_float32(dtype):
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_float16_head_scores_a_pixel_with_a_zero_embedding_as_a_float32_head_does(variant):
+    # zero features give a zero row after the convolution, BatchNorm (fresh statistics), ReLU and LayerNorm (zero
+    # bias at the start); the L2 normalisation's guard against dividing by 0 must not round to 0 in float16
+    reference = _head(variant=variant).eval()
+    head = copy.deepcopy(reference).half()
+    f = torch.randn(1, CF, 4, 4)
+    f[..., 0, 0] = 0
+    logits = head(f.half())
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits, reference(f), atol=0.1, rtol=0.05)
+
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
 def test_update_inside_autocast_equals_update_outside(variant):
     head = _head(variant=variant, update_interval=1).train()
     _randomise(head)
@@ -573,6 +588,37 @@ def test_update_inside_autocast_equals_update_outside(variant):
         heads[1].update(f, labels)
     for name, value in heads[0].state_dict().items():
         assert torch.equal(value, heads[1].state_dict()[name]), name
+
+
+class _TorchBefore24(types.ModuleType):
+    """torch as the head sees it under torch 2.3, which the package supports: ``is_autocast_enabled`` takes no
+    device (it answers for CUDA) and the CPU has ``is_autocast_cpu_enabled``."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def is_autocast_enabled():
+        return torch.is_autocast_enabled("cuda")
+
+    @staticmethod
+    def is_autocast_cpu_enabled():
+        return torch.is_autocast_enabled("cpu")
+
+
+def test_update_inside_autocast_works_with_the_autocast_query_of_torch_2_3(monkeypatch):
+    from gmmseg_core import heads as heads_module
+
+    head = _head(update_interval=1).train()
+    _randomise(head)
+    reference = copy.deepcopy(head)
+    f, labels = torch.randn(2, CF, 4, 4), torch.randint(0, C, (2, 4, 4))
+    reference.update(f, labels)
+    monkeypatch.setattr(heads_module, "torch", _TorchBefore24("torch"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        head.update(f, labels)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, head.state_dict()[name]), name
 
 
 def test_an_update_with_other_features_than_the_last_forward_uses_its_own():

@@ -693,6 +693,54 @@ def test_a_device_that_is_not_here_is_named_not_called_a_damaged_checkpoint(tmp_
         load_run(run_dir, device="cuda")
 
 
+
+def test_resume_uses_the_optimiser_implementation_of_this_machine_not_the_checkpoints(tmp_path, monkeypatch):
+    # a checkpoint of a fused AdamW (a GPU, or a CPU under torch >= 2.4) resumed where torch has no fused kernel
+    # for the parameters' device (a CPU under torch 2.3): the saved param_groups carry fused=True
+    from torch.torch_version import TorchVersion
+
+    from gmmseg_core import train as train_module
+
+    cfg = tiny_cfg(tmp_path, iters=3, checkpoint_interval=2, head="softmax", head_kwargs={})
+    train(cfg, stop_after=2)
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"][0]["fused"]
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
+
+    monkeypatch.setattr(train_module, "TorchVersion", lambda version: TorchVersion("2.3.0"))
+    monkeypatch.setattr(torch, "_fused_adamw_", no_kernel)
+    train(cfg.replace(resume=True))
+    assert is_finished(cfg.run_dir)
+
+
+def test_resume_on_a_machine_with_fewer_gpus_restores_the_rng_states_of_those_it_has(monkeypatch):
+    # a checkpoint written where two GPUs were visible, resumed where one is: torch.cuda.default_generators has
+    # one entry, so setting a second device's state fails with an IndexError
+    import random
+
+    import numpy as np
+
+    from gmmseg_core.train import _set_rng_state
+
+    restored = {}
+
+    def set_rng_state(new_state, device="cuda"):
+        index = torch.device("cuda", device).index if isinstance(device, int) else torch.device(device).index
+        if index >= 1:
+            raise IndexError("tuple index out of range")
+        restored[index] = new_state
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)   # what set_rng_state_all calls
+    cuda = [torch.full((16,), 1, dtype=torch.uint8), torch.full((16,), 2, dtype=torch.uint8)]
+    _set_rng_state({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": cuda})
+    assert list(restored) == [0] and torch.equal(restored[0], cuda[0])
+
+
 # ---------------------------------------------------------------------------------------------- optimiser and loop
 
 
