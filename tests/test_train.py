@@ -185,8 +185,18 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert model(x).shape == (1, 8, 32, 32) and torch.isfinite(model.class_log_likelihood(x)).all()
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, eval_interval=2, warmup_iters=2)
+# the second stream: two DataLoader workers, class-balanced epochs and random augmentations, so the resumed run
+# must continue the sampler's epochs and every item's augmentation draw, whichever worker loads it
+RESUMED_STREAMS = {
+    "plain": {},
+    "workers-balanced-augmented": dict(num_workers=2, balanced_sampler=True, dataset_kwargs=dict(
+        image_size=32, num_images=6, transform={"crop_size": 24})),
+}
+
+
+@pytest.mark.parametrize("stream", RESUMED_STREAMS.values(), ids=RESUMED_STREAMS.keys())
+def test_resume_continues_bit_for_bit(tmp_path, stream):
+    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, eval_interval=2, warmup_iters=2, **stream)
     full = train(cfg.replace(run_name="full"))
     part_cfg = cfg.replace(run_name="part")
     train(part_cfg, stop_after=4)  # interrupted after step 4; last checkpoint at step 3
