@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the dataset's own size for another one)")
     p.add_argument("--num-images", type=int,
                    help="images in the split: how many a generated dataset (scenes, fashion, digits) makes, or "
-                        "the first N of a dataset read from disk (default: the run's setting for the train and val "
-                        "splits of its own dataset, else the split's own size)")
+                        "N spread evenly over a dataset read from disk (default: the run's setting for the train "
+                        "and val splits of its own dataset, else the split's own size)")
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")

@@ -93,6 +93,21 @@ def _load_label(path: Path) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def evenly_spaced(items: list, count: int) -> list:
+    """``count`` of ``items`` spread evenly over the list, in order: item ``floor(i * len(items) / count)`` for
+    ``i = 0 .. count - 1`` (all of them when ``count >= len(items)``).
+
+    The real data sets are sorted by file path, that is by city or scene for some of them: the first 200 of
+    Cityscapes' 500 validation images all come from Frankfurt, 200 spread evenly cover its three cities. The
+    subsets are nested when one count is a multiple of the other (``i * len / c == (k i) * len / (k c)``), so
+    ``num_images=200`` of the training split lies within ``num_images=2000`` of it.
+    """
+    n = len(items)
+    if count >= n:
+        return list(items)
+    return [items[i * n // count] for i in range(count)]
+
+
 class FileSegmentationDataset(SegmentationDataset):
     """Image / label file pairs with a label map (lookup table or function).
 
@@ -109,7 +124,8 @@ class FileSegmentationDataset(SegmentationDataset):
     image_size : int or (int, int), optional
         Resize every item to (h, w) (image bilinear, label nearest); default: native size.
     num_images : int, optional
-        Use only the first ``num_images`` pairs.
+        Use only ``num_images`` pairs, spread evenly over the sorted list (see :func:`evenly_spaced`); all of
+        them when there are no more.
     transform : callable, optional
     """
 
@@ -119,7 +135,7 @@ class FileSegmentationDataset(SegmentationDataset):
         self.name = name
         self.pairs = list(pairs)
         if num_images is not None:
-            self.pairs = self.pairs[: check_int("num_images", num_images)]
+            self.pairs = evenly_spaced(self.pairs, check_int("num_images", num_images))
         self.classes, self.palette = list(classes), np.asarray(palette, dtype=np.uint8)
         self.label_map = label_map
         self.image_size = None if image_size is None else check_size_pair("image_size", image_size)
