@@ -133,11 +133,45 @@ def test_cache_key_ignores_run_location_only(tmp_path):
 def test_cache_key_ignores_settings_that_cannot_change_the_model(tmp_path):
     cfg = tiny_cfg(tmp_path)                               # scenes: generated, whatever the data root
     assert cfg.replace(data_root="/data").cache_key() == cfg.cache_key()
-    fashion = cfg.replace(dataset="fashion")               # fashion looks for its files under the root
-    assert fashion.replace(data_root="/data").cache_key() != fashion.cache_key()
     assert cfg.replace(amp="bf16").cache_key() == cfg.cache_key()           # float32 on a CPU anyway
     on_gpu = cfg.replace(device="cuda")
     assert on_gpu.replace(amp="bf16").cache_key() != on_gpu.cache_key()
+
+
+def _fashion_look_alike(folder, top, gzipped=True):
+    """The four Fashion-MNIST IDX files (20 images each) in ``folder``; ``top`` shapes the sprites."""
+    import gzip
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((20, 28, 28), np.uint8)
+    images[:, top:22, 8:20] = 200
+    for part in ("train", "t10k"):
+        for kind, array in (("images-idx3", images), ("labels-idx1", np.arange(20) % 10)):
+            data = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            name = folder / (f"{part}-{kind}-ubyte" + (".gz" if gzipped else ""))
+            with (gzip.open if gzipped else open)(name, "wb") as f:
+                f.write(data + array.astype(np.uint8).tobytes())
+
+
+def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp_path, monkeypatch):
+    from gmmseg_core.data import composites
+
+    monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
+    _fashion_look_alike(tmp_path / "system", top=6)
+    fashion = tiny_cfg(tmp_path, dataset="fashion")
+    key = fashion.cache_key()
+    (tmp_path / "cityscapes").mkdir()                    # a root with other data sets only: the system copy
+    assert fashion.replace(data_root=str(tmp_path / "cityscapes")).cache_key() == key
+    assert fashion.replace(data_root=str(tmp_path / "system")).cache_key() == key
+    _fashion_look_alike(tmp_path / "copy" / "fashion-mnist", top=6, gzipped=False)   # the same content
+    assert fashion.replace(data_root=str(tmp_path / "copy")).cache_key() == key
+    _fashion_look_alike(tmp_path / "other", top=10)                                  # other sprites
+    _fashion_look_alike(tmp_path / "other-again", top=10)
+    other = fashion.replace(data_root=str(tmp_path / "other")).cache_key()
+    assert other != key and fashion.replace(data_root=str(tmp_path / "other-again")).cache_key() == other
 
 
 def test_lr_schedule_warmup_then_poly():
