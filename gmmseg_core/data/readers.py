@@ -77,11 +77,13 @@ def _resolve(root, subdirs, marker: str, layout: str, name: str) -> Path:
 
 
 def _load_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; converted only when the file is not RGB already (a conversion copies the image)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _load_label(path: Path) -> np.ndarray:
+    """(H, W) raw label values in the file's integer type (uint8 for 8-bit PNGs; int64 otherwise)."""
     if path.suffix == ".mat":
         from scipy.io import loadmat
 
@@ -90,7 +92,8 @@ def _load_label(path: Path) -> np.ndarray:
         arr = np.asarray(im)
     if arr.ndim == 3:  # colour-saved masks: the value is in every channel
         arr = arr[..., 0]
-    return arr.astype(np.int64)
+    # 1-bit (bool) and float images become ints, to index a lookup table by value
+    return arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
 
 
 def evenly_spaced(items: list, count: int) -> list:
@@ -160,15 +163,20 @@ class FileSegmentationDataset(SegmentationDataset):
         return f"{self.name}-{self.split}-{len(self)}-{self.image_size}-{self.root}-{self._fingerprint}"
 
     def _map(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label values (H, W), any integer type -> dataset labels (H, W) uint8 (a new, writable array)."""
         if self.label_map is None:
-            return raw
-        if callable(self.label_map):
-            return self.label_map(raw)
-        table = self.label_map
+            return raw.astype(np.uint8)
+        if callable(self.label_map):         # written for int64 values (``raw - 1`` must not wrap around)
+            return np.asarray(self.label_map(raw.astype(np.int64))).astype(np.uint8)
+        # the table cast to uint8 gives, value for value, the int64 lookup cast to uint8; an 8-bit label indexes
+        # a table of 256 entries or more directly, without a clipped int64 copy (3 x 16 MB at 1024 x 2048)
+        table = np.asarray(self.label_map).astype(np.uint8)
+        if raw.dtype == np.uint8 and len(table) >= 256:
+            return table[raw]
         return table[np.clip(raw, 0, len(table) - 1)]
 
     def _native_label(self, index: int) -> np.ndarray:
-        return self._map(_load_label(self.pairs[index][1])).astype(np.uint8)
+        return self._map(_load_label(self.pairs[index][1]))
 
     def _resized_label(self, label: np.ndarray) -> np.ndarray:
         if self.image_size is not None and label.shape != self.image_size:
