@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")
     p.add_argument("--sml-images", type=int, default=200,
-                   help="training images for the sml statistics (default 200; 0 = all)")
+                   help="training images for the sml statistics, spread evenly over the split (default 200; "
+                        "0 = all)")
     p.add_argument("--streaming", action="store_true", help="histogram-based anomaly metrics (bounded memory)")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
     p.add_argument("--crop-size", type=int, help="window size for --mode slide")

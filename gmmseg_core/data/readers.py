@@ -43,6 +43,7 @@ from .base import (
     SegmentationDataset,
     check_int,
     check_size_pair,
+    evenly_spaced,
     make_palette,
 )
 from .classnames import (
@@ -96,21 +97,6 @@ def _load_label(path: Path) -> np.ndarray:
     return arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
 
 
-def evenly_spaced(items: list, count: int) -> list:
-    """``count`` of ``items`` spread evenly over the list, in order: item ``floor(i * len(items) / count)`` for
-    ``i = 0 .. count - 1`` (all of them when ``count >= len(items)``).
-
-    The real data sets are sorted by file path, that is by city or scene for some of them: the first 200 of
-    Cityscapes' 500 validation images all come from Frankfurt, 200 spread evenly cover its three cities. The
-    subsets are nested when one count is a multiple of the other (``i * len / c == (k i) * len / (k c)``), so
-    ``num_images=200`` of the training split lies within ``num_images=2000`` of it.
-    """
-    n = len(items)
-    if count >= n:
-        return list(items)
-    return [items[i * n // count] for i in range(count)]
-
-
 class FileSegmentationDataset(SegmentationDataset):
     """Image / label file pairs with a label map (lookup table or function).
 
@@ -127,7 +113,7 @@ class FileSegmentationDataset(SegmentationDataset):
     image_size : int or (int, int), optional
         Resize every item to (h, w) (image bilinear, label nearest); default: native size.
     num_images : int, optional
-        Use only ``num_images`` pairs, spread evenly over the sorted list (see :func:`evenly_spaced`); all of
+        Use only ``num_images`` pairs, spread evenly over the sorted list (see :func:`~gmmseg_core.data.base.evenly_spaced`); all of
         them when there are no more.
     transform : callable, optional
     """
