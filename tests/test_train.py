@@ -253,6 +253,19 @@ def test_resume_continues_bit_for_bit(tmp_path, stream):
         json.loads((part / "metrics.json").read_text())["final"]
 
 
+def test_the_worker_count_does_not_change_the_trained_model(tmp_path):
+    """The cache key leaves num_workers out: augmentations and class-balanced draws must not depend on it."""
+    stream = RESUMED_STREAMS["workers-balanced-augmented"]
+    runs = [train(tiny_cfg(tmp_path, iters=4, run_name=f"w{w}", **{**stream, "num_workers": w})) for w in (0, 2)]
+    logs = []
+    for run_dir in runs:
+        with open(run_dir / "log.csv") as f:
+            logs.append([(r["loss"], r["grad_norm"]) for r in csv.DictReader(f)])
+    assert logs[0] == logs[1]
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=False)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_cached_reuses_a_finished_run(tmp_path):
     cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
     first = train_cached(cfg, tmp_path / "cache")
