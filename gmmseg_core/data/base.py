@@ -69,8 +69,8 @@ def check_transform(transform) -> None:
                          f"got {transform!r}")
 
 
-def evenly_spaced(items: list, count: int) -> list:
-    """``count`` of ``items`` spread evenly over the list, in order: item ``floor(i * len(items) / count)`` for
+def evenly_spaced(items, count: int) -> list:
+    """``count`` of ``items`` (a sequence) spread evenly over it, in order: item ``floor(i * len(items) / count)`` for
     ``i = 0 .. count - 1`` (all of them when ``count >= len(items)``).
 
     The real data sets are sorted by file path, that is by city or scene for some of them: the first 200 of

@@ -113,8 +113,8 @@ class FileSegmentationDataset(SegmentationDataset):
     image_size : int or (int, int), optional
         Resize every item to (h, w) (image bilinear, label nearest); default: native size.
     num_images : int, optional
-        Use only ``num_images`` pairs, spread evenly over the sorted list (see :func:`~gmmseg_core.data.base.evenly_spaced`); all of
-        them when there are no more.
+        Use only ``num_images`` pairs, spread evenly over the sorted list (see
+        :func:`~gmmseg_core.data.base.evenly_spaced`); all of them when there are no more.
     transform : callable, optional
     """
 
