@@ -137,13 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the dataset's own size for another one)")
     p.add_argument("--num-images", type=int,
                    help="images in the split: how many a generated dataset (scenes, fashion, digits) makes, or "
-                        "the first N of a dataset read from disk (default: the run's setting for the train and val "
-                        "splits of its own dataset, else the split's own size)")
+                        "N spread evenly over a dataset read from disk (default: the run's setting for the train "
+                        "and val splits of its own dataset, else the split's own size)")
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")
     p.add_argument("--sml-images", type=int, default=200,
-                   help="training images for the sml statistics (default 200; 0 = all)")
+                   help="training images for the sml statistics, spread evenly over the split (default 200; "
+                        "0 = all)")
     p.add_argument("--streaming", action="store_true", help="histogram-based anomaly metrics (bounded memory)")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
     p.add_argument("--crop-size", type=int, help="window size for --mode slide")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
 from tqdm.auto import tqdm
 
+from gmmseg_core.data.base import evenly_spaced
 from gmmseg_core.metrics import (
     AnomalyMetric,
     CalibrationMetric,
@@ -146,9 +147,10 @@ def _collate_by_size(items):
 
 
 def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
-    """``(images, labels)`` batches of ``dataset`` in order, with a progress bar over the loader's batches."""
+    """``(images, labels)`` batches of ``dataset`` in order, with a progress bar over the loader's batches;
+    ``max_images`` of them spread evenly over the dataset (a real one is sorted by city or scene)."""
     if max_images is not None:
-        dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
+        dataset = Subset(dataset, evenly_spaced(range(len(dataset)), int(max_images)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_by_size)
     for runs in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -186,7 +188,8 @@ def evaluate_closed_set(model, dataset, batch_size: int = 4, device=None, mode: 
     device : torch.device or str, optional (default cpu); the model is moved there
     mode, crop_size, stride : see :func:`predict`
     max_images : int, optional
-        Evaluate only the first images.
+        Evaluate only this many images, spread evenly over the dataset (see
+        :func:`~gmmseg_core.data.base.evenly_spaced`).
     ece_bins : int
         Bins of the expected calibration error of the softmax posterior.
 

@@ -167,6 +167,44 @@ def test_resize_and_num_images(tmp_path):
     assert set(label.unique().tolist()) <= {0, 1, 255}
 
 
+def test_a_subset_spreads_evenly_over_the_cities_in_order(tmp_path):
+    cities = {"frankfurt": 5, "lindau": 2, "munster": 3}      # sorted by path, as the reader lists them
+    for city, count in cities.items():
+        for i in range(count):
+            stem = f"{city}_000000_{i:06d}"
+            _image(tmp_path / "leftImg8bit" / "val" / city / f"{stem}_leftImg8bit.png")
+            _label(tmp_path / "gtFine" / "val" / city / f"{stem}_gtFine_labelTrainIds.png", [0, 255])
+    every = build_dataset("cityscapes", "val", root=tmp_path).pairs
+    subset = build_dataset("cityscapes", "val", root=tmp_path, num_images=4).pairs
+    assert subset == [every[0], every[2], every[5], every[7]]          # item floor(i * 10 / 4)
+    assert [image.parent.name for image, _ in subset] == ["frankfurt", "frankfurt", "lindau", "munster"]
+    assert build_dataset("cityscapes", "val", root=tmp_path, num_images=10).pairs == every
+    assert build_dataset("cityscapes", "val", root=tmp_path, num_images=50).pairs == every
+    assert build_dataset("cityscapes", "val", root=tmp_path, num_images=1).pairs == every[:1]
+    # nested when one count divides the other: a training subset evaluated within the one trained on
+    assert set(build_dataset("cityscapes", "val", root=tmp_path, num_images=2).pairs) <= set(subset)
+
+
+def test_an_8_bit_label_map_is_read_and_mapped_in_a_few_bytes_per_pixel(tmp_path):
+    """A full Cityscapes label is 2 M pixels: int64 copies on the way (8 bytes per pixel each) cost tens of MB."""
+    import tracemalloc
+
+    h, w = 256, 512
+    raw = np.random.default_rng(0).integers(0, 34, (h, w)).astype(np.uint8)
+    Image.fromarray(raw).save(_mkdir(tmp_path / "gtFine" / "val" / "lindau") / "x_gtFine_labelIds.png")
+    _image(tmp_path / "leftImg8bit" / "val" / "lindau" / "x_leftImg8bit.png")
+    ds = build_dataset("cityscapes", "val", root=tmp_path)
+    tracemalloc.start()
+    try:
+        label = ds.load_label(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert label.shape == (h, w) and label.dtype == np.uint8
+    assert label[raw == 7].tolist() == [0] * int((raw == 7).sum()) and set(label[raw < 7].tolist()) == {255}
+    assert peak < 4 * h * w, f"{peak / (h * w):.1f} bytes per pixel"
+
+
 def test_an_image_and_label_of_different_sizes_are_refused_even_when_resized(tmp_path):
     base = tmp_path / "fishyscapes" / "Static"
     _image(base / "original" / "0.png")

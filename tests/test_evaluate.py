@@ -274,16 +274,17 @@ def test_evaluations_leave_the_model_in_the_mode_they_found_it():
     assert not model.training
 
 
-def test_max_images_evaluates_the_first_images_only():
+def test_max_images_evaluates_images_spread_evenly_over_the_dataset():
     ds = LabelDataset(n=5, seed=3, jitter=1.0)
     model = ChannelModel()
     with torch.no_grad():
         model.scale.fill_(0.5)
-    first = evaluate_closed_set(model, ds, max_images=2, progress=False)
-    assert first["num_images"] == 2
+    spread = evaluate_closed_set(model, ds, max_images=2, progress=False)
+    assert spread["num_images"] == 2
     ref = SegmentationMetric(3)
-    ref.update(model(torch.stack([ds[i][0] for i in range(2)])).argmax(1), ds.labels[:2])
-    np.testing.assert_array_equal(first["confusion"], ref.compute()["confusion"])
+    ref.update(model(torch.stack([ds[i][0] for i in (0, 2)])).argmax(1), ds.labels[[0, 2]])    # floor(i * 5 / 2)
+    np.testing.assert_array_equal(spread["confusion"], ref.compute()["confusion"])
+    assert evaluate_closed_set(model, ds, max_images=9, progress=False)["num_images"] == 5
 
 
 def test_format_table_prints_percent_and_nan():

@@ -133,11 +133,45 @@ def test_cache_key_ignores_run_location_only(tmp_path):
 def test_cache_key_ignores_settings_that_cannot_change_the_model(tmp_path):
     cfg = tiny_cfg(tmp_path)                               # scenes: generated, whatever the data root
     assert cfg.replace(data_root="/data").cache_key() == cfg.cache_key()
-    fashion = cfg.replace(dataset="fashion")               # fashion looks for its files under the root
-    assert fashion.replace(data_root="/data").cache_key() != fashion.cache_key()
     assert cfg.replace(amp="bf16").cache_key() == cfg.cache_key()           # float32 on a CPU anyway
     on_gpu = cfg.replace(device="cuda")
     assert on_gpu.replace(amp="bf16").cache_key() != on_gpu.cache_key()
+
+
+def _fashion_look_alike(folder, top, gzipped=True):
+    """The four Fashion-MNIST IDX files (20 images each) in ``folder``; ``top`` shapes the sprites."""
+    import gzip
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((20, 28, 28), np.uint8)
+    images[:, top:22, 8:20] = 200
+    for part in ("train", "t10k"):
+        for kind, array in (("images-idx3", images), ("labels-idx1", np.arange(20) % 10)):
+            data = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            name = folder / (f"{part}-{kind}-ubyte" + (".gz" if gzipped else ""))
+            with (gzip.open if gzipped else open)(name, "wb") as f:
+                f.write(data + array.astype(np.uint8).tobytes())
+
+
+def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp_path, monkeypatch):
+    from gmmseg_core.data import composites
+
+    monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
+    _fashion_look_alike(tmp_path / "system", top=6)
+    fashion = tiny_cfg(tmp_path, dataset="fashion")
+    key = fashion.cache_key()
+    (tmp_path / "cityscapes").mkdir()                    # a root with other data sets only: the system copy
+    assert fashion.replace(data_root=str(tmp_path / "cityscapes")).cache_key() == key
+    assert fashion.replace(data_root=str(tmp_path / "system")).cache_key() == key
+    _fashion_look_alike(tmp_path / "copy" / "fashion-mnist", top=6, gzipped=False)   # the same content
+    assert fashion.replace(data_root=str(tmp_path / "copy")).cache_key() == key
+    _fashion_look_alike(tmp_path / "other", top=10)                                  # other sprites
+    _fashion_look_alike(tmp_path / "other-again", top=10)
+    other = fashion.replace(data_root=str(tmp_path / "other")).cache_key()
+    assert other != key and fashion.replace(data_root=str(tmp_path / "other-again")).cache_key() == other
 
 
 def test_lr_schedule_warmup_then_poly():
@@ -185,8 +219,18 @@ def test_train_writes_a_complete_run_directory(tmp_path):
     assert model(x).shape == (1, 8, 32, 32) and torch.isfinite(model.class_log_likelihood(x)).all()
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, eval_interval=2, warmup_iters=2)
+# the second stream: two DataLoader workers, class-balanced epochs and random augmentations, so the resumed run
+# must continue the sampler's epochs and every item's augmentation draw, whichever worker loads it
+RESUMED_STREAMS = {
+    "plain": {},
+    "workers-balanced-augmented": dict(num_workers=2, balanced_sampler=True, dataset_kwargs=dict(
+        image_size=32, num_images=6, transform={"crop_size": 24})),
+}
+
+
+@pytest.mark.parametrize("stream", RESUMED_STREAMS.values(), ids=RESUMED_STREAMS.keys())
+def test_resume_continues_bit_for_bit(tmp_path, stream):
+    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=3, eval_interval=2, warmup_iters=2, **stream)
     full = train(cfg.replace(run_name="full"))
     part_cfg = cfg.replace(run_name="part")
     train(part_cfg, stop_after=4)  # interrupted after step 4; last checkpoint at step 3
@@ -207,6 +251,19 @@ def test_resume_continues_bit_for_bit(tmp_path):
     assert losses(full) == losses(part)
     assert json.loads((full / "metrics.json").read_text())["final"] == \
         json.loads((part / "metrics.json").read_text())["final"]
+
+
+def test_the_worker_count_does_not_change_the_trained_model(tmp_path):
+    """The cache key leaves num_workers out: augmentations and class-balanced draws must not depend on it."""
+    stream = RESUMED_STREAMS["workers-balanced-augmented"]
+    runs = [train(tiny_cfg(tmp_path, iters=4, run_name=f"w{w}", **{**stream, "num_workers": w})) for w in (0, 2)]
+    logs = []
+    for run_dir in runs:
+        with open(run_dir / "log.csv") as f:
+            logs.append([(r["loss"], r["grad_norm"]) for r in csv.DictReader(f)])
+    assert logs[0] == logs[1]
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=False)["model"] for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_cached_reuses_a_finished_run(tmp_path):

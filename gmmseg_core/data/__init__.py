@@ -59,7 +59,7 @@ def _build_scenes(split, root=None, **kw):
 
 
 @register_dataset("fashion", _composites.SPLITS, "Fashion-MNIST garments composed into scenes (IDX files)",
-                  options=_COMPOSITE_OPTIONS)
+                  options=_COMPOSITE_OPTIONS, root_key=_composites.fashion_root_key)
 def _build_fashion(split, root=None, **kw):
     return _composites.fashion_dataset(split, root=root, **kw)
 

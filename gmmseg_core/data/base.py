@@ -69,6 +69,21 @@ def check_transform(transform) -> None:
                          f"got {transform!r}")
 
 
+def evenly_spaced(items, count: int) -> list:
+    """``count`` of ``items`` (a sequence) spread evenly over it, in order: item ``floor(i * len(items) / count)`` for
+    ``i = 0 .. count - 1`` (all of them when ``count >= len(items)``).
+
+    The real data sets are sorted by file path, that is by city or scene for some of them: the first 200 of
+    Cityscapes' 500 validation images all come from Frankfurt, 200 spread evenly cover its three cities. The
+    subsets are nested when one count is a multiple of the other (``i * len / c == (k i) * len / (k c)``), so
+    ``num_images=200`` of a training split lies within ``num_images=2000`` of it.
+    """
+    n = len(items)
+    if count >= n:
+        return list(items)
+    return [items[i * n // count] for i in range(count)]
+
+
 def numpy_rng_from_torch() -> np.random.Generator:
     """A numpy generator seeded from torch's global generator.
 

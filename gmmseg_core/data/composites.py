@@ -144,6 +144,31 @@ def fashion_source(root=None, part: str = "train") -> SpriteSource:
     return _fashion_source(str(img), str(lab))
 
 
+def fashion_root_key(root) -> str | None:
+    """What ``root`` makes ``fashion`` read, for trained-model cache keys: None when it is what no root reads
+    (the same files, or files of the same content: a root without Fashion-MNIST files falls back to the system
+    copy), else the fingerprints of its training and test sprites; ``root`` itself when they are not found.
+
+    Training reads both parts: the training images for the ``train`` split, the test images for ``val``.
+    """
+    parts = ("train", "test")
+    try:
+        found = [find_fashion_files(root, part) for part in parts]
+    except FileNotFoundError:          # training will fail and say where it looked
+        return str(root)
+    try:
+        default = [find_fashion_files(None, part) for part in parts]
+    except FileNotFoundError:
+        default = None
+    if default is not None and all(a.samefile(b) for pair in zip(found, default) for a, b in zip(*pair)):
+        return None                    # the very same files: nothing to read
+    fingerprints = [_fashion_source(str(img), str(lab)).fingerprint for img, lab in found]
+    if default is not None and fingerprints == [_fashion_source(str(img), str(lab)).fingerprint
+                                                for img, lab in default]:
+        return None
+    return "fashion-mnist " + " ".join(fingerprints)
+
+
 @lru_cache(maxsize=2)
 def digits_source(part: str = "train") -> SpriteSource:
     """scikit-learn's 1797 8x8 digits, half of them ("train" or "test"; disjoint, fixed permutation)."""

@@ -43,6 +43,7 @@ from .base import (
     SegmentationDataset,
     check_int,
     check_size_pair,
+    evenly_spaced,
     make_palette,
 )
 from .classnames import (
@@ -77,11 +78,13 @@ def _resolve(root, subdirs, marker: str, layout: str, name: str) -> Path:
 
 
 def _load_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; converted only when the file is not RGB already (a conversion copies the image)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def _load_label(path: Path) -> np.ndarray:
+    """(H, W) raw label values in the file's integer type (uint8 for 8-bit PNGs; int64 otherwise)."""
     if path.suffix == ".mat":
         from scipy.io import loadmat
 
@@ -90,7 +93,8 @@ def _load_label(path: Path) -> np.ndarray:
         arr = np.asarray(im)
     if arr.ndim == 3:  # colour-saved masks: the value is in every channel
         arr = arr[..., 0]
-    return arr.astype(np.int64)
+    # 1-bit (bool) and float images become ints, to index a lookup table by value
+    return arr if arr.dtype.kind in "iu" else arr.astype(np.int64)
 
 
 class FileSegmentationDataset(SegmentationDataset):
@@ -109,7 +113,8 @@ class FileSegmentationDataset(SegmentationDataset):
     image_size : int or (int, int), optional
         Resize every item to (h, w) (image bilinear, label nearest); default: native size.
     num_images : int, optional
-        Use only the first ``num_images`` pairs.
+        Use only ``num_images`` pairs, spread evenly over the sorted list (see
+        :func:`~gmmseg_core.data.base.evenly_spaced`); all of them when there are no more.
     transform : callable, optional
     """
 
@@ -119,7 +124,7 @@ class FileSegmentationDataset(SegmentationDataset):
         self.name = name
         self.pairs = list(pairs)
         if num_images is not None:
-            self.pairs = self.pairs[: check_int("num_images", num_images)]
+            self.pairs = evenly_spaced(self.pairs, check_int("num_images", num_images))
         self.classes, self.palette = list(classes), np.asarray(palette, dtype=np.uint8)
         self.label_map = label_map
         self.image_size = None if image_size is None else check_size_pair("image_size", image_size)
@@ -144,15 +149,20 @@ class FileSegmentationDataset(SegmentationDataset):
         return f"{self.name}-{self.split}-{len(self)}-{self.image_size}-{self.root}-{self._fingerprint}"
 
     def _map(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label values (H, W), any integer type -> dataset labels (H, W) uint8 (a new, writable array)."""
         if self.label_map is None:
-            return raw
-        if callable(self.label_map):
-            return self.label_map(raw)
-        table = self.label_map
+            return raw.astype(np.uint8)
+        if callable(self.label_map):         # written for int64 values (``raw - 1`` must not wrap around)
+            return np.asarray(self.label_map(raw.astype(np.int64))).astype(np.uint8)
+        # the table cast to uint8 gives, value for value, the int64 lookup cast to uint8; an 8-bit label indexes
+        # a table of 256 entries or more directly, without a clipped int64 copy (3 x 16 MB at 1024 x 2048)
+        table = np.asarray(self.label_map).astype(np.uint8)
+        if raw.dtype == np.uint8 and len(table) >= 256:
+            return table[raw]
         return table[np.clip(raw, 0, len(table) - 1)]
 
     def _native_label(self, index: int) -> np.ndarray:
-        return self._map(_load_label(self.pairs[index][1])).astype(np.uint8)
+        return self._map(_load_label(self.pairs[index][1]))
 
     def _resized_label(self, label: np.ndarray) -> np.ndarray:
         if self.image_size is not None and label.shape != self.image_size:

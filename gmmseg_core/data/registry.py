@@ -12,7 +12,9 @@ class DatasetEntry:
     """A registered dataset. ``needs_root``: it cannot be built without a data root. ``reads_root``: a root
     given changes what it loads (every dataset that needs one, and those that only look for files there).
     ``options``: the keyword arguments its factory takes besides ``split`` and ``root`` (None: read from the
-    factory's signature, see :func:`dataset_options`)."""
+    factory's signature, see :func:`dataset_options`). ``root_key``: ``root_key(root) -> str or None``, what a
+    given root makes the dataset read, for trained-model cache keys (None: what it reads without a root; no
+    ``root_key``: the root itself)."""
 
     name: str
     factory: Callable
@@ -21,6 +23,7 @@ class DatasetEntry:
     needs_root: bool
     reads_root: bool = True
     options: tuple[str, ...] | None = None
+    root_key: Callable | None = None
 
 
 _REGISTRY: dict[str, DatasetEntry] = {}
@@ -34,13 +37,16 @@ def keyword_names(target: Callable, skip=()) -> tuple[str, ...]:
 
 
 def register_dataset(name: str, splits, description: str = "", needs_root: bool = False, reads_root: bool = True,
-                     options=None):
+                     options=None, root_key=None):
     """Decorator registering ``factory(split, root=None, **kw) -> SegmentationDataset`` under ``name``.
 
     ``reads_root=False`` declares that the factory ignores ``root`` (generated or bundled data), so trained-model
     caches need not tell runs apart by their data root. ``options`` names the keyword arguments a factory taking
     ``**kw`` passes on (e.g. ``keyword_names(MyDataset, skip=("split",))``), so that unknown ones are refused
-    by name before anything is built; without it such a factory's keywords are not checked.
+    by name before anything is built; without it such a factory's keywords are not checked. ``root_key(root)``
+    says what a given root makes the factory read, as a string, or None when that is what it reads without one
+    (a root that holds none of its files), so that trained-model caches tell runs apart by what they read
+    rather than by where the root is.
     """
     if needs_root and not reads_root:
         raise ValueError(f"dataset {name!r}: a dataset that needs a root reads it (needs_root=True, reads_root=False)")
@@ -49,7 +55,7 @@ def register_dataset(name: str, splits, description: str = "", needs_root: bool 
         if name in _REGISTRY:
             raise ValueError(f"dataset name {name!r} is already registered")
         _REGISTRY[name] = DatasetEntry(name, factory, tuple(splits), description, needs_root, reads_root,
-                                       None if options is None else tuple(options))
+                                       None if options is None else tuple(options), root_key)
         return factory
 
     return wrap
