@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gmmseg_core import __version__
+from gmmseg_core._files import atomic_write_text
 from gmmseg_core.profiles import PROFILES
 
 __all__ = ["TrainConfig", "PROFILES", "parse_overrides"]
@@ -168,7 +169,7 @@ class TrainConfig:
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")      # a run's config.json is rewritten on every resume
         return text
 
     @classmethod

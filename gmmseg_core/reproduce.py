@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._files import atomic_write_text
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -437,7 +438,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)
         result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-        (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(out_dir / "timings.json", json.dumps(result, indent=2))
     done = len(paths) - len(failures)
     log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
         flush=True)

@@ -407,3 +407,71 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data-root", "data", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data_root"] == str(tmp_path.resolve() / "data")
+
+
+def test_a_full_disk_while_checkpointing_gives_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):      # how torch.save reports a full disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+                 "--run-name", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gmmseg train: error: cannot write {str(tmp_path / 'r' / 'checkpoint.pt')!r} (is the "
+                          "disk full?)") and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists()
+
+
+def test_reproduce_stopped_while_saving_keeps_the_previous_figure_and_table(tmp_path, monkeypatch):
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import savefig, write_table
+
+    fig = plt.figure()
+    png = savefig(fig, tmp_path, "f")
+    md, table = write_table([{"a": 1}], ["a"], tmp_path, "t")
+    before = {p: p.read_bytes() for p in (png, md, table)}
+
+    def stopped(self, fname, **kwargs):          # the kernel is killed half-way through the PNG
+        with open(fname, "wb") as f:
+            f.write(before[png][:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(fig), "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        savefig(fig, tmp_path, "f")
+
+    def full_disk(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_table([{"a": 2}], ["a"], tmp_path, "t")
+    plt.close(fig)
+    assert png.read_bytes() == before[png] and table.read_bytes() == before[table]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "t.csv", "t.md"]
+
+
+def test_bench_stopped_while_writing_results_keeps_results_md_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from benchmarks.results import write_section
+
+    results = tmp_path / "RESULTS.md"
+    write_section("a", "first", results)
+    before = results.read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):       # half the text, then the disk is full
+        real_write_text(self, text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_section("b", "second", results)
+    monkeypatch.undo()
+    assert results.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md"]
