@@ -1,10 +1,13 @@
-"""Crash-safe file writes: a kill or a full disk leaves a file whole, with its old content or its new one."""
+"""Crash-safe file writes and progress bars that suit a log file as well as a terminal."""
 
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import suppress
 from pathlib import Path
+
+LOG_REFRESH_S = 30.0   # seconds between progress-bar redraws when stderr is a file or a CI log
 
 
 def atomic_write(path, write) -> Path:
@@ -46,3 +49,15 @@ def atomic_write_text(path, text: str) -> Path:
     """``Path(path).write_text(text)`` through :func:`atomic_write`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
+
+def progress_bar(*args, **kwargs):
+    """``tqdm.auto.tqdm(*args, **kwargs)``, redrawn at most every ``LOG_REFRESH_S`` seconds when stderr is not a
+    terminal (a log file, a CI job), where each of tqdm's ten redraws a second would stay in the log. A terminal
+    or a Jupyter kernel keeps tqdm's own rate; an explicit ``mininterval`` wins."""
+    from tqdm.auto import tqdm
+
+    isatty = getattr(sys.stderr, "isatty", None)
+    interactive = (callable(isatty) and isatty()) or "ipykernel" in sys.modules
+    if not interactive:
+        kwargs.setdefault("mininterval", LOG_REFRESH_S)
+    return tqdm(*args, **kwargs)

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
-from tqdm.auto import tqdm
 
+from gmmseg_core._files import progress_bar
 from gmmseg_core.metrics import (
     AnomalyMetric,
     CalibrationMetric,
@@ -151,7 +151,7 @@ def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
         dataset = Subset(dataset, range(min(int(max_images), len(dataset))))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_by_size)
-    for runs in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for runs in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         yield from runs
 
 

@@ -53,9 +53,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
 
-from gmmseg_core._files import atomic_write, atomic_write_text
+from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
@@ -491,7 +490,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     raw_model.train()
     log_file = open(run_dir / "log.csv", "a", newline="") if master else None
     writer = None
-    bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
+    bar = progress_bar(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
                dynamic_ncols=True)
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
@@ -552,7 +551,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 writer.writerow(row)
                 if step % cfg.log_interval == 0 or step == cfg.iters:
                     log_file.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                    # shown by the bar's next redraw: a forced one every log_interval steps would flood a log file
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
             # fp16: the GradScaler skips an update whose gradients overflow, so one bad step is not fatal
             if nonfinite >= (NONFINITE_FP16_STEPS if amp == "fp16" else 1):
@@ -781,12 +781,12 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
         if not is_finished(run_dir):
             todo.setdefault(run_dir, cfg)
     if processes == 1 or len(todo) <= 1:
-        for cfg in tqdm(todo.values(), desc="train", disable=not progress or len(todo) <= 1):
+        for cfg in progress_bar(todo.values(), desc="train", disable=not progress or len(todo) <= 1):
             train_cached(cfg, cache_dir)
         return run_dirs
     failures = []
     pool = ProcessPoolExecutor(max_workers=min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn"))
-    bar = tqdm(total=len(todo), desc=f"train ({processes} processes)", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"train ({processes} processes)", disable=not progress)
     try:
         futures = {pool.submit(_train_cached_in_worker, cfg.to_dict(), str(cache_dir), torch.get_num_threads()):
                    run_dir.name for run_dir, cfg in todo.items()}

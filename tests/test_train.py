@@ -996,3 +996,45 @@ def test_training_images_of_different_sizes_are_refused_with_the_remedy(tmp_path
     with pytest.raises(ValueError, match=r"mixes image sizes \[\(24, 32\), \(32, 24\)\].*image_size.*crop_size"):
         train(cfg)
 
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def _redraws(monkeypatch, stream, steps=300):
+    """Redraws of a progress bar over ``steps`` items written to ``stream``, on a clock that ticks 1 s a read."""
+    import itertools
+    import sys
+
+    import tqdm.std
+
+    from gmmseg_core._files import progress_bar
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    for _ in progress_bar(range(steps), desc="train"):
+        pass
+    return stream.getvalue().count("\r")
+
+
+def test_a_progress_bar_written_to_a_log_file_redraws_every_half_minute(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # ~300 s of work: a log file (a CI job) gets a line every 30 s, a terminal tqdm's own 10 a second
+    assert _redraws(monkeypatch, io.StringIO()) <= 300 / 30 + 2
+    assert _redraws(monkeypatch, Terminal()) > 100
+
+
+def test_a_training_logged_to_a_file_does_not_redraw_its_bar_every_log_interval(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)      # as outside a notebook
+    train(tiny_cfg(tmp_path, iters=8, log_interval=1, progress=True, head="softmax", head_kwargs={}))
+    bar = capsys.readouterr().err
+    assert "8/8" in bar and "loss=" in bar               # the final line says where the run ended
+    assert bar.count("\r") <= 3                           # opened, closed (and maybe once between)
