@@ -409,6 +409,14 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, capsys
     assert json.loads(capsys.readouterr().out)["data_root"] == str(tmp_path.resolve() / "data")
 
 
+def test_the_command_and_its_help_need_no_torch():
+    # --help answers at once, and a Ctrl-C while the command starts stops it without a traceback from torch's import
+    code = ("import sys; from gmmseg_core.cli import build_parser; build_parser().format_help(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_a_full_disk_while_checkpointing_gives_a_one_line_error(tmp_path, monkeypatch, capsys):
     import torch
 
