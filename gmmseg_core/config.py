@@ -177,12 +177,15 @@ class TrainConfig:
         """Load from a JSON file path or a JSON string (an object of fields).
 
         ``ValueError`` names the source (``label``, e.g. ``"--config"``, then the path or text) for a directory,
-        text that is not JSON, and JSON that is not an object.
+        text that is not JSON, and JSON that is not an object; ``FileNotFoundError`` names it for a missing file.
         """
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             if Path(text).is_dir():
                 raise ValueError(f"{label} must be a JSON file, got the directory {text!r}")
+            if not Path(text).exists():
+                raise FileNotFoundError(f"{label} {text!r} does not exist; expected a JSON file of TrainConfig "
+                                        "fields (or the JSON object itself)")
             text = Path(text).read_text()
         try:
             data = json.loads(text)

@@ -417,6 +417,12 @@ def test_the_command_and_its_help_need_no_torch():
     assert out.strip() == "False"
 
 
+def test_train_names_a_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["train", "--config", str(missing), "--print-config"]) == 2
+    assert f"--config {str(missing)!r} does not exist; expected a JSON file" in capsys.readouterr().err
+
+
 def test_a_full_disk_while_checkpointing_gives_a_one_line_error(tmp_path, monkeypatch, capsys):
     import torch
 
