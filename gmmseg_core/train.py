@@ -491,7 +491,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     log_file = open(run_dir / "log.csv", "a", newline="") if master else None
     writer = None
     bar = progress_bar(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
-               dynamic_ncols=True)
+                       dynamic_ncols=True)
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
