@@ -160,7 +160,8 @@ def test_reproduce_delegates(monkeypatch):
                  "--out-dir", "o", "--threads", "2"]) == 0
     assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir=None,
                                        cache_dir=None, notebooks=None, threads=2, parameters=None,
-                                       keep_going=False))]
+                                       keep_going=False, progress=True))]
+    assert main(["reproduce", "--no-progress"]) == 0 and calls[-1][1]["progress"] is False
 
 
 def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
@@ -489,3 +490,21 @@ def test_bench_stopped_while_writing_results_keeps_results_md_whole(tmp_path, mo
         write_section("b", "second", results)
     monkeypatch.undo()
     assert results.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md"]
+
+
+def test_reproduce_shows_the_running_notebooks_progress_over_its_cells(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("out_dir = None\nfigures_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("y = x + 1")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "long_study.ipynb")
+    args = ["reproduce", "--profile", "smoke", "--notebooks", str(tmp_path / "long_study.ipynb"),
+            "--out-dir", str(tmp_path / "out"), "--figures-dir", str(tmp_path / "fig")]
+    assert main(args) == 0
+    err = capsys.readouterr().err        # a notebook can run for hours between its start and end lines
+    assert "long_study:" in err and "/4 [" in err and "cell" in err
+    assert main([*args, "--no-progress"]) == 0
+    assert "long_study:" not in capsys.readouterr().err
