@@ -508,3 +508,15 @@ def test_reproduce_shows_the_running_notebooks_progress_over_its_cells(tmp_path,
     assert "long_study:" in err and "/4 [" in err and "cell" in err
     assert main([*args, "--no-progress"]) == 0
     assert "long_study:" not in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_that_nothing_was_trained(tmp_path, capsys):
+    args = ["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert f"the run in {str(tmp_path / 'r')!r} was already finished at step 2: nothing trained" in \
+        capsys.readouterr().err
+    assert main([*args, "--resume", "--iters", "3"]) == 0              # continued: trained, nothing to say
+    assert "already finished" not in capsys.readouterr().err
