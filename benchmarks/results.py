@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from gmmseg_core._files import atomic_write_text
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -24,7 +26,7 @@ def write_section(name, body, path=RESULTS):
         text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip() + "\n"
     else:
         text = text.rstrip() + "\n\n" + section
-    path.write_text(text)
+    atomic_write_text(path, text)       # a benchmark stopped while writing leaves RESULTS.md whole
 
 
 def machine_note(threads):

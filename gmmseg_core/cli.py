@@ -214,6 +214,15 @@ def _run_dir_of(config_path, cfg):
     return folder if folder.name == cfg.run_name or (folder / "checkpoint.pt").exists() else None
 
 
+def _finished_step(run_dir):
+    """The last step of the finished run in ``run_dir``, None when there is none."""
+    from gmmseg_core.train import is_finished
+
+    if not is_finished(run_dir):
+        return None
+    return (json.loads((run_dir / "metrics.json").read_text()).get("final") or {}).get("step")
+
+
 def cmd_train(args) -> int:
     from gmmseg_core.train import CHECKPOINT, train
 
@@ -227,9 +236,13 @@ def cmd_train(args) -> int:
                          "continue it, --overwrite to start it again, or --run-name for a new run")
     if cfg.resume and not cfg.run_dir.exists():   # (train() itself warns about a run that left no checkpoint)
         print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
+    finished_at = _finished_step(cfg.run_dir) if cfg.resume else None
     run_dir = train(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     final = metrics.get("final") or {}
+    if finished_at == cfg.iters:        # else it trained, from its checkpoint or continued to a larger --iters
+        print(f"the run in {str(run_dir)!r} was already finished at step {cfg.iters}: nothing trained (a larger "
+              "--iters continues it)", file=sys.stderr)
     if final:
         print(f"final: mIoU {100 * final['miou']:.2f}  pixel acc {100 * final['pixel_acc']:.2f}  "
               f"ECE {100 * final['ece']:.2f}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gmmseg_core import __version__
+from gmmseg_core._files import atomic_write_text
 from gmmseg_core.profiles import PROFILES
 
 __all__ = ["TrainConfig", "PROFILES", "parse_overrides"]
@@ -170,7 +171,7 @@ class TrainConfig:
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            atomic_write_text(path, text + "\n")      # a run's config.json is rewritten on every resume
         return text
 
     @classmethod
@@ -178,12 +179,15 @@ class TrainConfig:
         """Load from a JSON file path or a JSON string (an object of fields).
 
         ``ValueError`` names the source (``label``, e.g. ``"--config"``, then the path or text) for a directory,
-        text that is not JSON, and JSON that is not an object.
+        text that is not JSON, and JSON that is not an object; ``FileNotFoundError`` names it for a missing file.
         """
         text = str(path_or_text)
         if not text.lstrip().startswith("{"):
             if Path(text).is_dir():
                 raise ValueError(f"{label} must be a JSON file, got the directory {text!r}")
+            if not Path(text).exists():
+                raise FileNotFoundError(f"{label} {text!r} does not exist; expected a JSON file of TrainConfig "
+                                        "fields (or the JSON object itself)")
             text = Path(text).read_text()
         try:
             data = json.loads(text)

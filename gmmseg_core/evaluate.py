@@ -17,8 +17,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
-from tqdm.auto import tqdm
 
+from gmmseg_core._files import progress_bar
 from gmmseg_core.data.base import evenly_spaced
 from gmmseg_core.metrics import (
     AnomalyMetric,
@@ -153,7 +153,7 @@ def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
         dataset = Subset(dataset, evenly_spaced(range(len(dataset)), int(max_images)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_by_size)
-    for runs in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for runs in progress_bar(loader, desc=desc, disable=not progress, leave=False):
         yield from runs
 
 

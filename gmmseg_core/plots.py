@@ -15,6 +15,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
+from gmmseg_core._files import atomic_write, atomic_write_text
+
 HEAD_COLORS = {"softmax": "#d62728", "gmm_paper": "#1f77b4", "gmm_official": "#2ca02c", "gmm": "#1f77b4"}
 
 
@@ -26,13 +28,14 @@ def to_numpy(x) -> np.ndarray:
 
 
 def savefig(fig, figures_dir, name: str, dpi: int = 110) -> Path:
-    """Save ``fig`` as ``<figures_dir>/<name>.png`` (stable name, tight bounding box) and return the path."""
+    """Save ``fig`` as ``<figures_dir>/<name>.png`` (stable name, tight bounding box) and return the path.
+
+    Written atomically: a run stopped while saving leaves the previous figure whole, never a truncated PNG."""
     if not name or "/" in name or name.endswith(".png"):
         raise ValueError(f"name must be a bare file stem like 'closed_set_miou', got {name!r}")
     path = Path(figures_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 # ---------------------------------------------------------------- tables
@@ -64,7 +67,7 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str], digits: int 
 def write_table(rows: Sequence[Mapping], columns: Sequence[str], figures_dir, stem: str,
                 title: str | None = None, notes: str | None = None, csv_rows: Sequence[Mapping] | None = None,
                 csv_columns: Sequence[str] | None = None) -> tuple[Path, Path]:
-    """Write ``<stem>.md`` (title, table, notes) and ``<stem>.csv`` into ``figures_dir``.
+    """Write ``<stem>.md`` (title, table, notes) and ``<stem>.csv`` into ``figures_dir``, each atomically.
 
     The CSV holds ``csv_rows`` / ``csv_columns`` when given (raw numbers for machines), else the same rows
     as the Markdown table.
@@ -79,14 +82,18 @@ def write_table(rows: Sequence[Mapping], columns: Sequence[str], figures_dir, st
     text = (f"# {title}\n\n" if title else "") + markdown_table(rows, columns)
     if notes:
         text += "\n" + notes.strip() + "\n"
-    md_path.write_text(text)
+    atomic_write_text(md_path, text)
     csv_rows = rows if csv_rows is None else csv_rows
     csv_columns = list(columns if csv_columns is None else csv_columns)
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=csv_columns, extrasaction="ignore")
-        w.writeheader()
-        for r in csv_rows:
-            w.writerow({c: r.get(c) for c in csv_columns})
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=csv_columns, extrasaction="ignore")
+            w.writeheader()
+            for r in csv_rows:
+                w.writerow({c: r.get(c) for c in csv_columns})
+
+    atomic_write(csv_path, write_csv)
     return md_path, csv_path
 
 

@@ -39,8 +39,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 NOTEBOOKS = (
     "01_discriminative_vs_generative",
     "02_sinkhorn_em",
@@ -231,6 +229,9 @@ class ExperimentRuns:
         """One torch thread for trainings on the CPU, as ``gmmseg reproduce`` runs them: a run is bit-for-bit
         reproducible only at one thread count, and the cache key does not hold it, so a notebook opened by hand
         (torch's default: every core) would otherwise put other models under the reference run's keys."""
+        # imported here: the gmmseg command reads the profiles to build its --help, which needs no torch
+        import torch
+
         if str(self.device or "cpu").startswith("cuda"):
             yield
             return

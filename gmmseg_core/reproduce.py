@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._files import atomic_write_text
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -159,8 +160,12 @@ def _source_cell_index(notebook: Path, err) -> int | None:
     return err.cell_index
 
 
-def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | None = None) -> float:
+def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | None = None,
+                 progress: bool = True) -> float:
     """Execute one notebook with papermill; returns its duration in seconds.
+
+    ``progress`` shows a bar over the notebook's cells on stderr (one redraw per cell): a notebook can run for
+    hours, and its outputs go to the executed copy, not to the console.
 
     Raises
     ------
@@ -191,7 +196,8 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     try:
         pm.execute_notebook(
             str(notebook), str(output_path), parameters=parameters, kernel_name=kernel_name,
-            cwd=str(notebook.parent), progress_bar=False, log_output=False, km=km,
+            cwd=str(notebook.parent), progress_bar={"desc": notebook.stem, "leave": False} if progress else False,
+            log_output=False, km=km,
         )
         kernel_idle = True
     except PapermillExecutionError as err:
@@ -306,7 +312,7 @@ class NotebooksFailedError(RuntimeError):
 
 def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir=None,
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
-              keep_going: bool = False, log=print) -> dict:
+              keep_going: bool = False, log=print, progress: bool = True) -> dict:
     """Execute the study notebooks for ``profile`` and collect their timings.
 
     Parameters
@@ -341,7 +347,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         earlier one did not), then raise :class:`NotebooksFailedError` naming every failure. Default: stop at
         the first failure.
     log : callable
-        Progress printer (``print`` by default).
+        Progress printer (``print`` by default): a line as each notebook starts and ends.
+    progress : bool
+        A bar over the running notebook's cells on stderr.
 
     Returns
     -------
@@ -418,7 +426,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                 start, error = time.perf_counter(), None
                 entry = result["notebooks"][name] = {"output": str(output)}
                 try:
-                    run_notebook(nb_path, output, params, kernel_name=kernel)
+                    run_notebook(nb_path, output, params, kernel_name=kernel, progress=progress)
                 except NotebookExecutionError as err:
                     entry.update(seconds=round(time.perf_counter() - start, 2), error=str(err))
                     if not keep_going:
@@ -437,7 +445,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)
         result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-        (out_dir / "timings.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(out_dir / "timings.json", json.dumps(result, indent=2))
     done = len(paths) - len(failures)
     log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
         flush=True)
@@ -459,6 +467,7 @@ def add_arguments(parser):
     parser.add_argument("--cache-dir", default=None, help="trained-model cache (default <out-dir>/cache)")
     parser.add_argument("--notebooks", nargs="+", default=None, help="run only these notebooks (names or paths)")
     parser.add_argument("--threads", type=int, default=None, help="threads per kernel (default 1 on the CPU)")
+    parser.add_argument("--no-progress", action="store_true", help="no bar over the running notebook's cells")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing notebook run the later ones anyway, then exit 1 naming every failure")
     parser.add_argument("--set", dest="parameters", action="append", default=None, metavar="NAME=VALUE",
@@ -478,7 +487,8 @@ def run_from_args(args) -> int:
             raise ValueError(f"--set names a notebook parameter (a Python name), got {bad}")
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
-                  threads=args.threads, parameters=parameters or None, keep_going=args.keep_going)
+                  threads=args.threads, parameters=parameters or None, keep_going=args.keep_going,
+                  progress=not args.no_progress)
     except (ValueError, ImportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

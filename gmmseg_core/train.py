@@ -12,8 +12,11 @@ Run directory (``cfg.run_dir``)::
     log.csv          one row per step: step, loss, ce, aux, lr, grad_norm, step_time_s
     metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool,
                      "train_time_s": wall time of every segment of the run, evaluations included, ...}
-    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position (written
-                     atomically: a temporary file then ``os.replace``)
+    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position
+
+The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
+disk leaves each whole, old or new. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
+row a kill tore.
 
 Determinism and resume: the data order is a pure function of (seed, step): the image stream is the
 concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`` of a run with global batch
@@ -52,8 +55,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader, Dataset, default_collate
-from tqdm.auto import tqdm
 
+from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
@@ -184,14 +187,8 @@ def _set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(_jsonable(obj), indent=2) + "\n"))
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
 def _jsonable(obj):
@@ -499,7 +496,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                          rng=_rng_state(), data=dict(step=at_step, epoch_length=batches.epoch_length,
                                                      seed=cfg.seed, world_size=world),
                          config=cfg.to_dict(), model_spec=spec, metrics=metrics)
-            _atomic_write(ckpt_path, lambda p: torch.save(state, p))
+            atomic_write(ckpt_path, lambda p: torch.save(state, p))
         if ddp:
             dist.barrier()
 
@@ -507,8 +504,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     raw_model.train()
     log_file = open(run_dir / "log.csv", "a", newline="") if master else None
     writer = None
-    bar = tqdm(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
-               dynamic_ncols=True)
+    bar = progress_bar(total=cfg.iters, initial=step, desc="train", disable=not (master and cfg.progress),
+                       dynamic_ncols=True)
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
@@ -568,7 +565,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 writer.writerow(row)
                 if step % cfg.log_interval == 0 or step == cfg.iters:
                     log_file.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                    # shown by the bar's next redraw: a forced one every log_interval steps would flood a log file
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
             # fp16: the GradScaler skips an update whose gradients overflow, so one bad step is not fatal
             if nonfinite >= (NONFINITE_FP16_STEPS if amp == "fp16" else 1):
@@ -659,11 +657,15 @@ def _truncate_log(path: Path, step: int) -> None:
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        # complete rows only: a kill can leave a torn last row behind (the file is flushed every few steps)
-        writer.writerows(r for r in rows if all(r.values()) and r["step"].isdigit() and int(r["step"]) <= step)
+
+    def write(tmp: Path) -> None:       # into a new file: a failed or killed rewrite keeps every row of the old one
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            # complete rows only: a kill can leave a torn last row behind (the file is flushed every few steps)
+            writer.writerows(r for r in rows if all(r.values()) and r["step"].isdigit() and int(r["step"]) <= step)
+
+    atomic_write(path, write)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -793,12 +795,12 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
         if not is_finished(run_dir):
             todo.setdefault(run_dir, cfg)
     if processes == 1 or len(todo) <= 1:
-        for cfg in tqdm(todo.values(), desc="train", disable=not progress or len(todo) <= 1):
+        for cfg in progress_bar(todo.values(), desc="train", disable=not progress or len(todo) <= 1):
             train_cached(cfg, cache_dir)
         return run_dirs
     failures = []
     pool = ProcessPoolExecutor(max_workers=min(processes, len(todo)), mp_context=multiprocessing.get_context("spawn"))
-    bar = tqdm(total=len(todo), desc=f"train ({processes} processes)", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"train ({processes} processes)", disable=not progress)
     try:
         futures = {pool.submit(_train_cached_in_worker, cfg.to_dict(), str(cache_dir), torch.get_num_threads()):
                    run_dir.name for run_dir, cfg in todo.items()}

@@ -160,7 +160,8 @@ def test_reproduce_delegates(monkeypatch):
                  "--out-dir", "o", "--threads", "2"]) == 0
     assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir=None,
                                        cache_dir=None, notebooks=None, threads=2, parameters=None,
-                                       keep_going=False))]
+                                       keep_going=False, progress=True))]
+    assert main(["reproduce", "--no-progress"]) == 0 and calls[-1][1]["progress"] is False
 
 
 def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
@@ -407,3 +408,115 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data-root", "data", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["data_root"] == str(tmp_path.resolve() / "data")
+
+
+def test_the_command_and_its_help_need_no_torch():
+    # --help answers at once, and a Ctrl-C while the command starts stops it without a traceback from torch's import
+    code = ("import sys; from gmmseg_core.cli import build_parser; build_parser().format_help(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_train_names_a_missing_config_file(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    assert main(["train", "--config", str(missing), "--print-config"]) == 2
+    assert f"--config {str(missing)!r} does not exist; expected a JSON file" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_checkpointing_gives_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    def full_disk(obj, f, *args, **kwargs):      # how torch.save reports a full disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+                 "--run-name", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gmmseg train: error: cannot write {str(tmp_path / 'r' / 'checkpoint.pt')!r} (is the "
+                          "disk full?)") and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists()
+
+
+def test_reproduce_stopped_while_saving_keeps_the_previous_figure_and_table(tmp_path, monkeypatch):
+    import csv
+
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import savefig, write_table
+
+    fig = plt.figure()
+    png = savefig(fig, tmp_path, "f")
+    md, table = write_table([{"a": 1}], ["a"], tmp_path, "t")
+    before = {p: p.read_bytes() for p in (png, md, table)}
+
+    def stopped(self, fname, **kwargs):          # the kernel is killed half-way through the PNG
+        with open(fname, "wb") as f:
+            f.write(before[png][:100])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(fig), "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        savefig(fig, tmp_path, "f")
+
+    def full_disk(self, row):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerow", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_table([{"a": 2}], ["a"], tmp_path, "t")
+    plt.close(fig)
+    assert png.read_bytes() == before[png] and table.read_bytes() == before[table]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.png", "t.csv", "t.md"]
+
+
+def test_bench_stopped_while_writing_results_keeps_results_md_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from benchmarks.results import write_section
+
+    results = tmp_path / "RESULTS.md"
+    write_section("a", "first", results)
+    before = results.read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):       # half the text, then the disk is full
+        real_write_text(self, text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_section("b", "second", results)
+    monkeypatch.undo()
+    assert results.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["RESULTS.md"]
+
+
+def test_reproduce_shows_the_running_notebooks_progress_over_its_cells(tmp_path, capsys):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("out_dir = None\nfigures_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("y = x + 1")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "long_study.ipynb")
+    args = ["reproduce", "--profile", "smoke", "--notebooks", str(tmp_path / "long_study.ipynb"),
+            "--out-dir", str(tmp_path / "out"), "--figures-dir", str(tmp_path / "fig")]
+    assert main(args) == 0
+    err = capsys.readouterr().err        # a notebook can run for hours between its start and end lines
+    assert "long_study:" in err and "/4 [" in err and "cell" in err
+    assert main([*args, "--no-progress"]) == 0
+    assert "long_study:" not in capsys.readouterr().err
+
+
+def test_resuming_a_finished_run_says_that_nothing_was_trained(tmp_path, capsys):
+    args = ["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert f"the run in {str(tmp_path / 'r')!r} was already finished at step 2: nothing trained" in \
+        capsys.readouterr().err
+    assert main([*args, "--resume", "--iters", "3"]) == 0              # continued: trained, nothing to say
+    assert "already finished" not in capsys.readouterr().err

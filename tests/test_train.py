@@ -864,6 +864,70 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 1
 
 
+def test_a_full_disk_under_torch_save_names_the_checkpoint_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def full_disk(obj, f, *args, **kwargs):    # torch.save reports a full disk as a RuntimeError, half-way through
+        saves["n"] += 1
+        if saves["n"] == 2:
+            with open(f, "wb") as out:
+                out.write(b"PK\x03\x04 half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 497280 vs 497168")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=1, head="softmax", head_kwargs={})
+    with pytest.raises(OSError, match=r"cannot write '.*checkpoint\.pt' \(is the disk full\?\).*left as it was"):
+        train(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["checkpoint.pt", "config.json", "log.csv"]
+    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["step"] == 1
+
+
+def test_a_failed_log_rewrite_on_resume_keeps_every_row(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, iters=6, checkpoint_interval=2, head="softmax", head_kwargs={})
+    train(cfg, stop_after=3)
+    log = cfg.run_dir / "log.csv"
+    before = log.read_text()
+    assert before.count("\n") == 4            # the header and steps 1-3
+
+    def full_disk(self, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg.replace(resume=True))       # the resume drops step 3 from the log, on a full disk
+    assert log.read_text() == before
+    monkeypatch.undo()
+    train(cfg.replace(resume=True))
+    with open(log) as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_failed_config_write_on_resume_keeps_the_runs_config_json(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={}, run_name="r")
+    train(cfg)
+    config = cfg.run_dir / "config.json"
+    before = config.read_text()
+    real_write_text = Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):    # opened (so emptied) for writing, then the disk is full
+        if self.name.startswith("config.json"):
+            real_write_text(self, "")
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(cfg.replace(resume=True, iters=3))
+    monkeypatch.undo()
+    assert config.read_text() == before      # gmmseg train --config <run>/config.json --resume still works
+    assert TrainConfig.from_json(config) == cfg
+
+
 def test_resume_restores_the_random_state_of_a_model_that_draws_random_numbers(tmp_path):
     cfg = tiny_cfg(tmp_path, iters=4, checkpoint_interval=2, head="softmax", head_kwargs={"dropout": 0.5})
     full = train(cfg.replace(run_name="full"))
@@ -1036,3 +1100,46 @@ def test_training_images_of_different_sizes_are_refused_with_the_remedy(tmp_path
     cfg = tiny_cfg(tmp_path, dataset="ade20k", data_root=root, iters=1, dataset_kwargs={})
     with pytest.raises(ValueError, match=r"mixes image sizes \[\(24, 32\), \(32, 24\)\].*image_size.*crop_size"):
         train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def _redraws(monkeypatch, stream, steps=300):
+    """Redraws of a progress bar over ``steps`` items written to ``stream``, on a clock that ticks 1 s a read."""
+    import itertools
+    import sys
+
+    import tqdm.std
+
+    from gmmseg_core._files import progress_bar
+
+    clock = itertools.count(0.0, 1.0)
+    monkeypatch.setattr(tqdm.std, "time", lambda: next(clock))
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    for _ in progress_bar(range(steps), desc="train"):
+        pass
+    return stream.getvalue().count("\r")
+
+
+def test_a_progress_bar_written_to_a_log_file_redraws_every_half_minute(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # ~300 s of work: a log file (a CI job) gets a line every 30 s, a terminal tqdm's own 10 a second
+    assert _redraws(monkeypatch, io.StringIO()) <= 300 / 30 + 2
+    assert _redraws(monkeypatch, Terminal()) > 100
+
+
+def test_a_training_logged_to_a_file_does_not_redraw_its_bar_every_log_interval(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)      # as outside a notebook
+    train(tiny_cfg(tmp_path, iters=8, log_interval=1, progress=True, head="softmax", head_kwargs={}))
+    bar = capsys.readouterr().err
+    assert "8/8" in bar and "loss=" in bar               # the final line says where the run ended
+    assert bar.count("\r") <= 3                           # opened, closed (and maybe once between)

@@ -272,8 +272,8 @@ class GeneratedDataset(SegmentationDataset):
 
     def preload(self, progress: bool = False):
         """Generate (or read from ``cache_dir``) every item now; returns self."""
-        from tqdm.auto import tqdm
+        from gmmseg_core._files import progress_bar
 
-        for i in tqdm(range(len(self)), desc=f"{self.name}/{self.split}", disable=not progress):
+        for i in progress_bar(range(len(self)), desc=f"{self.name}/{self.split}", disable=not progress):
             self._item(i)
         return self

@@ -53,11 +53,11 @@ def class_image_index(dataset, num_classes: int | None = None, ignore_index: int
                 data = json.load(f)
             if data.get("key") == key and data.get("length") == len(dataset):
                 return dict(sorted((int(c), v) for c, v in data["index"].items()))
-    from tqdm.auto import tqdm
+    from gmmseg_core._files import progress_bar
 
     index: dict[int, list[int]] = {}
     load = getattr(dataset, "load_label", None) or (lambda i: np.asarray(dataset[i][1]))
-    for i in tqdm(range(len(dataset)), desc="class index", disable=not progress):
+    for i in progress_bar(range(len(dataset)), desc="class index", disable=not progress):
         present = np.unique(np.asarray(load(i)))
         for c in present.tolist():
             if c == ignore_index or c < 0 or (num_classes is not None and c >= num_classes):
