@@ -9,7 +9,9 @@ import ast
 import csv
 
 import nbformat
+import numpy as np
 import pytest
+import torch
 
 from gmmseg_core.profiles import NOTEBOOKS, PROFILES
 from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
@@ -147,3 +149,54 @@ def test_class_norm_ablation_table(smoke_run):
     assert {r["split"] for r in rows} == {"scenes/anomaly", "scenes/anomaly_near"}
     for r in rows:
         assert 0.0 <= float(r["auroc"]) <= 1.0 and float(r["logit_spread"]) >= 0.0
+
+
+class _Kernel:
+    """A notebook's code cells executed in this process, one namespace, as a kernel opened in ``notebooks/``
+    runs them: the parameters cell, then the smoke profile's values and ``overrides`` (figures and cache under
+    ``tmp_path``). ``run(marker)`` executes the code cell whose source contains ``marker``."""
+
+    def __init__(self, name, tmp_path, monkeypatch, **overrides):
+        monkeypatch.chdir(NOTEBOOK_DIR)
+        self.cells = [c.source for c in nbformat.read(PATHS[name], as_version=4).cells if c.cell_type == "code"]
+        self.ns = {}
+        exec(self.cells[0], self.ns)
+        self.ns.update(PROFILES["smoke"][name], figures_dir=str(tmp_path / "figures"),
+                       cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path), **overrides)
+
+    def run(self, marker):
+        (source,) = [s for s in self.cells if marker in s]
+        exec(source, self.ns)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        return self.ns
+
+
+def test_toy_cells_run_again_draw_the_same_data_and_classifiers(tmp_path, monkeypatch):
+    kernel = _Kernel("01_discriminative_vs_generative", tmp_path, monkeypatch)
+    for marker in ("import numpy", "def sample(", "def fit_softmax("):
+        ns = kernel.run(marker)
+    data, weights = ns["X_train"].copy(), ns["linear"].weight.detach().clone()
+    for marker in ("def sample(", "def fit_softmax("):      # a teacher runs the two cells again
+        ns = kernel.run(marker)
+    assert np.array_equal(ns["X_train"], data)
+    assert torch.equal(ns["linear"].weight, weights)
+
+
+def test_sinkhorn_toy_cell_run_again_fits_the_same_data(tmp_path, monkeypatch):
+    kernel = _Kernel("02_sinkhorn_em", tmp_path, monkeypatch)
+    kernel.run("import time")
+    ns = kernel.run("def toy(")
+    data, final = ns["X_bal"].clone(), ns["results"]["balanced", "em"]["final"].copy()
+    ns = kernel.run("def toy(")
+    assert torch.equal(ns["X_bal"], data)
+    assert np.array_equal(ns["results"]["balanced", "em"]["final"], final)
+
+
+def test_sinkhorn_toy_cell_plots_fits_of_one_iteration(tmp_path, monkeypatch):
+    kernel = _Kernel("02_sinkhorn_em", tmp_path, monkeypatch, max_iter=1)
+    kernel.run("import time")
+    ns = kernel.run("def toy(")
+    assert ns["results"]["balanced", "sinkhorn"]["curves"].shape == (ns["n_starts"], 1)
+    assert (tmp_path / "figures" / "02_toy_lower_bounds.png").is_file()
