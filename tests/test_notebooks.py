@@ -200,3 +200,10 @@ def test_sinkhorn_toy_cell_plots_fits_of_one_iteration(tmp_path, monkeypatch):
     ns = kernel.run("def toy(")
     assert ns["results"]["balanced", "sinkhorn"]["curves"].shape == (ns["n_starts"], 1)
     assert (tmp_path / "figures" / "02_toy_lower_bounds.png").is_file()
+
+
+def test_explorer_refuses_a_head_without_densities_before_training(tmp_path, monkeypatch):
+    kernel = _Kernel("06_explorer", tmp_path, monkeypatch, gmm_kind="softmax")
+    with pytest.raises(ValueError, match="gmm_kind must be 'gmm_paper' or 'gmm_official'.*got 'softmax'"):
+        kernel.run("import numpy")
+    assert not (tmp_path / "cache").exists()
