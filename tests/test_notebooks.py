@@ -207,3 +207,23 @@ def test_explorer_refuses_a_head_without_densities_before_training(tmp_path, mon
     with pytest.raises(ValueError, match="gmm_kind must be 'gmm_paper' or 'gmm_official'.*got 'softmax'"):
         kernel.run("import numpy")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, marker", [("03_closed_set", "candidates = "), ("04_anomaly", "ANOMALY_SPLITS = ")])
+def test_segmentation_notebooks_refuse_a_misspelt_dataset(tmp_path, monkeypatch, name, marker):
+    kernel = _Kernel(name, tmp_path, monkeypatch, datasets=["scenes", "scenez"])
+    kernel.run("import numpy")
+    with pytest.raises(ValueError, match="unknown dataset 'scenez'"):
+        kernel.run(marker)
+
+
+@pytest.mark.parametrize("name, marker, real", [("03_closed_set", "candidates = ", {"real_datasets": ["cityscapes"]}),
+                                                ("04_anomaly", "ANOMALY_SPLITS = ",
+                                                 {"real_anomaly_splits": ["road_anomaly"]})])
+def test_segmentation_notebooks_stop_when_no_dataset_can_be_read(tmp_path, monkeypatch, name, marker, real):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    kernel = _Kernel(name, tmp_path, monkeypatch, datasets=[], data_root=str(empty), **real)
+    kernel.run("import numpy")
+    with pytest.raises(RuntimeError, match="none of the .* can be read"):
+        kernel.run(marker)
