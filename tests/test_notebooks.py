@@ -7,6 +7,8 @@ artefacts each notebook promises.
 
 import ast
 import csv
+import io
+import tokenize
 
 import nbformat
 import numpy as np
@@ -63,6 +65,15 @@ def test_one_parameters_cell_of_plain_literals(name):
             f"{name}: parameters cell may only hold `name = literal` lines, got {ast.unparse(node)!r}"
         ast.literal_eval(node.value)  # raises for anything but a plain literal
     assert set(RUN_PARAMETERS) <= _parameter_names(name), "run-wide parameters are declared"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_parameter_is_explained_on_its_line(name):
+    (cell,) = _parameters(nbformat.read(PATHS[name], as_version=4))
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(cell.source).readline)
+                 if tok.type == tokenize.COMMENT}
+    bare = [node.targets[0].id for node in ast.parse(cell.source).body if node.end_lineno not in commented]
+    assert not bare, f"{name}: parameters without a comment saying what they set: {bare}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
