@@ -284,6 +284,34 @@ def _check_train_params(train_params: dict) -> None:
     missing = sorted(set(TRAIN["cpu"]) - set(train_params) - set(_OPTIONAL_TRAIN_PARAMS))
     if missing:
         raise ValueError(f"train_params is missing {missing}")
+    if isinstance(train_params["image_size"], str):     # an int or [height, width]; a str is a list passed as text
+        raise TypeError(_list_as_text_message("image_size", train_params["image_size"], "an int or [height, width]"))
+
+
+def check_list_parameters(**params) -> None:
+    """Raise ``TypeError`` naming any notebook parameter in ``params`` that is not a list (or tuple).
+
+    papermill's ``-p NAME VALUE`` passes ``[0, 1]`` as the text ``'[0, 1]'``, over whose characters a notebook
+    would loop and fail far from the cause; lists go in as YAML (``-y 'seeds: [0, 1]'``), or through
+    ``gmmseg reproduce --set 'seeds=[0, 1]'`` (JSON).
+
+    Examples
+    --------
+    >>> check_list_parameters(archs=["fcn"], seeds=(0, 1))
+    >>> check_list_parameters(seeds="[0, 1]")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: seeds must be a list, got '[0, 1]' (str); papermill's -p passes a list as text: ... -y 'seeds: [0, 1]'
+    """
+    for name, value in params.items():
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(_list_as_text_message(name, value, "a list"))
+
+
+def _list_as_text_message(name: str, value, expected: str) -> str:
+    text = str(value).strip()
+    shown = text if text.startswith("[") else f"[{text}]"
+    return (f"{name} must be {expected}, got {value!r} ({type(value).__name__}); papermill's -p passes a list as "
+            f"text: give it as YAML, e.g. -y '{name}: {shown}'")
 
 
 def notebook_parameters(profile: str, notebook: str) -> dict:

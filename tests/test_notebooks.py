@@ -8,6 +8,7 @@ artefacts each notebook promises.
 import ast
 import csv
 import io
+import re
 import tokenize
 
 import nbformat
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gmmseg_core.profiles import NOTEBOOKS, PROFILES
+from gmmseg_core.profiles import NOTEBOOKS, PROFILES, ExperimentRuns, check_list_parameters
 from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
 
 PATHS = {name: NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS}
@@ -184,6 +185,7 @@ class _Kernel:
         return self.ns
 
 
+@pytest.mark.filterwarnings("ignore:.*did not converge")  # the smoke profile's few EM iterations
 def test_toy_cells_run_again_draw_the_same_data_and_classifiers(tmp_path, monkeypatch):
     kernel = _Kernel("01_discriminative_vs_generative", tmp_path, monkeypatch)
     for marker in ("import numpy", "def sample(", "def fit_softmax("):
@@ -238,3 +240,21 @@ def test_segmentation_notebooks_stop_when_no_dataset_can_be_read(tmp_path, monke
     kernel.run("import numpy")
     with pytest.raises(RuntimeError, match="none of the .* can be read"):
         kernel.run(marker)
+
+
+@pytest.mark.parametrize("value, shown", [("[0, 1]", "[0, 1]"), ("fcn", "[fcn]"), (0, "[0]")])
+def test_check_list_parameters_names_a_list_passed_as_text(value, shown):
+    with pytest.raises(TypeError, match=rf"^seeds must be a list, got {re.escape(repr(value))} \(.*-y 'seeds: {re.escape(shown)}'$"):
+        check_list_parameters(archs=["fcn"], seeds=value)
+    check_list_parameters(archs=["fcn"], seeds=(0, 1))
+
+
+def test_experiment_runs_refuse_an_image_size_passed_as_text():
+    with pytest.raises(TypeError, match=r"image_size must be an int or \[height, width\], got '\[64, 128\]'"):
+        ExperimentRuns({**PROFILES["smoke"]["03_closed_set"], "image_size": "[64, 128]"})
+
+
+def test_closed_set_notebook_refuses_seeds_passed_as_text_before_training(tmp_path, monkeypatch):
+    kernel = _Kernel("03_closed_set", tmp_path, monkeypatch, seeds="[0]")      # papermill -p seeds '[0]'
+    with pytest.raises(TypeError, match="seeds must be a list"):
+        kernel.run("import csv")
