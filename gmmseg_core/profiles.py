@@ -307,6 +307,27 @@ def check_list_parameters(**params) -> None:
             raise TypeError(_list_as_text_message(name, value, "a list"))
 
 
+def check_working_directory(notebook: str, **paths) -> None:
+    """Raise ``RuntimeError`` when ``paths`` holds relative paths and the kernel does not run in the notebook's folder.
+
+    The parameters cells' defaults (``figures_dir = "../outputs/manual/figures"``, ...) are relative to the folder
+    of the notebooks, where JupyterLab starts a kernel; papermill starts it in the directory papermill was run from
+    unless given ``--cwd``, so that from the repository root they would point into the repository's parent folder.
+
+    Parameters
+    ----------
+    notebook : str
+        The notebook's file name without ``.ipynb`` (e.g. ``"03_closed_set"``), looked for in the working directory.
+    **paths : str or None
+        The run-wide paths the notebook writes or reads (``figures_dir=..., cache_dir=...``); None is skipped.
+    """
+    relative = {name: str(p) for name, p in paths.items() if p is not None and not Path(p).is_absolute()}
+    if relative and not Path(f"{notebook}.ipynb").is_file():
+        raise RuntimeError(f"{relative} are relative to the folder of {notebook}.ipynb, but this kernel runs in "
+                           f"{Path.cwd()}: run papermill with --cwd set to the notebook's folder, or pass "
+                           "absolute paths")
+
+
 def _list_as_text_message(name: str, value, expected: str) -> str:
     text = str(value).strip()
     shown = text if text.startswith("[") else f"[{text}]"

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from gmmseg_core.profiles import NOTEBOOKS, PROFILES, ExperimentRuns, check_list_parameters
+from gmmseg_core.profiles import (
+    NOTEBOOKS,
+    PROFILES,
+    ExperimentRuns,
+    check_list_parameters,
+    check_working_directory,
+)
 from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
 
 PATHS = {name: NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS}
@@ -173,8 +179,8 @@ class _Kernel:
         self.cells = [c.source for c in nbformat.read(PATHS[name], as_version=4).cells if c.cell_type == "code"]
         self.ns = {}
         exec(self.cells[0], self.ns)
-        self.ns.update(PROFILES["smoke"][name], figures_dir=str(tmp_path / "figures"),
-                       cache_dir=str(tmp_path / "cache"), out_dir=str(tmp_path), **overrides)
+        self.ns.update({**PROFILES["smoke"][name], "figures_dir": str(tmp_path / "figures"),
+                        "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path), **overrides})
 
     def run(self, marker):
         (source,) = [s for s in self.cells if marker in s]
@@ -258,3 +264,20 @@ def test_closed_set_notebook_refuses_seeds_passed_as_text_before_training(tmp_pa
     kernel = _Kernel("03_closed_set", tmp_path, monkeypatch, seeds="[0]")      # papermill -p seeds '[0]'
     with pytest.raises(TypeError, match="seeds must be a list"):
         kernel.run("import csv")
+
+
+def test_check_working_directory_wants_the_notebooks_folder_for_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match=r"\{'cache_dir': '../outputs/cpu/cache'\} are relative .* 03_closed_set"):
+        check_working_directory("03_closed_set", figures_dir=str(tmp_path), cache_dir="../outputs/cpu/cache")
+    check_working_directory("03_closed_set", figures_dir=str(tmp_path), cache_dir=str(tmp_path), out_dir=None)
+    (tmp_path / "03_closed_set.ipynb").write_text("{}")
+    check_working_directory("03_closed_set", figures_dir="figures", cache_dir="../outputs/cpu/cache")
+
+
+def test_toy_notebook_run_from_elsewhere_refuses_its_relative_default_paths(tmp_path, monkeypatch):
+    kernel = _Kernel("01_discriminative_vs_generative", tmp_path, monkeypatch,
+                     figures_dir="../outputs/manual/figures")     # the default of the parameters cell
+    monkeypatch.chdir(tmp_path)                                     # papermill run from another directory
+    with pytest.raises(RuntimeError, match="run papermill with --cwd"):
+        kernel.run("import numpy")
