@@ -199,8 +199,12 @@ class ExperimentRuns:
     Attributes
     ----------
     started : float
-        ``time.time()`` at construction: a run whose ``metrics.json`` is newer was trained by this notebook run,
-        an older one came from the cache.
+        ``time.time()`` at construction.
+
+    Notes
+    -----
+    :meth:`trained` reports a model this object trained (there or in :meth:`train_all`) as trained now the first
+    time it returns it, and as cached after that: a later cell, or the same cell run again, reads it back.
 
     Examples
     --------
@@ -215,6 +219,7 @@ class ExperimentRuns:
         self.device, self.data_root, self.cache_dir = device, data_root, Path(cache_dir)
         _check_train_params(self.train_params)      # fails here rather than at the first model
         self.started = time.time()
+        self._unreported: set[Path] = set()         # run directories trained here, not yet reported by trained()
 
     def config(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, model_kwargs: dict | None = None,
                **head_overrides):
@@ -242,10 +247,18 @@ class ExperimentRuns:
         """Train the configurations not yet in the cache, up to ``processes`` at a time (see
         :func:`~gmmseg_core.train.train_cached_many`; on the CPU single-threaded, see ``_training_threads``);
         returns their run directories."""
-        from .train import train_cached_many
+        from .train import is_finished, train_cached_many
 
+        configs = list(configs)
+        pending = {run_dir for run_dir in map(self._run_dir, configs) if not is_finished(run_dir)}
         with self._training_threads():
-            return train_cached_many(configs, self.cache_dir, processes=processes)
+            run_dirs = train_cached_many(configs, self.cache_dir, processes=processes)
+        self._unreported |= pending
+        return run_dirs
+
+    def _run_dir(self, cfg) -> Path:
+        """Where ``train_cached`` keeps ``cfg`` in this object's cache."""
+        return self.cache_dir / cfg.default_run_name()
 
     def trained(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, verbose: bool = True,
                 model_kwargs: dict | None = None, **head_overrides):
@@ -266,14 +279,15 @@ class ExperimentRuns:
             The run's ``metrics.json``.
         run_dir : Path
         """
-        from .train import load_run, train_cached
+        from .train import is_finished, load_run, train_cached
 
+        cfg = self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs, **head_overrides)
+        fresh = not is_finished(self._run_dir(cfg)) or self._run_dir(cfg) in self._unreported
         with self._training_threads():
-            run_dir = train_cached(self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs,
-                                               **head_overrides), self.cache_dir)
+            run_dir = train_cached(cfg, self.cache_dir)
+        self._unreported.discard(run_dir)
         model, _, metrics = load_run(run_dir, device=self.device)
         if verbose:
-            fresh = (run_dir / "metrics.json").stat().st_mtime >= self.started
             how = f"trained in {metrics.get('train_time_s', float('nan')):.0f} s" if fresh else "cached"
             miou = metrics.get("final", {}).get("miou", float("nan"))
             print(f"  {arch:<14} {kind:<13} {dataset:<8} seed {seed}: val mIoU {miou:.3f} ({how})")
