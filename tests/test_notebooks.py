@@ -281,3 +281,11 @@ def test_toy_notebook_run_from_elsewhere_refuses_its_relative_default_paths(tmp_
     monkeypatch.chdir(tmp_path)                                     # papermill run from another directory
     with pytest.raises(RuntimeError, match="run papermill with --cwd"):
         kernel.run("import numpy")
+
+
+@pytest.mark.parametrize("name, marker, bad", [("02_sinkhorn_em", "import time", {"real_arch": "deeplabv3"}),
+                                               ("04_anomaly", "import numpy", {"ablation_arch": "deeplabv3"})])
+def test_an_architecture_used_late_is_checked_in_the_setup_cell(tmp_path, monkeypatch, name, marker, bad):
+    kernel = _Kernel(name, tmp_path, monkeypatch, **bad)
+    with pytest.raises(ValueError, match="arch must be one of .* got 'deeplabv3'"):
+        kernel.run(marker)
