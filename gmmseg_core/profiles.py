@@ -200,8 +200,12 @@ class ExperimentRuns:
     Attributes
     ----------
     started : float
-        ``time.time()`` at construction: a run whose ``metrics.json`` is newer was trained by this notebook run,
-        an older one came from the cache.
+        ``time.time()`` at construction.
+
+    Notes
+    -----
+    :meth:`trained` reports a model this object trained (there or in :meth:`train_all`) as trained now the first
+    time it returns it, and as cached after that: a later cell, or the same cell run again, reads it back.
 
     Examples
     --------
@@ -216,6 +220,7 @@ class ExperimentRuns:
         self.device, self.data_root, self.cache_dir = device, data_root, Path(cache_dir)
         _check_train_params(self.train_params)      # fails here rather than at the first model
         self.started = time.time()
+        self._unreported: set[Path] = set()         # run directories trained here, not yet reported by trained()
 
     def config(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, model_kwargs: dict | None = None,
                **head_overrides):
@@ -246,10 +251,18 @@ class ExperimentRuns:
         """Train the configurations not yet in the cache, up to ``processes`` at a time (see
         :func:`~gmmseg_core.train.train_cached_many`; on the CPU single-threaded, see ``_training_threads``);
         returns their run directories."""
-        from .train import train_cached_many
+        from .train import is_finished, train_cached_many
 
+        configs = list(configs)
+        pending = {run_dir for run_dir in map(self._run_dir, configs) if not is_finished(run_dir)}
         with self._training_threads():
-            return train_cached_many(configs, self.cache_dir, processes=processes)
+            run_dirs = train_cached_many(configs, self.cache_dir, processes=processes)
+        self._unreported |= pending
+        return run_dirs
+
+    def _run_dir(self, cfg) -> Path:
+        """Where ``train_cached`` keeps ``cfg`` in this object's cache."""
+        return self.cache_dir / cfg.default_run_name()
 
     def trained(self, arch: str, kind: str, dataset: str = "scenes", seed: int = 0, verbose: bool = True,
                 model_kwargs: dict | None = None, **head_overrides):
@@ -270,14 +283,15 @@ class ExperimentRuns:
             The run's ``metrics.json``.
         run_dir : Path
         """
-        from .train import load_run, train_cached
+        from .train import is_finished, load_run, train_cached
 
+        cfg = self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs, **head_overrides)
+        fresh = not is_finished(self._run_dir(cfg)) or self._run_dir(cfg) in self._unreported
         with self._training_threads():
-            run_dir = train_cached(self.config(arch, kind, dataset, seed, model_kwargs=model_kwargs,
-                                               **head_overrides), self.cache_dir)
+            run_dir = train_cached(cfg, self.cache_dir)
+        self._unreported.discard(run_dir)
         model, _, metrics = load_run(run_dir, device=self.device)
         if verbose:
-            fresh = (run_dir / "metrics.json").stat().st_mtime >= self.started
             how = f"trained in {metrics.get('train_time_s', float('nan')):.0f} s" if fresh else "cached"
             miou = metrics.get("final", {}).get("miou", float("nan"))
             print(f"  {arch:<14} {kind:<13} {dataset:<8} seed {seed}: val mIoU {miou:.3f} ({how})")
@@ -288,6 +302,55 @@ def _check_train_params(train_params: dict) -> None:
     missing = sorted(set(TRAIN["cpu"]) - set(train_params) - set(_OPTIONAL_TRAIN_PARAMS))
     if missing:
         raise ValueError(f"train_params is missing {missing}")
+    if isinstance(train_params["image_size"], str):     # an int or [height, width]; a str is a list passed as text
+        raise TypeError(_list_as_text_message("image_size", train_params["image_size"], "an int or [height, width]"))
+
+
+def check_list_parameters(**params) -> None:
+    """Raise ``TypeError`` naming any notebook parameter in ``params`` that is not a list (or tuple).
+
+    papermill's ``-p NAME VALUE`` passes ``[0, 1]`` as the text ``'[0, 1]'``, over whose characters a notebook
+    would loop and fail far from the cause; lists go in as YAML (``-y 'seeds: [0, 1]'``), or through
+    ``gmmseg reproduce --set 'seeds=[0, 1]'`` (JSON).
+
+    Examples
+    --------
+    >>> check_list_parameters(archs=["fcn"], seeds=(0, 1))
+    >>> check_list_parameters(seeds="[0, 1]")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    TypeError: seeds must be a list, got '[0, 1]' (str); papermill's -p passes a list as text: ... -y 'seeds: [0, 1]'
+    """
+    for name, value in params.items():
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(_list_as_text_message(name, value, "a list"))
+
+
+def check_working_directory(notebook: str, **paths) -> None:
+    """Raise ``RuntimeError`` when ``paths`` holds relative paths and the kernel does not run in the notebook's folder.
+
+    The parameters cells' defaults (``figures_dir = "../outputs/manual/figures"``, ...) are relative to the folder
+    of the notebooks, where JupyterLab starts a kernel; papermill starts it in the directory papermill was run from
+    unless given ``--cwd``, so that from the repository root they would point into the repository's parent folder.
+
+    Parameters
+    ----------
+    notebook : str
+        The notebook's file name without ``.ipynb`` (e.g. ``"03_closed_set"``), looked for in the working directory.
+    **paths : str or None
+        The run-wide paths the notebook writes or reads (``figures_dir=..., cache_dir=...``); None is skipped.
+    """
+    relative = {name: str(p) for name, p in paths.items() if p is not None and not Path(p).is_absolute()}
+    if relative and not Path(f"{notebook}.ipynb").is_file():
+        raise RuntimeError(f"{relative} are relative to the folder of {notebook}.ipynb, but this kernel runs in "
+                           f"{Path.cwd()}: run papermill with --cwd set to the notebook's folder, or pass "
+                           "absolute paths")
+
+
+def _list_as_text_message(name: str, value, expected: str) -> str:
+    text = str(value).strip()
+    shown = text if text.startswith("[") else f"[{text}]"
+    return (f"{name} must be {expected}, got {value!r} ({type(value).__name__}); papermill's -p passes a list as "
+            f"text: give it as YAML, e.g. -y '{name}: {shown}'")
 
 
 def notebook_parameters(profile: str, notebook: str) -> dict:

@@ -7,11 +7,22 @@ artefacts each notebook promises.
 
 import ast
 import csv
+import io
+import re
+import tokenize
 
 import nbformat
+import numpy as np
 import pytest
+import torch
 
-from gmmseg_core.profiles import NOTEBOOKS, PROFILES
+from gmmseg_core.profiles import (
+    NOTEBOOKS,
+    PROFILES,
+    ExperimentRuns,
+    check_list_parameters,
+    check_working_directory,
+)
 from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
 
 PATHS = {name: NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS}
@@ -61,6 +72,15 @@ def test_one_parameters_cell_of_plain_literals(name):
             f"{name}: parameters cell may only hold `name = literal` lines, got {ast.unparse(node)!r}"
         ast.literal_eval(node.value)  # raises for anything but a plain literal
     assert set(RUN_PARAMETERS) <= _parameter_names(name), "run-wide parameters are declared"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_parameter_is_explained_on_its_line(name):
+    (cell,) = _parameters(nbformat.read(PATHS[name], as_version=4))
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(cell.source).readline)
+                 if tok.type == tokenize.COMMENT}
+    bare = [node.targets[0].id for node in ast.parse(cell.source).body if node.end_lineno not in commented]
+    assert not bare, f"{name}: parameters without a comment saying what they set: {bare}"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -147,3 +167,125 @@ def test_class_norm_ablation_table(smoke_run):
     assert {r["split"] for r in rows} == {"scenes/anomaly", "scenes/anomaly_near"}
     for r in rows:
         assert 0.0 <= float(r["auroc"]) <= 1.0 and float(r["logit_spread"]) >= 0.0
+
+
+class _Kernel:
+    """A notebook's code cells executed in this process, one namespace, as a kernel opened in ``notebooks/``
+    runs them: the parameters cell, then the smoke profile's values and ``overrides`` (figures and cache under
+    ``tmp_path``). ``run(marker)`` executes the code cell whose source contains ``marker``."""
+
+    def __init__(self, name, tmp_path, monkeypatch, **overrides):
+        monkeypatch.chdir(NOTEBOOK_DIR)
+        self.cells = [c.source for c in nbformat.read(PATHS[name], as_version=4).cells if c.cell_type == "code"]
+        self.ns = {}
+        exec(self.cells[0], self.ns)
+        self.ns.update({**PROFILES["smoke"][name], "figures_dir": str(tmp_path / "figures"),
+                        "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path), **overrides})
+
+    def run(self, marker):
+        (source,) = [s for s in self.cells if marker in s]
+        exec(source, self.ns)
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+        return self.ns
+
+
+@pytest.mark.filterwarnings("ignore:.*did not converge")  # the smoke profile's few EM iterations
+def test_toy_cells_run_again_draw_the_same_data_and_classifiers(tmp_path, monkeypatch):
+    kernel = _Kernel("01_discriminative_vs_generative", tmp_path, monkeypatch)
+    for marker in ("import numpy", "def sample(", "def fit_softmax("):
+        ns = kernel.run(marker)
+    data, weights = ns["X_train"].copy(), ns["linear"].weight.detach().clone()
+    for marker in ("def sample(", "def fit_softmax("):      # a teacher runs the two cells again
+        ns = kernel.run(marker)
+    assert np.array_equal(ns["X_train"], data)
+    assert torch.equal(ns["linear"].weight, weights)
+
+
+def test_sinkhorn_toy_cell_run_again_fits_the_same_data(tmp_path, monkeypatch):
+    kernel = _Kernel("02_sinkhorn_em", tmp_path, monkeypatch)
+    kernel.run("import time")
+    ns = kernel.run("def toy(")
+    data, final = ns["X_bal"].clone(), ns["results"]["balanced", "em"]["final"].copy()
+    ns = kernel.run("def toy(")
+    assert torch.equal(ns["X_bal"], data)
+    assert np.array_equal(ns["results"]["balanced", "em"]["final"], final)
+
+
+def test_sinkhorn_toy_cell_plots_fits_of_one_iteration(tmp_path, monkeypatch):
+    kernel = _Kernel("02_sinkhorn_em", tmp_path, monkeypatch, max_iter=1)
+    kernel.run("import time")
+    ns = kernel.run("def toy(")
+    assert ns["results"]["balanced", "sinkhorn"]["curves"].shape == (ns["n_starts"], 1)
+    assert (tmp_path / "figures" / "02_toy_lower_bounds.png").is_file()
+
+
+def test_explorer_refuses_a_head_without_densities_before_training(tmp_path, monkeypatch):
+    kernel = _Kernel("06_explorer", tmp_path, monkeypatch, gmm_kind="softmax")
+    with pytest.raises(ValueError, match="gmm_kind must be 'gmm_paper' or 'gmm_official'.*got 'softmax'"):
+        kernel.run("import numpy")
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, marker", [("03_closed_set", "candidates = "), ("04_anomaly", "ANOMALY_SPLITS = ")])
+def test_segmentation_notebooks_refuse_a_misspelt_dataset(tmp_path, monkeypatch, name, marker):
+    kernel = _Kernel(name, tmp_path, monkeypatch, datasets=["scenes", "scenez"])
+    kernel.run("import numpy")
+    with pytest.raises(ValueError, match="unknown dataset 'scenez'"):
+        kernel.run(marker)
+
+
+@pytest.mark.parametrize("name, marker, real", [("03_closed_set", "candidates = ", {"real_datasets": ["cityscapes"]}),
+                                                ("04_anomaly", "ANOMALY_SPLITS = ",
+                                                 {"real_anomaly_splits": ["road_anomaly"]})])
+def test_segmentation_notebooks_stop_when_no_dataset_can_be_read(tmp_path, monkeypatch, name, marker, real):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    kernel = _Kernel(name, tmp_path, monkeypatch, datasets=[], data_root=str(empty), **real)
+    kernel.run("import numpy")
+    with pytest.raises(RuntimeError, match="none of the .* can be read"):
+        kernel.run(marker)
+
+
+@pytest.mark.parametrize("value, shown", [("[0, 1]", "[0, 1]"), ("fcn", "[fcn]"), (0, "[0]")])
+def test_check_list_parameters_names_a_list_passed_as_text(value, shown):
+    with pytest.raises(TypeError, match=rf"^seeds must be a list, got {re.escape(repr(value))} \(.*-y 'seeds: {re.escape(shown)}'$"):
+        check_list_parameters(archs=["fcn"], seeds=value)
+    check_list_parameters(archs=["fcn"], seeds=(0, 1))
+
+
+def test_experiment_runs_refuse_an_image_size_passed_as_text():
+    with pytest.raises(TypeError, match=r"image_size must be an int or \[height, width\], got '\[64, 128\]'"):
+        ExperimentRuns({**PROFILES["smoke"]["03_closed_set"], "image_size": "[64, 128]"})
+
+
+def test_closed_set_notebook_refuses_seeds_passed_as_text_before_training(tmp_path, monkeypatch):
+    kernel = _Kernel("03_closed_set", tmp_path, monkeypatch, seeds="[0]")      # papermill -p seeds '[0]'
+    with pytest.raises(TypeError, match="seeds must be a list"):
+        kernel.run("import csv")
+
+
+def test_check_working_directory_wants_the_notebooks_folder_for_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match=r"\{'cache_dir': '../outputs/cpu/cache'\} are relative .* 03_closed_set"):
+        check_working_directory("03_closed_set", figures_dir=str(tmp_path), cache_dir="../outputs/cpu/cache")
+    check_working_directory("03_closed_set", figures_dir=str(tmp_path), cache_dir=str(tmp_path), out_dir=None)
+    (tmp_path / "03_closed_set.ipynb").write_text("{}")
+    check_working_directory("03_closed_set", figures_dir="figures", cache_dir="../outputs/cpu/cache")
+
+
+def test_toy_notebook_run_from_elsewhere_refuses_its_relative_default_paths(tmp_path, monkeypatch):
+    kernel = _Kernel("01_discriminative_vs_generative", tmp_path, monkeypatch,
+                     figures_dir="../outputs/manual/figures")     # the default of the parameters cell
+    monkeypatch.chdir(tmp_path)                                     # papermill run from another directory
+    with pytest.raises(RuntimeError, match="run papermill with --cwd"):
+        kernel.run("import numpy")
+
+
+@pytest.mark.parametrize("name, marker, bad", [("02_sinkhorn_em", "import time", {"real_arch": "deeplabv3"}),
+                                               ("04_anomaly", "import numpy", {"ablation_arch": "deeplabv3"})])
+def test_an_architecture_used_late_is_checked_in_the_setup_cell(tmp_path, monkeypatch, name, marker, bad):
+    kernel = _Kernel(name, tmp_path, monkeypatch, **bad)
+    with pytest.raises(ValueError, match="arch must be one of .* got 'deeplabv3'"):
+        kernel.run(marker)

@@ -272,6 +272,20 @@ def test_experiment_runs_train_once_and_say_whether_a_model_was_trained_now(tmp_
     assert capsys.readouterr().out.strip().endswith("(cached)")
 
 
+def test_experiment_runs_report_a_model_as_trained_now_once_then_as_cached(tmp_path, capsys):
+    from gmmseg_core.profiles import TRAIN, ExperimentRuns
+
+    runs = ExperimentRuns(dict(TRAIN["smoke"], train_iters=1, num_train_images=4, num_val_images=2),
+                          cache_dir=tmp_path)
+    runs.train_all([runs.config("fcn", "softmax")])
+    for _ in range(2):                                  # the cell that reads the models, run twice
+        runs.trained("fcn", "softmax")
+        runs.trained("fcn", "gmm_paper")                # trained by trained() itself the first time
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.endswith("(cached)") for line in lines] == [False, False, True, True]
+    assert "(trained in" in lines[0] and "(trained in" in lines[1]
+
+
 def test_notebook_trainings_run_single_threaded_on_the_cpu_as_reproduce_runs_them(tmp_path, monkeypatch):
     import gmmseg_core.train as train_module
     from gmmseg_core.profiles import TRAIN, ExperimentRuns
