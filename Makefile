@@ -24,7 +24,7 @@ fashion-data:
 	@if [ ! -e "$(FASHION_DIR)" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "installing Debian's dataset-fashion-mnist"; \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-			|| echo "could not install dataset-fashion-mnist; the fashion tests will be skipped"; \
+			|| echo "could not install dataset-fashion-mnist; the fashion tests and notebook runs will skip it"; \
 	fi
 
 lint: $(STAMP)
