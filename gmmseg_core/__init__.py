@@ -8,7 +8,11 @@ The library behind the study notebooks. Modules, each with one job:
 ``data``      datasets and ``build_dataset``
 ``scoring``   anomaly scores; ``metrics`` segmentation, anomaly and calibration metrics
 ``train``     the online-hybrid training loop; ``evaluate`` inference and evaluations
-``config``    configs and named profiles; ``reproduce`` runs the notebooks; ``cli`` the ``gmmseg`` command
+``config``    ``TrainConfig``; ``profiles`` the notebooks' parameter sets (smoke, cpu, gpu) and shared models
+``plots``     the notebooks' figure helpers; ``reproduce`` runs the notebooks; ``cli`` the ``gmmseg`` command
+(``head_ops``, ``memory`` and ``distributed`` are helpers of ``heads`` and ``train``.)
+
+README.md says how to run the study and use the library; ``gmmseg --help`` lists the commands.
 """
 
 __version__ = "0.1.1"
