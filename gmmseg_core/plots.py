@@ -17,7 +17,8 @@ import numpy as np
 
 from gmmseg_core._files import atomic_write, atomic_write_text
 
-HEAD_COLORS = {"softmax": "#d62728", "gmm_paper": "#1f77b4", "gmm_official": "#2ca02c", "gmm": "#1f77b4"}
+# softmax in wine, not tab10 red: red and the official head's green look alike to red-green colour-blind readers
+HEAD_COLORS = {"softmax": "#882255", "gmm_paper": "#1f77b4", "gmm_official": "#2ca02c", "gmm": "#1f77b4"}
 
 
 def to_numpy(x) -> np.ndarray:
@@ -125,14 +126,17 @@ def decision_regions(ax, xx, yy, probs, X, y, title: str = "", colors: Sequence[
     ax.set_yticks([])
 
 
-def density_contours(ax, xx, yy, log_density, X=None, y=None, title: str = "", levels: int = 12):
-    """Filled contours of a log-density (G1, G2) with optional points coloured by class."""
+def density_contours(ax, xx, yy, log_density, X=None, y=None, title: str = "", levels: int = 12,
+                     colors: Sequence[str] | None = None):
+    """Filled contours of a log-density (G1, G2) with optional points ``X`` (N, 2) coloured by their class ``y``
+    (N,): ``colors[c]`` for class c (the same colours as ``decision_regions``), matplotlib's tab10 without."""
     ld = to_numpy(log_density)
     lo = np.percentile(ld, 5)
     cs = ax.contourf(xx, yy, np.maximum(ld, lo), levels=levels, cmap="viridis")
     if X is not None:
-        X, y = to_numpy(X), to_numpy(y)
-        ax.scatter(X[:, 0], X[:, 1], c=y, s=3, cmap="tab10", vmin=0, vmax=9, alpha=0.5)
+        X, y = to_numpy(X), to_numpy(y).astype(np.int64)
+        colors = colors or plt.cm.tab10.colors
+        ax.scatter(X[:, 0], X[:, 1], color=[colors[c] for c in y], s=3, alpha=0.5)
     ax.set_title(title, fontsize=10)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -180,25 +184,25 @@ def pad_curves(curves: Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def roc_pr_axes(curves: Mapping[str, Mapping], title: str = "", axes=None):
-    """ROC (left) and precision-recall (right) curves.
+    """ROC (left) and precision-recall (right) curves, with one legend for both to the right of the PR panel.
 
     ``curves[name]`` holds ``fpr``, ``tpr``, ``recall``, ``precision`` arrays (e.g. the ``curves`` of
     ``gmmseg_core.metrics.anomaly_metrics(..., return_curves=True)``) and optionally ``auroc``/``ap`` (shown in
-    the legend) and ``color``/``ls``.
+    the legend) and ``color``/``ls``. The legend sits outside the axes: inside, it would hide the curves of an
+    inverted score, which run below the ROC diagonal where a legend usually finds room.
     """
     if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 4))
+        _, axes = plt.subplots(1, 2, figsize=(13, 4))
     for name, c in curves.items():
         kw = dict(color=c.get("color"), ls=c.get("ls", "-"), lw=1.5)
         auroc, ap = c.get("auroc"), c.get("ap")
-        axes[0].plot(to_numpy(c["fpr"]), to_numpy(c["tpr"]), label=f"{name}" + (f" ({auroc:.3f})" if auroc else ""), **kw)
-        axes[1].plot(to_numpy(c["recall"]), to_numpy(c["precision"]), label=f"{name}" + (f" ({ap:.3f})" if ap else ""),
-                     **kw)
+        values = " / ".join("n/a" if v is None else f"{v:.3f}" for v in (auroc, ap))
+        axes[0].plot(to_numpy(c["fpr"]), to_numpy(c["tpr"]), **kw)
+        axes[1].plot(to_numpy(c["recall"]), to_numpy(c["precision"]), label=f"{name} ({values})", **kw)
     axes[0].plot([0, 1], [0, 1], "k:", lw=1)
     axes[0].set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC {title}".strip())
     axes[1].set(xlabel="recall", ylabel="precision", title=f"precision-recall {title}".strip(), ylim=(0, 1.02))
-    axes[0].legend(fontsize=7, title="AUROC", title_fontsize=7)
-    axes[1].legend(fontsize=7, title="AP", title_fontsize=7)
+    axes[1].legend(fontsize=7, title="AUROC / AP", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return axes
 
 
@@ -222,6 +226,7 @@ def grouped_bars(ax, groups: Sequence[str], series: Mapping[str, tuple[Sequence[
                  ylabel: str = "", colors: Mapping[str, str] | None = None):
     """Grouped bar chart: ``series[name] = (means per group, stds per group)`` with error bars.
 
+    ``stds`` None draws no error bars (one run per bar: a spread of 0 draws caps that look like a measured spread).
     The group labels are turned upright when side by side they would overlap (e.g. 19 Cityscapes classes on
     one row); labels that fit stay horizontal.
     """
@@ -259,6 +264,22 @@ def colorize(label, palette, ignore_index: int = 255) -> np.ndarray:
     valid = (label != ignore_index) & (label >= 0) & (label < len(palette))
     out[valid] = palette[label[valid]]
     return out
+
+
+def class_legend(fig, classes: Sequence[str], palette, ncol: int = 8, fontsize: float = 8):
+    """Key of the label colours under ``fig``: one swatch per class in its ``palette`` (C, 3) colour (0-255).
+
+    Placed below the figure's panels, so ``savefig`` (tight bounding box) keeps it and it hides no image.
+    Returns the legend.
+    """
+    from matplotlib.patches import Patch
+
+    palette = to_numpy(palette).astype(np.float64) / 255.0
+    if len(palette) < len(classes):
+        raise ValueError(f"palette has {len(palette)} colours for {len(classes)} classes; expected one per class")
+    handles = [Patch(facecolor=palette[c], edgecolor="k", linewidth=0.3, label=name) for c, name in enumerate(classes)]
+    return fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(ncol, len(classes)),
+                      fontsize=fontsize, frameon=False)
 
 
 def to_rgb(image) -> np.ndarray:

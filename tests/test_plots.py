@@ -114,3 +114,78 @@ def test_grouped_bars_labels_that_fit_stay_horizontal():
     grouped_bars(ax, names, {"softmax": (np.ones(8), np.zeros(8))})
     assert {t.get_rotation() for t in ax.get_xticklabels()} == {0.0}
     plt.close(fig)
+
+
+def test_density_contours_paints_points_in_their_class_colours():
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import density_contours
+
+    xx, yy = np.meshgrid(np.linspace(-1, 1, 5), np.linspace(-1, 1, 5))
+    X, y = np.array([[0.0, 0.0], [0.5, 0.5], [-0.5, 0.5]]), np.array([2, 0, 1])
+    colors = ["#d62728", "#7f7f7f", "#1f77b4"]
+    fig, ax = plt.subplots()
+    density_contours(ax, xx, yy, -(xx**2 + yy**2), X, y, colors=colors)
+    (points,) = ax.collections[-1:]
+    plt.close(fig)
+    np.testing.assert_allclose(points.get_facecolors()[:, :3], [mcolors.to_rgb(colors[c]) for c in y])
+
+
+def test_roc_pr_legend_names_both_areas_and_covers_no_curve():
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import roc_pr_axes
+
+    t = np.linspace(0, 1, 50)
+    inverted = dict(fpr=t, tpr=t**3, recall=t, precision=0.1 + 0 * t, auroc=0.25, ap=0.06, ls="--")
+    axes = roc_pr_axes({"density": inverted, "msp": dict(inverted, tpr=t**0.5, auroc=0.66, ap=0.08)})
+    fig = axes[0].figure
+    fig.canvas.draw()
+    (legend,) = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+    box = legend.get_window_extent()
+    plt.close(fig)
+    assert [t.get_text() for t in legend.get_texts()] == ["density (0.250 / 0.060)", "msp (0.660 / 0.080)"]
+    assert not any(box.overlaps(ax.get_window_extent()) for ax in axes)
+
+
+def test_class_legend_has_one_swatch_per_class_in_its_palette_colour():
+    import matplotlib.pyplot as plt
+
+    from gmmseg_core.plots import class_legend
+
+    fig, ax = plt.subplots()
+    palette = np.array([[128, 64, 128], [70, 130, 180], [0, 0, 142]])
+    legend = class_legend(fig, ["road", "sky", "vehicle"], palette)
+    assert [t.get_text() for t in legend.get_texts()] == ["road", "sky", "vehicle"]
+    np.testing.assert_allclose([h.get_facecolor()[:3] for h in legend.legend_handles], palette / 255.0)
+    with pytest.raises(ValueError, match="palette has 3 colours for 4 classes"):
+        class_legend(fig, ["road", "sky", "vehicle", "person"], palette)
+    plt.close(fig)
+
+
+def test_head_colours_stay_apart_for_colour_blind_readers():
+    import itertools
+
+    import matplotlib.colors as mcolors
+
+    from gmmseg_core.plots import HEAD_COLORS
+
+    # Machado et al. (2009) full-severity simulation matrices, applied in linear RGB: the two red-green
+    # deficiencies, about 8% of men (blue-yellow tritanopia, about 1 in 10,000, is left out)
+    simulations = {
+        "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.01182, 0.04294, 0.968881]],
+        "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    }
+
+    def seen(colour, matrix):
+        c = np.asarray(mcolors.to_rgb(colour))
+        linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        out = np.clip(np.asarray(matrix) @ linear, 0, 1)
+        return np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
+
+    heads = {k: HEAD_COLORS[k] for k in ("softmax", "gmm_paper", "gmm_official")}
+    for (a, ca), (b, cb) in itertools.combinations(heads.items(), 2):
+        for kind, matrix in simulations.items():
+            gap = np.linalg.norm(seen(ca, matrix) - seen(cb, matrix))
+            assert gap > 0.25, f"{a} and {b} look alike under {kind} (RGB distance {gap:.3f})"
