@@ -598,12 +598,19 @@ class _TorchBefore24(types.ModuleType):
         return getattr(torch, name)
 
     @staticmethod
+    def _query(device_type):
+        try:
+            return torch.is_autocast_enabled(device_type)
+        except TypeError:  # this is torch 2.3 itself
+            return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+    @staticmethod
     def is_autocast_enabled():
-        return torch.is_autocast_enabled("cuda")
+        return _TorchBefore24._query("cuda")
 
     @staticmethod
     def is_autocast_cpu_enabled():
-        return torch.is_autocast_enabled("cpu")
+        return _TorchBefore24._query("cpu")
 
 
 def test_update_inside_autocast_works_with_the_autocast_query_of_torch_2_3(monkeypatch):

@@ -73,6 +73,9 @@ def _requirements(group: str) -> dict[str, Requirement]:
     ("core", "torch", "2.2.2", "2.3.0"),                      # torch.amp.GradScaler (train)
     ("zoo", "segmentation-models-pytorch", "0.3.4", "0.4.0"),  # smp.MODEL_ARCHITECTURES_MAPPING (the smp adapter)
     ("dev", "scikit-learn", "1.6.1", "1.7.0"),                 # GaussianMixture.lower_bounds_ (test_mixture)
+    ("notebooks", "papermill", "2.5.0", "2.6.0"),              # tqdm arguments as progress_bar (reproduce)
+    ("notebooks", "matplotlib", "3.8.4", "3.9.0"),             # pyplot under IPython >= 9.16 (no backend2gui)
+    ("dev", "ruff", "0.12.12", "0.13.0"),                      # make lint passes (UP038 gone)
 ])
 def test_ranges_exclude_releases_without_an_api_the_code_uses(group, name, lacking, first):
     spec = _requirements(group)[name].specifier

@@ -365,11 +365,15 @@ def test_fresh_start_discards_an_earlier_run_in_the_same_directory(tmp_path):
 
 
 def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
+    from torch.torch_version import TorchVersion
+
     from gmmseg_core.train import adamw
 
     a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
     opt = adamw([dict(params=[a], lr=0.1, weight_decay=0.01), dict(params=[b], lr=0.2, weight_decay=0.0)], lr=0.1)
-    assert opt.defaults["fused"] is True and [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+    cpu_kernel = TorchVersion(torch.__version__) >= "2.4"  # torch 2.3 has the fused kernel for CUDA only
+    assert opt.defaults["fused"] is (True if cpu_kernel else None)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
     ref = torch.optim.AdamW([dict(params=[a.detach().clone().requires_grad_()], lr=0.1, weight_decay=0.01),
                              dict(params=[b.detach().clone().requires_grad_()], lr=0.2, weight_decay=0.0)], lr=0.1)
     for o in (opt, ref):
@@ -760,7 +764,11 @@ def test_resume_uses_the_optimiser_implementation_of_this_machine_not_the_checkp
 
     cfg = tiny_cfg(tmp_path, iters=3, checkpoint_interval=2, head="softmax", head_kwargs={})
     train(cfg, stop_after=2)
-    assert torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)["optimizer"]["param_groups"][0]["fused"]
+    path = cfg.run_dir / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=False)
+    for group in ckpt["optimizer"]["param_groups"]:  # already so where this torch fuses on the CPU
+        group["fused"] = True
+    torch.save(ckpt, path)
 
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
