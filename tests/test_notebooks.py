@@ -127,6 +127,19 @@ def test_notebook_runs_and_writes_its_figures(smoke_run, name):
 
 @pytest.mark.notebooks
 @pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_cell_echoes_the_value_of_a_plotting_call(smoke_run, name):
+    # a cell ending in plots.savefig(...) or ax.legend() prints "PosixPath(...)" / "<matplotlib...>" above its figure
+    root, _ = smoke_run
+    executed = nbformat.read(root / "out" / f"{name}.ipynb", as_version=4)
+    echoed = [(c.get("id"), o["data"].get("text/plain", "")[:60]) for c in executed.cells if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.get("output_type") == "execute_result"
+              and o["data"].get("text/plain", "").lstrip("[").startswith(("PosixPath(", "<matplotlib", "Text("))]
+    assert not echoed, f"{name}: cells echo a plotting call's return value: {echoed}"
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
 def test_closed_set_table(smoke_run):
     root, _ = smoke_run
     rows = _read_csv(root / "figures" / "closed_set_table.csv")
