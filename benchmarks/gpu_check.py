@@ -6,7 +6,8 @@ short mixed-precision training run, and the speed benchmarks at GPU sizes, in on
 
 Writes ``DIR/gpu_check.md`` and ``DIR/gpu_check.json`` (default: ``benchmarks/``) and prints the Markdown;
 ``RESULTS.md`` is left alone (copy the sections over by hand once read). Every check runs even when an earlier one
-failed; a failure is reported with its exception and makes the exit status 1.
+failed; a failure is reported with its exception and makes the exit status 1. ``gpu_check.json`` is rewritten
+after every check (``"complete": false`` until the last), so a run stopped by a timeout keeps what it measured.
 
 Checks
 ------
@@ -45,6 +46,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gmmseg_core._files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 
@@ -394,7 +397,7 @@ def main(argv=None) -> int:
                date=time.strftime("%Y-%m-%d %H:%M"),
                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine())
-    report = dict(environment=env, quick=args.quick, checks={})
+    report = dict(environment=env, quick=args.quick, checks={}, complete=False)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         for name in args.only or CHECKS:
@@ -413,10 +416,13 @@ def main(argv=None) -> int:
             result["seconds"] = time.perf_counter() - t0
             report["checks"][name] = result
             print(f"   ok={result.get('ok')} in {result['seconds']:.1f} s", flush=True)
+            # after every check: a run cut short (the machine's lease, a timeout) keeps what it measured
+            atomic_write_text(out_dir / "gpu_check.json", json.dumps(report, indent=1, default=str))
     report["seconds"] = time.perf_counter() - t_all
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+    report["complete"] = True
+    atomic_write_text(out_dir / "gpu_check.json", json.dumps(report, indent=1, default=str))
     md = _markdown(report)
-    (out_dir / "gpu_check.md").write_text(md)
+    atomic_write_text(out_dir / "gpu_check.md", md)
     print(md)
     return 0 if all(r.get("ok") for r in report["checks"].values()) else 1
 

@@ -17,6 +17,7 @@ def test_quick_run_on_cpu_writes_a_passing_report(tmp_path, capsys):
     # the CPU compared with itself: the head's state must agree exactly
     for variant in ("paper", "official"):
         assert report["checks"]["head"][variant]["means"] == 0.0
+    assert report["complete"] is True
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| train |" in md and md in capsys.readouterr().out
 
@@ -29,6 +30,18 @@ def test_a_failing_check_is_reported_and_fails_the_run(tmp_path, monkeypatch):
     assert gpu_check.main(["--device", "cpu", "--quick", "--only", "loglik", "sinkhorn", "--out", str(tmp_path)]) == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["checks"]["loglik"]["ok"] and report["checks"]["sinkhorn"]["error"] == "RuntimeError: boom"
+
+
+def test_a_run_cut_short_keeps_the_report_of_the_checks_done(tmp_path, monkeypatch):
+    def killed(device, quick):
+        raise KeyboardInterrupt   # as when the machine's time runs out mid-check
+
+    monkeypatch.setattr(gpu_check, "check_sinkhorn", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--device", "cpu", "--quick", "--only", "loglik", "sinkhorn", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["checks"]["loglik"]["ok"] and report["complete"] is False
+    assert "sinkhorn" not in report["checks"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
