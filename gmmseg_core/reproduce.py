@@ -490,13 +490,14 @@ def run_from_args(args) -> int:
                   threads=args.threads, parameters=parameters or None, keep_going=args.keep_going,
                   progress=not args.no_progress)
     except (ValueError, ImportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"gmmseg reproduce: error: {err}", file=sys.stderr)
         return 2
     except (NotebookExecutionError, NotebooksFailedError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"gmmseg reproduce: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:          # Ctrl-C or SIGTERM: the running notebook's kernel is already stopped
-        print(f"interrupted ({err}); trained models so far stay in the cache and a rerun resumes", file=sys.stderr)
+        print(f"gmmseg reproduce: interrupted ({err}); trained models so far stay in the cache and a rerun resumes",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -173,7 +173,8 @@ def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
                  "--set", "arch=segformer"]) == 0
     assert calls[0]["parameters"] == {"train_processes": 4, "seeds": [0], "arch": "segformer"}
     assert main(["reproduce", "--set", "head_kwargs.variant=official"]) == 2
-    assert "--set names a notebook parameter (a Python name), got ['head_kwargs.variant']" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("gmmseg reproduce: error: --set names a notebook parameter (a Python "
+                                              "name), got ['head_kwargs.variant']")
 
 
 def test_reproduce_reports_a_failing_notebook_without_a_traceback(monkeypatch, capsys):
@@ -185,6 +186,7 @@ def test_reproduce_reports_a_failing_notebook_without_a_traceback(monkeypatch, c
     monkeypatch.setattr(rep, "reproduce", fail)
     assert main(["reproduce", "--profile", "smoke"]) == 1
     err = capsys.readouterr().err
+    assert err.startswith("gmmseg reproduce: error:")   # as the other subcommands say it
     assert "03_closed_set.ipynb" in err and "cell 4" in err and "Traceback" not in err
 
 
