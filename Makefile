@@ -25,6 +25,9 @@ fashion-data:
 		echo "installing Debian's dataset-fashion-mnist"; \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
 			|| echo "could not install dataset-fashion-mnist; the fashion tests and notebook runs will skip it"; \
+	elif [ ! -e "$(FASHION_DIR)" ] && [ -z "$$GMMSEG_DATA" ]; then \
+		echo "no Fashion-MNIST files in $(FASHION_DIR) (install Debian's dataset-fashion-mnist as root, or put" \
+			"the IDX files in \$$GMMSEG_DATA/fashion-mnist); the fashion tests and notebook runs will skip it"; \
 	fi
 
 lint: $(STAMP)
