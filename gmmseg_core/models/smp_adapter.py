@@ -54,7 +54,9 @@ class SMPBackbone(nn.Module):
     Notes
     -----
     Inputs whose sides are not multiples of the encoder's stride (at least 32) are zero-padded at the bottom
-    and right; the features are cropped back to the region covering the image.
+    and right; the features are cropped back to the region covering the image. smp's PAN also needs padded sides
+    of at least 8 times its encoder's stride (128 pixels by default): its feature pyramid attention halves the
+    encoder's last map three times. Smaller inputs raise a ``ValueError`` that says so.
     """
 
     def __init__(self, architecture: str, encoder: str, encoder_weights: str | None = "imagenet", **kw):
@@ -103,12 +105,18 @@ class SMPBackbone(nn.Module):
         model.segmentation_head = nn.Identity()
         model.classification_head = None
         self.model = model
-        self.size_divisor = max(32, int(getattr(model.encoder, "output_stride", 32)))
+        stride = int(getattr(model.encoder, "output_stride", 32))
+        self.size_divisor = max(32, stride)
+        self.min_size = 8 * stride if model_class.__name__ == "PAN" else 1
 
     def forward(self, images: Tensor) -> Tensor:
         h, w = images.shape[-2:]
         d = self.size_divisor
         pad_h, pad_w = -h % d, -w % d
+        if min(h + pad_h, w + pad_w) < self.min_size:
+            raise ValueError(f"smp PAN needs input sides that, padded to a multiple of {d}, reach {self.min_size} "
+                             f"pixels (its feature pyramid attention halves the encoder's last map three times); "
+                             f"got {h}x{w}")
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         feats = self.model(images)
