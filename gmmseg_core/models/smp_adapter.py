@@ -2,10 +2,12 @@
 
 The smp model is built with its usual constructor; its ``segmentation_head`` (classifier conv, upsampling,
 activation) is replaced by the identity, so the backbone returns the decoder output and our head classifies
-it. Example names (smp 0.6): ``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``,
-``smp:Unet:resnet34``, ``smp:FPN:resnet50``. Architectures whose segmentation head does more than classify
-(smp 0.6's DPT: a 3x3 conv, BatchNorm and ReLU before its classifier) are refused, since replacing that head would
-drop part of the network.
+it. Our heads classify each feature vector alone (a 1x1 convolution) and the model upsamples their logits
+bilinearly with ``align_corners=False``, where smp's classifier is a 3x3 convolution in some architectures (smp
+0.6: Unet, UnetPlusPlus, MAnet, PSPNet, PAN) and its upsampling aligns corners. Example names (smp 0.6):
+``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``, ``smp:Unet:resnet34``,
+``smp:FPN:resnet50``. Architectures whose segmentation head does more than classify (smp 0.6's DPT: a 3x3 conv,
+BatchNorm and ReLU before its classifier) are refused, since replacing that head would drop part of the network.
 """
 
 from __future__ import annotations
