@@ -44,11 +44,11 @@ class DeepLabV3PlusBackbone(nn.Module):
 
     Notes
     -----
-    ASPP and the decoder use plain convolutions where DeepLabV3+ makes them depth-wise separable (a cost saving that
-    does not change what they see). The low-level skip projects stage 1 (stride 4) to ``max(8, channels // 4)`` channels with a 1x1 convolution:
-    64 of 256 where DeepLabV3+ uses 48. A branch whose rate is at least the map's height (or width) reads only
-    zero padding off-centre in that direction: on the 4 x 8 stride-16 map of a 64 x 128 image, the ``tiny``
-    rates 4 and 6 act as 1 x 3 convolutions.
+    ASPP and the decoder use plain convolutions where DeepLabV3+ makes them depth-wise separable (a cost saving
+    that does not change what they see). The low-level skip projects stage 1 (stride 4) to
+    ``max(8, channels // 4)`` channels with a 1x1 convolution: 64 of 256 where DeepLabV3+ uses 48. A branch whose
+    rate is at least the map's height (or width) reads only zero padding off-centre in that direction: on the
+    4 x 8 stride-16 map of a 64 x 128 image, the ``tiny`` rates 4 and 6 act as 1 x 3 convolutions.
     """
 
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None,
