@@ -401,3 +401,13 @@ def test_model_keywords_are_checked_without_building_anything():
         check_model_arguments("fcn", "gmm", model_kwargs={"depth": 2})
     with pytest.raises(ValueError, match=r"head_kwargs \['variant'\] are not arguments of SoftmaxHead"):
         check_model_arguments("fcn", "softmax", head_kwargs={"variant": "paper"})
+
+
+def test_smp_pan_says_which_input_sizes_it_needs():
+    pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = build_model("smp:PAN:resnet18", "softmax", num_classes=C, encoder_weights=None).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 97, 130)).shape == (1, C, 97, 130)   # padded to 128 x 160
+        with pytest.raises(ValueError, match=r"reach 128 pixels .* got 96x130"):
+            model(torch.randn(1, 3, 96, 130))

@@ -39,7 +39,16 @@ class DeepLabV3PlusBackbone(nn.Module):
     channels : int, optional
         ASPP and decoder channels (default ``4 * width``).
     aspp_rates : tuple of positive ints, optional
-        Dilation rates of the 3x3 ASPP branches (default: the preset's 3).
+        Dilation rates of the 3x3 ASPP branches (default: the preset's 3; ``base`` has DeepLabV3+'s 6, 12, 18
+        at output stride 16, the smaller presets scale them down for smaller images).
+
+    Notes
+    -----
+    ASPP and the decoder use plain convolutions where DeepLabV3+ makes them depth-wise separable (a cost saving
+    that does not change what they see). The low-level skip projects stage 1 (stride 4) to
+    ``max(8, channels // 4)`` channels with a 1x1 convolution: 64 of 256 where DeepLabV3+ uses 48. A branch whose
+    rate is at least the map's height (or width) reads only zero padding off-centre in that direction: on the
+    4 x 8 stride-16 map of a 64 x 128 image, the ``tiny`` rates 4 and 6 act as 1 x 3 convolutions.
     """
 
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None,
@@ -53,7 +62,7 @@ class DeepLabV3PlusBackbone(nn.Module):
         self.encoder = DilatedResNet(width, depths, output_stride=16)
         self.out_channels = channels or 4 * width
         self.aspp = ASPP(self.encoder.channels[-1], self.out_channels, aspp_rates)
-        low = max(8, self.out_channels // 4)  # the usual 48 of 256
+        low = max(8, self.out_channels // 4)
         self.skip = conv_bn_relu(self.encoder.channels[0], low, 1)
         self.fuse = nn.Sequential(conv_bn_relu(self.out_channels + low, self.out_channels),
                                   conv_bn_relu(self.out_channels, self.out_channels))

@@ -1,4 +1,4 @@
-"""FCN-style network: a dilated residual encoder (output stride 8) and an FCN head convolution.
+"""FCN-style network: a dilated residual encoder (output stride 8) and FCN head convolutions.
 
 The encoder is a small ResNet (basic blocks) whose last two stages trade stride for dilation, as in the
 dilated ResNets of FCN/PSPNet/DeepLab; the ``DeepLabV3Plus`` backbone reuses it with output stride 16.
@@ -115,6 +115,11 @@ class FCNBackbone(nn.Module):
         None: the preset's.
     channels : int, optional
         Output channels (default ``4 * width``).
+
+    Notes
+    -----
+    The head is two 3x3 conv-BN-ReLU layers on the stage-4 map (mmseg's ``FCNHead`` with ``num_convs=2``), without
+    mmseg's ``concat_input`` (a third 3x3 convolution over the stage-4 map concatenated with their output).
     """
 
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None):

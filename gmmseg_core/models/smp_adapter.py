@@ -2,10 +2,12 @@
 
 The smp model is built with its usual constructor; its ``segmentation_head`` (classifier conv, upsampling,
 activation) is replaced by the identity, so the backbone returns the decoder output and our head classifies
-it. Example names (smp 0.6): ``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``,
-``smp:Unet:resnet34``, ``smp:FPN:resnet50``. Architectures whose segmentation head does more than classify
-(smp 0.6's DPT: a 3x3 conv, BatchNorm and ReLU before its classifier) are refused, since replacing that head would
-drop part of the network.
+it. Our heads classify each feature vector alone (a 1x1 convolution) and the model upsamples their logits
+bilinearly with ``align_corners=False``, where smp's classifier is a 3x3 convolution in some architectures (smp
+0.6: Unet, UnetPlusPlus, MAnet, PSPNet, PAN) and its upsampling aligns corners. Example names (smp 0.6):
+``smp:Segformer:mit_b0``, ``smp:UPerNet:resnet18``, ``smp:DeepLabV3Plus:resnet101``, ``smp:Unet:resnet34``,
+``smp:FPN:resnet50``. Architectures whose segmentation head does more than classify (smp 0.6's DPT: a 3x3 conv,
+BatchNorm and ReLU before its classifier) are refused, since replacing that head would drop part of the network.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class SMPBackbone(nn.Module):
     Notes
     -----
     Inputs whose sides are not multiples of the encoder's stride (at least 32) are zero-padded at the bottom
-    and right; the features are cropped back to the region covering the image.
+    and right; the features are cropped back to the region covering the image. smp's PAN also needs padded sides
+    of at least 8 times its encoder's stride (128 pixels by default): its feature pyramid attention halves the
+    encoder's last map three times. Smaller inputs raise a ``ValueError`` that says so.
     """
 
     def __init__(self, architecture: str, encoder: str, encoder_weights: str | None = "imagenet", **kw):
@@ -103,12 +107,18 @@ class SMPBackbone(nn.Module):
         model.segmentation_head = nn.Identity()
         model.classification_head = None
         self.model = model
-        self.size_divisor = max(32, int(getattr(model.encoder, "output_stride", 32)))
+        stride = int(getattr(model.encoder, "output_stride", 32))
+        self.size_divisor = max(32, stride)
+        self.min_size = 8 * stride if model_class.__name__ == "PAN" else 1
 
     def forward(self, images: Tensor) -> Tensor:
         h, w = images.shape[-2:]
         d = self.size_divisor
         pad_h, pad_w = -h % d, -w % d
+        if min(h + pad_h, w + pad_w) < self.min_size:
+            raise ValueError(f"smp PAN needs input sides that, padded to a multiple of {d}, reach {self.min_size} "
+                             f"pixels (its feature pyramid attention halves the encoder's last map three times); "
+                             f"got {h}x{w}")
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         feats = self.model(images)
