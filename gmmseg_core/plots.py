@@ -19,6 +19,13 @@ from gmmseg_core._files import atomic_write, atomic_write_text
 
 # softmax in wine, not tab10 red: red and the official head's green look alike to red-green colour-blind readers
 HEAD_COLORS = {"softmax": "#882255", "gmm_paper": "#1f77b4", "gmm_official": "#2ca02c", "gmm": "#1f77b4"}
+# (model, score) -> colour of notebook 04's curves and bars: each model's scores in shades of its head colour,
+# the softmax model's MSP in the head colour itself, so that it and the GMM densities (the pair compared most)
+# stay apart for the three kinds of colour-blind readers; the curves' line styles tell the models apart too
+SCORE_COLORS = {("softmax", "msp"): HEAD_COLORS["softmax"], ("softmax", "max_logit"): "#c2150a",
+                ("softmax", "energy"): "#af6a7a", ("softmax", "entropy"): "#cea4a6", ("softmax", "sml"): "#410b15",
+                ("gmm_paper", "msp"): "#aec7e8", ("gmm_paper", "gmm"): HEAD_COLORS["gmm_paper"],
+                ("gmm_official", "gmm"): HEAD_COLORS["gmm_official"]}
 
 
 def to_numpy(x) -> np.ndarray:

@@ -302,3 +302,19 @@ def test_an_architecture_used_late_is_checked_in_the_setup_cell(tmp_path, monkey
     kernel = _Kernel(name, tmp_path, monkeypatch, **bad)
     with pytest.raises(ValueError, match="arch must be one of .* got 'deeplabv3'"):
         kernel.run(marker)
+
+
+@pytest.mark.parametrize("used, archs, expected", [
+    (["scenes", "fashion"], ["fcn", "segformer"],
+     ["fashion sprites span 22-44 pixels: 2.8-5.5 cells of fcn's stride-8 features, 0.7-1.4 cells of "
+      "segformer's stride-32 features"]),
+    (["fashion"], ["deeplabv3plus"],
+     ["fashion sprites span 22-44 pixels: 1.4-2.8 cells of deeplabv3plus's stride-16 features"]),
+    (["fashion"], ["smp:Unet:resnet18"], ["fashion sprites span 22-44 pixels"]),
+    (["scenes"], ["fcn"], []),
+])
+def test_closed_set_sprite_scale_names_the_strides_of_the_architectures_trained(tmp_path, monkeypatch, capsys,
+                                                                                  used, archs, expected):
+    kernel = _Kernel("03_closed_set", tmp_path, monkeypatch, image_size=[64, 128], archs=archs, used=used)
+    kernel.run("DEEPEST_STRIDE = ")
+    assert capsys.readouterr().out.splitlines() == expected

@@ -164,28 +164,64 @@ def test_class_legend_has_one_swatch_per_class_in_its_palette_colour():
     plt.close(fig)
 
 
-def test_head_colours_stay_apart_for_colour_blind_readers():
+# Machado et al. (2009) full-severity simulation matrices, applied in linear RGB: the two red-green deficiencies
+# (about 8% of men) and blue-yellow tritanopia (about 1 in 10,000)
+COLOUR_BLINDNESS = {
+    "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.01182, 0.04294, 0.968881]],
+    "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.3039]],
+}
+
+
+def _seen_gap(colour_a, colour_b, kind):
+    """sRGB distance (0 to sqrt 3) between two matplotlib colours as seen with colour blindness ``kind``."""
+    import matplotlib.colors as mcolors
+
+    def seen(colour):
+        c = np.asarray(mcolors.to_rgb(colour))
+        linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+        out = np.clip(np.asarray(COLOUR_BLINDNESS[kind]) @ linear, 0, 1)
+        return np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
+
+    return float(np.linalg.norm(seen(colour_a) - seen(colour_b)))
+
+
+def test_head_colours_stay_apart_for_red_green_colour_blind_readers():
+    import itertools
+
+    from gmmseg_core.plots import HEAD_COLORS
+
+    heads = {k: HEAD_COLORS[k] for k in ("softmax", "gmm_paper", "gmm_official")}
+    for (a, ca), (b, cb) in itertools.combinations(heads.items(), 2):
+        for kind in ("deuteranopia", "protanopia"):  # the two GMM heads' lines differ in style for tritanopes
+            gap = _seen_gap(ca, cb, kind)
+            assert gap > 0.25, f"{a} and {b} look alike under {kind} (RGB distance {gap:.3f})"
+
+
+def test_softmax_msp_and_gmm_density_colours_stay_apart_for_colour_blind_readers():
+    from gmmseg_core.plots import SCORE_COLORS
+
+    msp = SCORE_COLORS["softmax", "msp"]
+    for model in ("gmm_paper", "gmm_official"):
+        for kind in COLOUR_BLINDNESS:
+            gap = _seen_gap(msp, SCORE_COLORS[model, "gmm"], kind)
+            assert gap > 0.25, f"softmax msp and {model} gmm look alike under {kind} (RGB distance {gap:.3f})"
+
+
+def test_score_colours_are_distinct_shades_of_their_heads_colour():
     import itertools
 
     import matplotlib.colors as mcolors
 
-    from gmmseg_core.plots import HEAD_COLORS
+    from gmmseg_core.plots import HEAD_COLORS, SCORE_COLORS
 
-    # Machado et al. (2009) full-severity simulation matrices, applied in linear RGB: the two red-green
-    # deficiencies, about 8% of men (blue-yellow tritanopia, about 1 in 10,000, is left out)
-    simulations = {
-        "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.01182, 0.04294, 0.968881]],
-        "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
-    }
-
-    def seen(colour, matrix):
-        c = np.asarray(mcolors.to_rgb(colour))
-        linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-        out = np.clip(np.asarray(matrix) @ linear, 0, 1)
-        return np.where(out <= 0.0031308, 12.92 * out, 1.055 * out ** (1 / 2.4) - 0.055)
-
-    heads = {k: HEAD_COLORS[k] for k in ("softmax", "gmm_paper", "gmm_official")}
-    for (a, ca), (b, cb) in itertools.combinations(heads.items(), 2):
-        for kind, matrix in simulations.items():
-            gap = np.linalg.norm(seen(ca, matrix) - seen(cb, matrix))
-            assert gap > 0.25, f"{a} and {b} look alike under {kind} (RGB distance {gap:.3f})"
+    assert len(set(SCORE_COLORS.values())) == len(SCORE_COLORS)
+    for (model_a, score_a), (model_b, score_b) in itertools.combinations(SCORE_COLORS, 2):
+        gap = np.linalg.norm(np.subtract(mcolors.to_rgb(SCORE_COLORS[model_a, score_a]),
+                                         mcolors.to_rgb(SCORE_COLORS[model_b, score_b])))
+        assert gap > 0.25, f"{model_a} {score_a} and {model_b} {score_b} look alike (RGB distance {gap:.3f})"
+    for (model, score), colour in SCORE_COLORS.items():
+        hue = mcolors.rgb_to_hsv(mcolors.to_rgb(colour))[0]
+        head_hue = mcolors.rgb_to_hsv(mcolors.to_rgb(HEAD_COLORS[model]))[0]
+        turn = abs(hue - head_hue)
+        assert min(turn, 1 - turn) < 0.1, f"{model} {score}: {colour} is not a shade of {HEAD_COLORS[model]}"
