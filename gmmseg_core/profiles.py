@@ -306,6 +306,26 @@ def _check_train_params(train_params: dict) -> None:
         raise TypeError(_list_as_text_message("image_size", train_params["image_size"], "an int or [height, width]"))
 
 
+def image_hw(image_size) -> tuple[int, int]:
+    """``(height, width)`` of an ``image_size`` given as ``[height, width]`` or as one int (a square), the two
+    forms ``ExperimentRuns`` accepts.
+
+    Examples
+    --------
+    >>> image_hw([64, 128]), image_hw(32)
+    ((64, 128), (32, 32))
+    """
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def size_label(image_size) -> str:
+    """``"HxW"`` of an ``image_size`` (see :func:`image_hw`), as the notebooks' table notes print it."""
+    return "{}x{}".format(*image_hw(image_size))
+
+
 def check_list_parameters(**params) -> None:
     """Raise ``TypeError`` naming any notebook parameter in ``params`` that is not a list (or tuple).
 

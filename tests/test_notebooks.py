@@ -22,6 +22,8 @@ from gmmseg_core.profiles import (
     ExperimentRuns,
     check_list_parameters,
     check_working_directory,
+    image_hw,
+    size_label,
 )
 from gmmseg_core.reproduce import NOTEBOOK_DIR, RUN_PARAMETERS, reproduce
 
@@ -182,6 +184,19 @@ def test_class_norm_ablation_table(smoke_run):
         assert 0.0 <= float(r["auroc"]) <= 1.0 and float(r["logit_spread"]) >= 0.0
 
 
+def test_image_size_is_read_as_an_int_or_a_pair():
+    assert (image_hw([64, 128]), image_hw((16, 8)), image_hw(32)) == ((64, 128), (16, 8), (32, 32))
+    assert (size_label([64, 128]), size_label(32)) == ("64x128", "32x32")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_notebook_indexes_image_size(name):
+    # ExperimentRuns accepts an int (a square) as well as [height, width]; image_size[0] fails on the int
+    # (profiles.image_hw reads both)
+    code = "\n".join(c.source for c in nbformat.read(PATHS[name], as_version=4).cells if c.cell_type == "code")
+    assert "image_size[" not in code
+
+
 class _Kernel:
     """A notebook's code cells executed in this process, one namespace, as a kernel opened in ``notebooks/``
     runs them: the parameters cell, then the smoke profile's values and ``overrides`` (figures and cache under
@@ -316,5 +331,9 @@ def test_an_architecture_used_late_is_checked_in_the_setup_cell(tmp_path, monkey
 def test_closed_set_sprite_scale_names_the_strides_of_the_architectures_trained(tmp_path, monkeypatch, capsys,
                                                                                   used, archs, expected):
     kernel = _Kernel("03_closed_set", tmp_path, monkeypatch, image_size=[64, 128], archs=archs, used=used)
+    kernel.run("from gmmseg_core.profiles import")
+    kernel.run("DEEPEST_STRIDE = ")
+    assert capsys.readouterr().out.splitlines() == expected
+    kernel.ns["image_size"] = 64            # a square given as one int, as ExperimentRuns accepts it
     kernel.run("DEEPEST_STRIDE = ")
     assert capsys.readouterr().out.splitlines() == expected
