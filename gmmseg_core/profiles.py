@@ -315,10 +315,10 @@ def image_hw(image_size) -> tuple[int, int]:
     >>> image_hw([64, 128]), image_hw(32)
     ((64, 128), (32, 32))
     """
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
+    # imported here: the data package imports torch, which the gmmseg command's --help does without
+    from gmmseg_core.data.base import check_size_pair
+
+    return check_size_pair("image_size", image_size)
 
 
 def size_label(image_size) -> str:
