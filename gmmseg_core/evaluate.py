@@ -35,7 +35,6 @@ __all__ = ["predict", "evaluate_closed_set", "evaluate_anomaly", "collect_sml_st
 LOGIT_SCORERS = ("msp", "max_logit", "energy", "entropy")
 
 
-
 @contextmanager
 def _eval_mode(model):
     """``model.eval()`` for the block; the model's own mode is back afterwards, also when the block raises."""

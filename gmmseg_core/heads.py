@@ -662,26 +662,29 @@ def _frozen_batchnorm(module: nn.Module):
                 m.num_batches_tracked.copy_(tracked)
 
 
+def _shape_or_type(value) -> tuple | str:
+    """What an argument check reports of a value that should have been a tensor: its shape, else its type."""
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+
+
 def _check_features(features, in_channels: int) -> None:
     """A head's input must be a feature map ``(B, in_channels, h, w)``."""
     if not isinstance(features, Tensor) or features.dim() != 4 or features.shape[1] != in_channels:
-        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-        raise ValueError(f"features must be a feature map (B, {in_channels}, h, w), got {got}")
+        raise ValueError(f"features must be a feature map (B, {in_channels}, h, w), got {_shape_or_type(features)}")
 
 
 def _check_labels(labels, batch: int) -> None:
     """Labels of ``batch`` feature maps must be a label map ``(batch, H, W)``, of any resolution."""
     if not isinstance(labels, Tensor) or labels.dim() != 3 or labels.shape[0] != batch:
-        got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise ValueError(f"labels must be a label map ({batch}, H, W) for a batch of {batch} feature maps, got {got}")
+        raise ValueError(f"labels must be a label map ({batch}, H, W) for a batch of {batch} feature maps, "
+                         f"got {_shape_or_type(labels)}")
 
 
 def _check_logits(logits, batch: int, num_classes: int) -> None:
     """Logits given to ``update`` must be ``(batch, num_classes, H', W')``, of any resolution."""
     if not isinstance(logits, Tensor) or logits.dim() != 4 or tuple(logits.shape[:2]) != (batch, num_classes):
-        got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"logits must be ({batch}, {num_classes}, H, W) for a batch of {batch} feature maps, "
-                         f"got {got}")
+                         f"got {_shape_or_type(logits)}")
 
 
 def _channel_dropout(p) -> nn.Module:
