@@ -691,7 +691,9 @@ class GaussianMixture:
     Notes
     -----
     Results (``predict``, ``score_samples``, ...) are torch tensors on the fitting device. ``float64``
-    input is fitted in float64, everything else in float32.
+    input is fitted in float64, everything else in float32. As in scikit-learn, :meth:`sample` draws from the
+    fitted mixture and :meth:`bic` / :meth:`aic` score it for model selection; their parameter count
+    (:meth:`_n_parameters`) leaves out the mixing weights of Sinkhorn EM, which are fixed, not fitted.
     """
 
     _METHODS = ("sinkhorn", "em")
@@ -825,12 +827,17 @@ class GaussianMixture:
         return t
 
     # -- fitting -------------------------------------------------------------------------------------
-    def _initial_labels(self, X):
+    def _generator(self):
+        """A fresh CPU ``torch.Generator`` seeded with ``seed`` (from the operating system when it is None)."""
         generator = torch.Generator()
         if self.seed is None:
             generator.seed()
         else:
             generator.manual_seed(self.seed)
+        return generator
+
+    def _initial_labels(self, X):
+        generator = self._generator()
         xc = X - X.mean(0)
         if self.init == "kmeans++":
             centers = _kmeans_plusplus(xc, self.n_components, generator)
@@ -999,3 +1006,101 @@ class GaussianMixture:
     def fit_predict(self, X, y=None):
         """``fit(X)`` then ``predict(X)``."""
         return self.fit(X).predict(X)
+
+    # -- sampling and model selection ----------------------------------------------------------------
+    def sample(self, n_samples=1, generator=None):
+        """Draw samples from the fitted mixture, as scikit-learn's ``sample``.
+
+        The number of samples of each component is multinomial with the fitted ``weights_`` (uniform for
+        Sinkhorn EM), and each sample is ``means_[k] + sqrt(variances_[k]) * noise`` with standard normal noise.
+
+        Parameters
+        ----------
+        n_samples : int, default 1
+            Number of samples ``N`` (at least 1).
+        generator : torch.Generator, optional
+            Source of the randomness; the samples are drawn on its device. Default: a fresh CPU generator seeded
+            with ``seed``, so that every call of an estimator with an int ``seed`` returns the same samples (as
+            scikit-learn's with an int ``random_state``); with ``seed=None`` every call draws anew.
+
+        Returns
+        -------
+        X : Tensor, shape (N, D)
+            The samples, grouped by component (those of component 0 first), in the dtype and on the device of
+            ``means_``.
+        y : Tensor of int64, shape (N,)
+            The component of each sample (non-decreasing), on the device of ``means_``.
+        """
+        self._check_fitted()
+        if not (is_int(n_samples) and n_samples >= 1):
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if generator is None:
+            generator = self._generator()
+        elif not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        device = generator.device
+        means, variances = self.means_.to(device), self.variances_.to(device)
+        weights = self.weights_.to(device=device, dtype=torch.float64)
+        drawn = torch.multinomial(weights, int(n_samples), replacement=True, generator=generator)
+        counts = torch.bincount(drawn, minlength=self.n_components)
+        y = torch.repeat_interleave(torch.arange(self.n_components, device=device), counts)
+        noise = torch.randn(int(n_samples), means.shape[1], generator=generator, dtype=means.dtype, device=device)
+        X = torch.addcmul(means[y], noise, variances[y].sqrt())
+        return X.to(self.means_.device), y.to(self.means_.device)
+
+    def _n_parameters(self):
+        """Number of free parameters of the fitted model, as scikit-learn counts them for ``covariance_type="diag"``.
+
+        ``K * D`` means and ``K * D`` variances, plus ``K - 1`` mixing weights for ``method="em"``, which
+        estimates them (they sum to 1). Sinkhorn EM fixes the weights to ``1 / K`` instead of estimating them, so
+        they add nothing to its count (scikit-learn, which always fits them, would count ``K - 1`` more).
+
+        Returns
+        -------
+        int
+        """
+        self._check_fitted()
+        n_components, n_features = self.means_.shape
+        n_weights = n_components - 1 if self.method == "em" else 0
+        return 2 * n_components * n_features + n_weights
+
+    def _total_log_likelihood(self, X):
+        """``sum_n log p(x_n)`` (float, summed in float64) and ``N`` of ``X`` (N, D) with at least one sample."""
+        log_p = self.score_samples(X)
+        if log_p.shape[0] == 0:
+            raise ValueError(f"X must have at least one sample, got shape (0, {self.means_.shape[1]})")
+        return float(log_p.double().sum()), log_p.shape[0]
+
+    def bic(self, X):
+        """Bayesian information criterion on ``X``: ``-2 sum_n log p(x_n) + p log N`` (lower is better).
+
+        ``p`` is the parameter count of :meth:`_n_parameters` (no mixing weights for Sinkhorn EM).
+
+        Parameters
+        ----------
+        X : Tensor or array-like, shape (N, D)
+            At least one sample.
+
+        Returns
+        -------
+        float
+        """
+        log_likelihood, n_samples = self._total_log_likelihood(X)
+        return -2.0 * log_likelihood + self._n_parameters() * math.log(n_samples)
+
+    def aic(self, X):
+        """Akaike information criterion on ``X``: ``-2 sum_n log p(x_n) + 2 p`` (lower is better).
+
+        ``p`` is the parameter count of :meth:`_n_parameters` (no mixing weights for Sinkhorn EM).
+
+        Parameters
+        ----------
+        X : Tensor or array-like, shape (N, D)
+            At least one sample.
+
+        Returns
+        -------
+        float
+        """
+        log_likelihood, _ = self._total_log_likelihood(X)
+        return -2.0 * log_likelihood + 2.0 * self._n_parameters()

@@ -793,3 +793,116 @@ def test_sinkhorn_batched_errors_are_the_largest_of_the_batch():
     _, batched = sinkhorn(scores, epsilon=1.0, n_iters=4, return_errors=True)
     singles = [sinkhorn(s, epsilon=1.0, n_iters=4, return_errors=True)[1] for s in scores]
     assert batched == pytest.approx(np.maximum(*singles).tolist(), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GaussianMixture: sample, bic, aic
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _with_parameters(means, variances, weights, method="em"):
+    """A fitted mixture whose parameters are then replaced by the given float64 ones."""
+    means, variances, weights = (torch.as_tensor(np.asarray(v, dtype=np.float64)) for v in (means, variances, weights))
+    X = np.random.default_rng(0).normal(size=(20, means.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm = GaussianMixture(means.shape[0], method=method, max_iter=1).fit(X)
+    gm.means_, gm.variances_, gm.weights_ = means, variances, weights
+    return gm
+
+
+def _sklearn_with_parameters(gm):
+    from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+    sk = SkGaussianMixture(gm.n_components, covariance_type="diag")
+    sk.weights_ = gm.weights_.numpy()
+    sk.means_ = gm.means_.numpy()
+    sk.covariances_ = gm.variances_.numpy()
+    sk.precisions_cholesky_ = 1.0 / np.sqrt(sk.covariances_)
+    sk.n_features_in_ = gm.means_.shape[1]
+    return sk
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_bic_and_aic_agree_with_sklearn_given_the_same_parameters(rng, method):
+    X, _ = _overlapping_data(rng)
+    gm = GaussianMixture(3, method=method, seed=0).fit(X)
+    sk = _sklearn_with_parameters(gm)
+    n, k, d = X.shape[0], 3, X.shape[1]
+    # scikit-learn always fits the weights; Sinkhorn EM fixes them to 1/K, so K - 1 fewer parameters
+    unfitted_weights = 0 if method == "em" else k - 1
+    assert sk._n_parameters() == 2 * k * d + k - 1
+    assert gm._n_parameters() == sk._n_parameters() - unfitted_weights
+    assert gm.bic(X) == pytest.approx(sk.bic(X) - unfitted_weights * math.log(n), rel=1e-6)
+    assert gm.aic(X) == pytest.approx(sk.aic(X) - 2 * unfitted_weights, rel=1e-6)
+    assert gm.bic(torch.from_numpy(X)) == pytest.approx(gm.bic(X), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["em", "sinkhorn"])
+def test_bic_picks_the_number_of_separated_clusters(rng, method):
+    centres = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+    X = _mixture_data(rng, 100, centres)
+    bic = {k: GaussianMixture(k, method=method, seed=0).fit(X).bic(X) for k in range(1, 6)}
+    assert min(bic, key=bic.get) == 3
+
+
+def test_sample_follows_the_weights_means_and_variances():
+    weights = np.array([0.1, 0.3, 0.6])
+    means = np.array([[-5.0, 0.0], [0.0, 3.0], [4.0, -2.0]])
+    variances = np.array([[0.25, 1.0], [2.0, 0.5], [1.0, 4.0]])
+    gm = _with_parameters(means, variances, weights)
+    n = 20000
+    X, y = gm.sample(n)
+    assert X.shape == (n, 2) and X.dtype == torch.float64 and y.shape == (n,) and y.dtype == torch.int64
+    assert (y.diff() >= 0).all()  # grouped by component, as scikit-learn returns them
+    counts = torch.bincount(y, minlength=3).numpy()
+    # five binomial standard deviations (42 to 69 samples); uniform weights would be off by 2000 to 4667
+    np.testing.assert_array_less(np.abs(counts - n * weights), 5 * np.sqrt(n * weights * (1 - weights)))
+    for k in range(3):
+        xk = X[y == k].numpy()
+        nk = len(xk)
+        np.testing.assert_array_less(np.abs(xk.mean(0) - means[k]), 5 * np.sqrt(variances[k] / nk))
+        np.testing.assert_array_less(np.abs(xk.var(0) - variances[k]), 5 * variances[k] * np.sqrt(2 / nk))
+
+
+def test_sample_of_sinkhorn_em_is_balanced_and_in_the_fitted_dtype(rng):
+    X, _ = _overlapping_data(rng)
+    gm = GaussianMixture(3, method="sinkhorn").fit(X.astype(np.float32))
+    samples, y = gm.sample(3000)
+    assert samples.dtype == torch.float32
+    np.testing.assert_array_less(np.abs(torch.bincount(y).numpy() - 1000), 5 * np.sqrt(3000 * 2 / 9))
+
+
+def test_sample_is_reproducible_for_a_seed_or_a_generator():
+    gm = _with_parameters([[0.0], [10.0]], [[1.0], [1.0]], [0.5, 0.5])
+    X1, y1 = gm.sample(50)
+    X2, y2 = gm.sample(50)  # an int seed: the same draw every call, as scikit-learn's int random_state
+    assert torch.equal(X1, X2) and torch.equal(y1, y2)
+    gm.seed = 1
+    assert not torch.equal(gm.sample(50)[0], X1)
+    gm.seed = None
+    assert not torch.equal(gm.sample(50)[0], gm.sample(50)[0])
+    a, b = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    Xa, ya = gm.sample(50, generator=a)
+    Xb, yb = gm.sample(50, generator=b)
+    assert torch.equal(Xa, Xb) and torch.equal(ya, yb)
+    assert not torch.equal(gm.sample(50, generator=a)[0], Xa)  # the generator moves on
+
+
+def test_sample_bic_aic_errors():
+    unfitted = GaussianMixture(2)
+    for call in (unfitted.sample, lambda: unfitted.bic(np.zeros((3, 2))), lambda: unfitted.aic(np.zeros((3, 2)))):
+        with pytest.raises(RuntimeError, match="not fitted"):
+            call()
+    gm = _with_parameters([[0.0], [10.0]], [[1.0], [1.0]], [0.5, 0.5])
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=rf"n_samples must be a positive int, got {bad!r}"):
+            gm.sample(bad)
+    assert gm.sample(np.int64(2))[0].shape == (2, 1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        gm.sample(2, generator=0)
+    for criterion in (gm.bic, gm.aic):
+        with pytest.raises(ValueError, match=r"X must have at least one sample, got shape \(0, 1\)"):
+            criterion(np.zeros((0, 1)))
+        with pytest.raises(ValueError, match="X has 2 features but the mixture was fitted with 1"):
+            criterion(np.zeros((3, 2)))
