@@ -23,6 +23,19 @@ the winner has (``max_logit``, ``energy``, ``sml``). On the paper variant's logi
 themselves, ``max_logit`` equals ``gmm``. ``sml`` is the Standardized Max Logit of Jung et al. (ICCV 2021): the max
 logit standardised by the mean and standard deviation of the max logit over the training pixels *predicted* as the
 same class (:func:`fit_sml_statistics`).
+
+Infinite logits
+---------------
+Logits are scored in float32 (half-precision inputs are widened, float64 ones rounded). Every score is the limit
+of the scores of finite logits, where that limit is finite: a class whose logit is ``+inf`` takes all the
+probability (``msp`` and ``entropy`` 0), a class at ``-inf`` none. Where two or more classes are at ``+inf``, or
+every class is at ``-inf``, the limit depends on how they got there; the convention is that of equal logits, as
+large as the infinity says: the classes at ``+inf`` share the probability equally (``msp = 1 - 1/m`` and
+``entropy = log m`` for ``m`` of them), and a pixel whose logits are all ``-inf`` has the uniform posterior
+(``1 - 1/C`` and ``log C``, the most anomalous values). The evidence scores (``max_logit``, ``energy``, ``sml``,
+``gmm``) are ``-inf`` when a logit (log-likelihood) is ``+inf`` and ``+inf`` when all are ``-inf``: the limits,
+which the anomaly metrics rank as certainly known and certainly anomalous. Large finite logits never overflow
+where the score itself is within float32's range. NaN logits give NaN.
 """
 
 from __future__ import annotations
@@ -46,6 +59,14 @@ def _logits(outputs: dict) -> torch.Tensor:
     return z.float()
 
 
+def _ties_at_infinity(z: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Logits ``z`` (B, C, H, W) with every pixel whose largest logit ``top`` (B, 1, H, W) is infinite replaced by
+    its limit (see the module docstring): 0 for the classes at that infinity (equal logits) and ``-inf`` for the
+    others. The other pixels are returned as they are, bit for bit."""
+    limit = torch.where(z == top, 0.0, float("-inf"))
+    return torch.where(torch.isinf(top), limit, z)
+
+
 def msp(outputs: dict, **kw) -> torch.Tensor:
     """1 - maximum softmax probability (Hendrycks & Gimpel). Returns (B, H, W).
 
@@ -55,6 +76,7 @@ def msp(outputs: dict, **kw) -> torch.Tensor:
     """
     z = _logits(outputs)
     top, argmax = z.max(1, keepdim=True)
+    z = _ties_at_infinity(z, top)
     z = z - torch.where(torch.isfinite(top), top, 0.0)   # shifted first: large logits keep their precision
     others = z.scatter(1, argmax, float("-inf"))
     return (torch.logsumexp(others, 1) - torch.logsumexp(z, 1)).exp()
@@ -69,12 +91,20 @@ def energy(outputs: dict, temperature: float = 1.0, **kw) -> torch.Tensor:
     """Free energy ``-T logsumexp(z / T)`` (Liu et al.). Returns (B, H, W)."""
     if not (is_finite_real(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    return -temperature * torch.logsumexp(_logits(outputs) / temperature, dim=1)
+    z = _logits(outputs)
+    score = -temperature * torch.logsumexp(z / temperature, dim=1)
+    top = z.amax(1)
+    overflow = torch.isinf(score) & torch.isfinite(top)
+    if bool(overflow.any()):  # z / T beyond float32's range (T < 1): the same value taken about the top logit
+        about_top = top + temperature * torch.logsumexp((z - top.unsqueeze(1)) / temperature, dim=1)
+        score = torch.where(overflow, -about_top, score)
+    return score
 
 
 def entropy(outputs: dict, **kw) -> torch.Tensor:
     """Shannon entropy (nats) of the softmax posterior. Returns (B, H, W)."""
-    logp = _logits(outputs).log_softmax(1)
+    z = _logits(outputs)
+    logp = _ties_at_infinity(z, z.amax(1, keepdim=True)).log_softmax(1)
     # a class with logit -inf has p = 0 and adds nothing (0 * -inf would be NaN); NaN logits still give NaN
     return -torch.where(logp == float("-inf"), 0.0, logp.exp() * logp).sum(1)
 
@@ -97,7 +127,12 @@ def sml(outputs: dict, sml_stats: dict | None = None, **kw) -> torch.Tensor:
     if mean.numel() != z.shape[1]:
         raise ValueError(f"sml_stats has {mean.numel()} classes but the logits have {z.shape[1]}")
     m, k = z.max(1)
-    return -(m - mean[k]) / std[k]
+    score = -(m - mean[k]) / std[k]
+    overflow = torch.isinf(score) & torch.isfinite(m)
+    if bool(overflow.any()):  # m - mean beyond float32's range, the quotient perhaps not: in float64
+        wide = -(m.double() - mean[k].double()) / std[k].double()
+        score = torch.where(overflow, wide.float(), score)
+    return score
 
 
 def gmm(outputs: dict, **kw) -> torch.Tensor:

@@ -179,3 +179,110 @@ def test_energy_and_sml_refuse_bad_parameters(outputs):
     stats = {"mean": torch.zeros(2), "std": torch.ones(2)}
     with pytest.raises(ValueError, match="sml_stats has 2 classes but the logits have 4"):
         SCORERS["sml"](outputs, sml_stats=stats)
+
+
+INF = float("inf")
+
+
+def _pixels(rows, dtype=torch.float32):
+    """Logits (1, C, 1, P) of P pixels given as P rows of C values."""
+    return torch.tensor(rows, dtype=torch.float64).T.reshape(1, len(rows[0]), 1, len(rows)).to(dtype)
+
+
+def _softmax_scores_float64(rows):
+    """msp and entropy of finite float64 logits (P, C), the references for the limits."""
+    p = softmax(np.asarray(rows, dtype=np.float64), axis=1)
+    plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
+    return 1 - p.max(1), -plogp.sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_msp_and_entropy_of_infinite_logits_are_the_limits_of_large_finite_ones(dtype):
+    t = 1e4                                                        # stands for +inf in the float64 reference
+    limits = {                                                     # logits with infinities: their finite stand-in
+        (INF, 0.0, -3.0, 1.0): (t, 0.0, -3.0, 1.0),                # one class takes all the probability
+        (INF, INF, 0.0, -INF): (t, t, 0.0, -t),                    # two share it
+        (INF, INF, INF, INF): (t, t, t, t),
+        (-INF, -INF, -INF, -INF): (-t, -t, -t, -t),                # no evidence at all: the uniform posterior
+        (-INF, 2.0, -INF, 1.0): (-t, 2.0, -t, 1.0),
+    }
+    outputs = {"logits": _pixels(list(limits), dtype)}
+    ref_msp, ref_entropy = _softmax_scores_float64(list(limits.values()))
+    np.testing.assert_allclose(SCORERS["msp"](outputs)[0, 0].numpy(), ref_msp, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(SCORERS["entropy"](outputs)[0, 0].numpy(), ref_entropy, rtol=1e-6, atol=1e-7)
+
+
+def test_evidence_scores_of_infinite_logits_are_infinite_with_the_right_sign():
+    rows = [(INF, 0.0, -3.0), (INF, INF, -INF), (-INF, -INF, -INF), (-INF, 1.0, -INF)]
+    outputs = {"logits": _pixels(rows), "log_likelihood": _pixels(rows)}
+    stats = {"mean": torch.tensor([1.0, -2.0, 0.5]), "std": torch.tensor([2.0, 1.0, 3.0])}
+    for name in ("max_logit", "energy", "sml", "gmm"):
+        got = SCORERS[name](outputs, sml_stats=stats)[0, 0].tolist()
+        assert got[:3] == [-INF, -INF, INF] and np.isfinite(got[3]), name
+    assert SCORERS["sml"](outputs, sml_stats=stats)[0, 0, 3] == -3.0   # - (1 - (-2)) / 1
+
+
+def test_nan_logits_still_give_nan():
+    outputs = {"logits": _pixels([(float("nan"), 1.0, INF), (-INF, float("nan"), -INF)])}
+    for name in ("msp", "entropy", "max_logit", "energy"):
+        assert torch.isnan(SCORERS[name](outputs)).all(), name
+
+
+def test_energy_of_large_logits_at_a_low_temperature_is_finite():
+    rows = [(3e38, 0.0, -1.0), (-3e38, -3e38, -3e38), (1e30, 1e30 * (1 - 2**-20), 0.0), (1.0, 2.0, 0.5)]
+    for temperature in (0.5, 1e-3, 1.0, 3.0):
+        got = SCORERS["energy"]({"logits": _pixels(rows)}, temperature=temperature)[0, 0].double().numpy()
+        z = _pixels(rows).double().numpy()[0, :, 0].T               # the float32 values, in float64
+        ref = -temperature * logsumexp(z / temperature, axis=1)
+        np.testing.assert_allclose(got, ref, rtol=1e-6)
+
+
+def test_sml_of_a_max_logit_far_from_its_class_mean_is_finite():
+    logits = _pixels([(3e38, 0.0), (-3e38, -3.1e38)])
+    stats = {"mean": torch.tensor([-3e38, 0.0]), "std": torch.tensor([4.0, 1.0])}
+    got = SCORERS["sml"]({"logits": logits}, sml_stats=stats)[0, 0].tolist()
+    assert got == pytest.approx([-1.5e38, 0.0], rel=1e-6)
+    stats["std"][0] = 1.0                                          # -6e38 is beyond float32's range
+    assert SCORERS["sml"]({"logits": logits}, sml_stats=stats)[0, 0, 0] == -INF
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_score_as_their_float64_values(dtype):
+    z = (torch.from_numpy(np.random.default_rng(1).normal(size=(2, 5, 3, 4))) * 8).to(dtype)
+    z[0, :, 0, 0] = torch.finfo(dtype).max                         # a tie at the largest value of the dtype
+    z[0, 1, 0, 1] = torch.finfo(dtype).min
+    z64 = z.double().numpy()
+    p = softmax(z64, axis=1)
+    expected = {"msp": 1 - p.max(1), "max_logit": -z64.max(1), "energy": -logsumexp(z64, axis=1),
+                "entropy": -(p * np.log(np.where(p > 0, p, 1.0))).sum(1), "gmm": -z64.max(1)}
+    outputs = {"logits": z, "log_likelihood": z}
+    for name, ref in expected.items():
+        got = SCORERS[name](outputs)
+        assert got.dtype == torch.float32
+        np.testing.assert_allclose(got.double().numpy(), ref, rtol=2e-6, atol=1e-6, err_msg=name)
+
+
+def test_scores_of_ordinary_logits_are_the_plain_formulas_bit_for_bit(rng):
+    # softmax-like logits, GMM log-likelihood logits (large, negative) and a few -inf classes
+    z = torch.from_numpy(np.concatenate([rng.normal(size=(2, 6, 4, 5)) * 3,
+                                         rng.normal(size=(2, 6, 4, 5)) * 50 - 3e4])).float()
+    z[0, 2, 1, 1] = z[3, 0, 0, 0] = -INF
+    outputs = {"logits": z, "log_likelihood": z}
+    stats = {"mean": torch.from_numpy(rng.normal(size=6)).float(), "std": torch.from_numpy(rng.uniform(0.5, 2, 6)).float()}
+    top, argmax = z.max(1, keepdim=True)
+    shifted = z - top
+    logp = z.log_softmax(1)
+    m, k = z.max(1)
+    plain = {
+        "msp": (torch.logsumexp(shifted.scatter(1, argmax, -INF), 1) - torch.logsumexp(shifted, 1)).exp(),
+        "max_logit": -z.amax(1),
+        "energy": -torch.logsumexp(z, 1),
+        "entropy": -torch.where(logp == -INF, 0.0, logp.exp() * logp).sum(1),
+        "sml": -(m - stats["mean"][k]) / stats["std"][k],
+        "gmm": -z.amax(1),
+    }
+    for name, ref in plain.items():
+        assert torch.equal(SCORERS[name](outputs, sml_stats=stats), ref), name
+    for temperature in (0.5, 2.0):
+        ref = -temperature * torch.logsumexp(z / temperature, 1)
+        assert torch.equal(SCORERS["energy"](outputs, temperature=temperature), ref)
