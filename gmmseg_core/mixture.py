@@ -649,7 +649,8 @@ class GaussianMixture:
         samples drawn at random as centres. Either way the samples are assigned to the nearest centre and
         the initial parameters are the M-step of that hard assignment (as scikit-learn does).
     seed : int or None, default 0
-        Seed of the initialisation (a private ``torch.Generator``; the global RNG is untouched).
+        Seed of the initialisation and of :meth:`sample`'s default generator (a private ``torch.Generator``
+        each time; the global RNG is untouched).
     device : str or torch.device, optional
         Where to fit. Default: the device of a tensor ``X``, the CPU for other inputs.
     epsilon : float, default 1.0
