@@ -71,7 +71,8 @@ _NOTEBOOK = {
                               train_processes=2),
         "04_anomaly": dict(archs=["fcn"], datasets=["scenes", "fashion"], n_examples=2, ablation_arch="fcn",
                            train_processes=2),
-        "05_components": dict(arch="fcn", component_counts=[1, 3], n_examples=2, max_points=300, train_processes=2),
+        "05_components": dict(arch="fcn", component_counts=[1, 3], n_examples=2, max_points=300,
+                              bic_components=[1, 2, 3], bic_points=100, train_processes=2),
         "06_explorer": dict(arch="fcn", interactive=False, image_index=0, threshold_quantiles=[0.9, 0.99]),
     },
     "cpu": {
@@ -84,7 +85,7 @@ _NOTEBOOK = {
         "04_anomaly": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
                            n_examples=3, ablation_arch="fcn", train_processes=2),
         "05_components": dict(arch="deeplabv3plus", component_counts=[1, 3, 5], n_examples=3, max_points=3000,
-                              train_processes=2),
+                              bic_components=[1, 2, 3, 4, 6, 8, 12, 16], bic_points=2000, train_processes=2),
         "06_explorer": dict(arch="deeplabv3plus", interactive=False, image_index=0),
     },
     "gpu": {
@@ -96,7 +97,8 @@ _NOTEBOOK = {
                               seeds=[0, 1, 2], train_processes=1),
         "04_anomaly": dict(archs=["fcn", "deeplabv3plus", "segformer"], datasets=["scenes", "fashion"],
                            n_examples=4, ablation_arch="segformer"),
-        "05_components": dict(arch="segformer", component_counts=[1, 3, 5, 8], n_examples=4, max_points=20000),
+        "05_components": dict(arch="segformer", component_counts=[1, 3, 5, 8], n_examples=4, max_points=20000,
+                              bic_components=[1, 2, 3, 5, 8, 12, 16, 24, 32], bic_points=5000),
         "06_explorer": dict(arch="segformer", interactive=False, image_index=0),
     },
 }

@@ -37,7 +37,8 @@ EXPECTED_FIGURES = {
                        "02_time_per_iteration"],
     "03_closed_set": ["03_closed_set_miou", "03_per_class_iou", "03_training_curves", "03_examples"],
     "04_anomaly": ["04_roc_pr", "04_score_maps", "04_anomaly_ap", "04_class_norm_ablation"],
-    "05_components": ["05_component_maps", "05_vehicle_components", "05_embedding_pca", "05_ablation"],
+    "05_components": ["05_component_maps", "05_vehicle_components", "05_embedding_pca", "05_bic_components",
+                      "05_ablation"],
     "06_explorer": ["06_pixel_explorer", "06_threshold_masks"],
 }
 
