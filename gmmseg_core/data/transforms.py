@@ -55,7 +55,8 @@ class RandomResize:
     """Rescale by a ratio drawn uniformly from ``ratio_range`` (mmseg ``Resize(img_scale, ratio_range)``).
 
     With ``scale=(h, w)`` the image is fitted (aspect kept) into ``scale * ratio`` (long side to the long side,
-    short to the short, as mmseg does); with ``scale=None`` its own size is multiplied by the ratio.
+    short to the short, as mmseg does); with ``scale=None`` its own size is multiplied by the ratio. The output
+    size follows mmseg 0.x and mmcv 1.x to the pixel (see :meth:`output_size`).
     """
 
     def __init__(self, scale=None, ratio_range=(0.5, 2.0)):
@@ -65,16 +66,23 @@ class RandomResize:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {ratio_range}")
         self.ratio_range = (float(lo), float(hi))
 
+    def output_size(self, shape, ratio: float) -> tuple[int, int]:
+        """The (h, w) an image of ``shape`` (h, w) is rescaled to at ``ratio``.
+
+        As mmseg's ``Resize._random_sample_ratio`` then ``mmcv.imrescale``: the target scale (``scale``, or the
+        image's own size) times the ratio is truncated to ints, the image is fitted into it keeping its aspect
+        (factor ``min(long target / long side, short target / short side)``), and each side becomes
+        ``int(side * factor + 0.5)``.
+        """
+        h, w = shape
+        base = (h, w) if self.scale is None else self.scale
+        target = (int(base[0] * ratio), int(base[1] * ratio))
+        factor = min(max(target) / max(h, w), min(target) / min(h, w))
+        return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)
+
     def __call__(self, image, label, rng=None):
         rng = np.random.default_rng() if rng is None else rng
-        ratio = rng.uniform(*self.ratio_range)
-        h, w = label.shape
-        if self.scale is None:
-            factor = ratio
-        else:
-            long_t, short_t = max(self.scale) * ratio, min(self.scale) * ratio
-            factor = min(long_t / max(h, w), short_t / min(h, w))
-        size = (max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1))
+        size = self.output_size(label.shape, rng.uniform(*self.ratio_range))
         return resize_image(image, size), resize_label(label, size)
 
     def __repr__(self) -> str:
