@@ -254,3 +254,19 @@ def test_random_resize_resizes_to_the_size_of_its_drawn_ratio():
         assert lab.shape == img.shape[:2] == _mmcv_rescaled_hw(37, 50, (128, 64), ratio)
         sizes.add(lab.shape)
     assert len(sizes) > 10
+
+
+def test_photometric_hue_shifts_are_mmsegs_integers_from_minus_18_to_17():
+    from matplotlib.colors import rgb_to_hsv
+
+    red = np.zeros((1, 1, 3), np.float32)
+    red[..., 0] = 255.0                                       # hue 0, fully saturated: the output hue is the shift
+    label = np.zeros((1, 1), np.int64)
+    hue_only = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1.0, 1.0), saturation_range=(1.0, 1.0))
+    shifts = set()
+    for seed in range(1500):
+        hue = rgb_to_hsv(hue_only(red, label, np.random.default_rng(seed))[0] / 255.0)[0, 0, 0]
+        step = hue * 180.0
+        assert abs(step - round(step)) < 1e-3                 # whole steps of OpenCV's 180
+        shifts.add((round(step) + 90) % 180 - 90)
+    assert shifts == set(range(-18, 18))                      # numpy's randint(-18, 18): 18 itself is never drawn

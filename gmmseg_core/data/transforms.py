@@ -157,9 +157,15 @@ def _hsv_to_rgb(hsv):
 class PhotoMetricDistortion:
     """mmseg's ``PhotoMetricDistortion``: each step with probability 0.5, values clipped to 0..255.
 
-    Brightness (add a delta in [-32, 32]); contrast (multiply by [0.5, 1.5]) either first or last; saturation
-    (multiply S by [0.5, 1.5]); hue (shift by an integer in [-18, 18] of 180 steps, as OpenCV's 8-bit hue).
-    The label is untouched.
+    Brightness (add a delta in [-32, 32]); contrast (multiply by [0.5, 1.5]) either first or last (an even
+    draw, as mmseg's ``mode``); saturation (multiply S by [0.5, 1.5]); hue (shift by an integer in [-18, 17] of
+    180 steps, OpenCV's 8-bit hue: mmseg draws it with numpy's ``randint(-hue_delta, hue_delta)``, whose upper
+    bound is exclusive). The label is untouched.
+
+    Deliberate deviation: the steps compute in float32, where mmseg works on uint8 images, truncating to
+    integers after every step and converting to HSV and back through OpenCV's 8-bit tables (twice when both
+    saturation and hue apply, H in 2-degree steps). The values differ by that rounding, a few grey levels at
+    most, not in distribution.
     """
 
     def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
@@ -183,7 +189,8 @@ class PhotoMetricDistortion:
             if sat:
                 hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*self.saturation_range), 0, 1)
             if hue:
-                hsv[..., 0] = (hsv[..., 0] + rng.integers(-self.hue_delta, self.hue_delta + 1) / 180.0) % 1.0
+                shift = int(rng.integers(-self.hue_delta, self.hue_delta)) if self.hue_delta else 0
+                hsv[..., 0] = (hsv[..., 0] + shift / 180.0) % 1.0
             img = np.clip(_hsv_to_rgb(hsv), 0, 255).astype(np.float32)
         if not contrast_first and rng.integers(2):
             img = np.clip(img * rng.uniform(*self.contrast_range), 0, 255)
