@@ -227,8 +227,17 @@ def train_transforms(crop_size, scale=None, ratio_range=(0.5, 2.0), cat_max_rati
                      flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX) -> Compose:
     """mmseg's default training pipeline (normalisation is done by the dataset afterwards).
 
-    mmseg normalises before it pads with 0; here the dataset normalises after, so the image is padded with the
-    ImageNet mean (0..255), which the normalisation turns into 0 (up to rounding for uint8 images).
+    The steps, their order and their parameters are mmseg's (``Resize``, ``RandomCrop``, ``RandomFlip``,
+    ``PhotoMetricDistortion``, ``Normalize``, ``Pad``); so are the resized sizes (see
+    :meth:`RandomResize.output_size`). Deliberate deviations, none of which changes what is drawn:
+
+    - mmseg normalises before it pads with 0; here the dataset normalises after, so the image is padded with the
+      ImageNet mean (0..255), which the normalisation turns into 0 (up to float rounding).
+    - The image stays float32 throughout: mmseg rounds the resized image to uint8 and truncates after every
+      photometric step (see :class:`PhotoMetricDistortion`).
+    - The label's nearest-neighbour resize samples at pixel centres, aligned with the bilinear image resize;
+      mmcv's ``nearest`` (OpenCV's ``INTER_NEAREST``) takes source pixel ``floor(i * in / out)``, up to half a
+      source pixel off.
 
     Parameters
     ----------
