@@ -69,7 +69,7 @@ class RandomResize:
     def output_size(self, shape, ratio: float) -> tuple[int, int]:
         """The (h, w) an image of ``shape`` (h, w) is rescaled to at ``ratio``.
 
-        As mmseg's ``Resize._random_sample_ratio`` then ``mmcv.imrescale``: the target scale (``scale``, or the
+        As mmseg's ``Resize.random_sample_ratio`` then ``mmcv.imrescale``: the target scale (``scale``, or the
         image's own size) times the ratio is truncated to ints, the image is fitted into it keeping its aspect
         (factor ``min(long target / long side, short target / short side)``), and each side becomes
         ``int(side * factor + 0.5)``.
