@@ -228,9 +228,10 @@ class TrainConfig:
         change the model count as their default: ``data_root`` for a dataset that does not read it (generated or
         bundled data), or that reads there what it reads with neither a root nor ``$GMMSEG_DATA``
         (Fashion-MNIST found elsewhere, or the same files; without a root, what ``$GMMSEG_DATA`` makes
-        Fashion-MNIST read enters instead), ``amp`` off CUDA (training there is float32 whatever it says). The
-        package version enters too, so a cache written by another release (whose checkpoints may hold other
-        buffers) is not reused.
+        Fashion-MNIST read enters instead), ``amp`` off CUDA (training there is float32 whatever it says). A
+        real data set's root enters as the absolute folder it reads (``$GMMSEG_DATA`` or ``./data`` without
+        one). The package version enters too, so a cache written by another release (whose checkpoints may hold
+        other buffers) is not reused.
         """
         from gmmseg_core.data import dataset_info  # lazy: the data package imports torch
 

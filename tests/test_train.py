@@ -198,6 +198,19 @@ def test_a_fashion_run_without_a_data_root_is_keyed_by_what_gmmseg_data_makes_it
     assert len({default, *keys}) == 3
 
 
+def test_a_real_data_run_is_keyed_by_the_folder_it_reads(tmp_path, monkeypatch):
+    cityscapes = tiny_cfg(tmp_path, dataset="cityscapes")
+    keys = []
+    for folder in ("a", "b"):                   # no data root: $GMMSEG_DATA says where the files are
+        monkeypatch.setenv("GMMSEG_DATA", str(tmp_path / folder))
+        keys.append(cityscapes.cache_key())
+    monkeypatch.delenv("GMMSEG_DATA")
+    assert keys[0] != keys[1]
+    assert cityscapes.replace(data_root=str(tmp_path / "b")).cache_key() == keys[1]
+    monkeypatch.chdir(tmp_path)                 # a relative root counts as the folder it names
+    assert cityscapes.replace(data_root="a").cache_key() == keys[0]
+
+
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=10, warmup_iters=4, poly_power=1.0)
     factors = [lr_factor(s, cfg) for s in range(10)]
