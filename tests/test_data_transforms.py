@@ -270,3 +270,31 @@ def test_photometric_hue_shifts_are_mmsegs_integers_from_minus_18_to_17():
         assert abs(step - round(step)) < 1e-3                 # whole steps of OpenCV's 180
         shifts.add((round(step) + 90) % 180 - 90)
     assert shifts == set(range(-18, 18))                      # numpy's randint(-18, 18): 18 itself is never drawn
+
+
+def test_random_crop_keeps_the_eleventh_box_after_ten_rejected_ones_as_mmseg():
+    label = np.full((30, 40), 3, np.int64)
+    label[::2, ::2] = 255                       # one class besides void, which does not count: every box is rejected
+    image = np.zeros((30, 40, 3), np.float32)
+    image[..., 0] = np.arange(1200).reshape(30, 40)             # tells the boxes apart
+    for seed in range(5):
+        got = RandomCrop((8, 8), cat_max_ratio=0.75)(image, label, np.random.default_rng(seed))[0]
+        rng = np.random.default_rng(seed)
+        for _ in range(11):                                     # mmseg: one box, then up to 10 redraws
+            r, c = int(rng.integers(0, 23)), int(rng.integers(0, 33))
+        np.testing.assert_array_equal(got, image[r:r + 8, c:c + 8])
+
+
+def test_train_transforms_are_mmsegs_steps_in_its_order_with_its_cityscapes_settings():
+    # mmseg's cityscapes train_pipeline: Resize(img_scale=(2048, 1024), ratio_range=(0.5, 2.0)),
+    # RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(prob=0.5), PhotoMetricDistortion(), Normalize,
+    # Pad(size=crop_size, pad_val=0, seg_pad_val=255)
+    steps = train_transforms((512, 1024), scale=(1024, 2048)).transforms
+    assert [type(s) for s in steps] == [RandomResize, RandomCrop, RandomFlip, PhotoMetricDistortion, Pad]
+    resize, crop, flip, photo, pad = steps
+    assert resize.scale == (1024, 2048) and resize.ratio_range == (0.5, 2.0)
+    assert (crop.crop_size, crop.cat_max_ratio, crop.ignore_index) == ((512, 1024), 0.75, 255)
+    assert flip.prob == 0.5
+    assert (photo.brightness_delta, tuple(photo.contrast_range), tuple(photo.saturation_range),
+            photo.hue_delta) == (32, (0.5, 1.5), (0.5, 1.5), 18)
+    assert pad.size == (512, 1024) and pad.seg_pad_val == 255
