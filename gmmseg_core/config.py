@@ -226,9 +226,12 @@ class TrainConfig:
         ``checkpoint_interval``, ``progress`` and a ``cache_dir`` entry of the dataset kwargs (where generated
         data is cached). ``device`` enters only by its type (``"cuda:1"`` -> ``"cuda"``). Settings that cannot
         change the model count as their default: ``data_root`` for a dataset that does not read it (generated or
-        bundled data), or that reads there what it reads without one (Fashion-MNIST found elsewhere, or the
-        same files), ``amp`` off CUDA (training there is float32 whatever it says). The package version enters
-        too, so a cache written by another release (whose checkpoints may hold other buffers) is not reused.
+        bundled data), or that reads there what it reads with neither a root nor ``$GMMSEG_DATA``
+        (Fashion-MNIST found elsewhere, or the same files; without a root, what ``$GMMSEG_DATA`` makes
+        Fashion-MNIST read enters instead), ``amp`` off CUDA (training there is float32 whatever it says). A
+        real data set's root enters as the absolute folder it reads (``$GMMSEG_DATA`` or ``./data`` without
+        one). The package version enters too, so a cache written by another release (whose checkpoints may hold
+        other buffers) is not reused.
         """
         from gmmseg_core.data import dataset_info  # lazy: the data package imports torch
 
@@ -239,7 +242,7 @@ class TrainConfig:
         entry = dataset_info(self.dataset)
         if not entry.reads_root:
             d["data_root"] = None
-        elif self.data_root is not None and entry.root_key is not None:
+        elif entry.root_key is not None:  # without a root too: $GMMSEG_DATA may change what it reads
             d["data_root"] = entry.root_key(self.data_root)
         if d["device"] != "cuda":
             d["amp"] = "none"

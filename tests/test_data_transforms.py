@@ -162,8 +162,10 @@ def test_random_resize_fits_the_scale_keeping_the_aspect_and_rounds():
     # long side 40 -> at most 60, short side 20 -> at most 40: the long side binds, factor 1.5
     img, lab = RandomResize((60, 40), (1.0, 1.0))(image, label, np.random.default_rng(0))
     assert lab.shape == (30, 60) and img.shape == (30, 60, 3)
-    _, lab = RandomResize(None, (1.3, 1.3))(image[:5, :7], label[:5, :7], np.random.default_rng(0))
-    assert lab.shape == (7, 9)                     # 6.5 and 9.1, rounded to the nearest as mmcv does
+    _, lab = RandomResize(None, (1.3, 1.3))(image[:5, :9], label[:5, :9], np.random.default_rng(0))
+    # as mmseg: the target 6.5 x 11.7 is truncated to 6 x 11, the short side binds (factor 1.2), and mmcv rounds
+    # 6.0 x 10.8 to the nearest
+    assert lab.shape == (6, 11)
 
 
 def _balanced_among_void(h=64, w=64):
@@ -217,3 +219,82 @@ def test_random_crop_draws_every_offset_edges_included():
     corners = {int(RandomCrop((4, 4), cat_max_ratio=1.0)(image, label, np.random.default_rng(s))[1][0, 0])
                for s in range(200)}
     assert corners == {r * 7 + c for r in range(3) for c in range(4)}       # offsets 0..2 down, 0..3 across
+
+
+def _mmcv_rescaled_hw(h, w, img_scale, ratio):
+    """(h, w) after mmseg 0.x ``Resize(img_scale, ratio_range)`` with keep_ratio, written from its source:
+    ``Resize.random_sample_ratio`` truncates the target, ``scale = int(img_scale[0] * ratio), int(img_scale[1] *
+    ratio)`` (``img_scale`` is (w, h); the image's own (w, h) when it is None), then mmcv 1.x ``imrescale``:
+    ``rescale_size`` takes ``scale_factor = min(max(scale) / max(h, w), min(scale) / min(h, w))`` and
+    ``_scale_size`` rounds each side, ``int(w * scale_factor + 0.5), int(h * scale_factor + 0.5)``."""
+    scale = (w, h) if img_scale is None else img_scale
+    scale = int(scale[0] * ratio), int(scale[1] * ratio)
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+@pytest.mark.parametrize("shape, img_scale", [((1024, 2048), (2048, 1024)),      # Cityscapes
+                                              ((512, 683), (2048, 512)),         # ADE20K, portrait and landscape
+                                              ((683, 512), (2048, 512)),
+                                              ((375, 500), None), ((97, 131), None)])
+def test_random_resize_sizes_match_mmseg_and_mmcv(shape, img_scale):
+    ours = RandomResize(None if img_scale is None else img_scale[::-1], (0.5, 2.0))  # ours is (h, w)
+    ratios = np.random.default_rng(0).uniform(0.5, 2.0, 2000)
+    for ratio in np.concatenate([ratios, np.arange(0.5, 2.0001, 1 / 1024)]):
+        assert ours.output_size(shape, float(ratio)) == _mmcv_rescaled_hw(*shape, img_scale, float(ratio)), ratio
+
+
+def test_random_resize_resizes_to_the_size_of_its_drawn_ratio():
+    image, label = np.zeros((37, 50, 3), np.float32), np.zeros((37, 50), np.int64)
+    resize = RandomResize((64, 128), (0.5, 2.0))
+    sizes = set()
+    for seed in range(20):
+        ratio = np.random.default_rng(seed).uniform(0.5, 2.0)          # the transform's first draw
+        img, lab = resize(image, label, np.random.default_rng(seed))
+        assert lab.shape == img.shape[:2] == _mmcv_rescaled_hw(37, 50, (128, 64), ratio)
+        sizes.add(lab.shape)
+    assert len(sizes) > 10
+
+
+def test_photometric_hue_shifts_are_mmsegs_integers_from_minus_18_to_17():
+    from matplotlib.colors import rgb_to_hsv
+
+    red = np.zeros((1, 1, 3), np.float32)
+    red[..., 0] = 255.0                                       # hue 0, fully saturated: the output hue is the shift
+    label = np.zeros((1, 1), np.int64)
+    hue_only = PhotoMetricDistortion(brightness_delta=0, contrast_range=(1.0, 1.0), saturation_range=(1.0, 1.0))
+    shifts = set()
+    for seed in range(1500):
+        hue = rgb_to_hsv(hue_only(red, label, np.random.default_rng(seed))[0] / 255.0)[0, 0, 0]
+        step = hue * 180.0
+        assert abs(step - round(step)) < 1e-3                 # whole steps of OpenCV's 180
+        shifts.add((round(step) + 90) % 180 - 90)
+    assert shifts == set(range(-18, 18))                      # numpy's randint(-18, 18): 18 itself is never drawn
+
+
+def test_random_crop_keeps_the_eleventh_box_after_ten_rejected_ones_as_mmseg():
+    label = np.full((30, 40), 3, np.int64)
+    label[::2, ::2] = 255                       # one class besides void, which does not count: every box is rejected
+    image = np.zeros((30, 40, 3), np.float32)
+    image[..., 0] = np.arange(1200).reshape(30, 40)             # tells the boxes apart
+    for seed in range(5):
+        got = RandomCrop((8, 8), cat_max_ratio=0.75)(image, label, np.random.default_rng(seed))[0]
+        rng = np.random.default_rng(seed)
+        for _ in range(11):                                     # mmseg: one box, then up to 10 redraws
+            r, c = int(rng.integers(0, 23)), int(rng.integers(0, 33))
+        np.testing.assert_array_equal(got, image[r:r + 8, c:c + 8])
+
+
+def test_train_transforms_are_mmsegs_steps_in_its_order_with_its_cityscapes_settings():
+    # mmseg's cityscapes train_pipeline: Resize(img_scale=(2048, 1024), ratio_range=(0.5, 2.0)),
+    # RandomCrop(crop_size, cat_max_ratio=0.75), RandomFlip(prob=0.5), PhotoMetricDistortion(), Normalize,
+    # Pad(size=crop_size, pad_val=0, seg_pad_val=255)
+    steps = train_transforms((512, 1024), scale=(1024, 2048)).transforms
+    assert [type(s) for s in steps] == [RandomResize, RandomCrop, RandomFlip, PhotoMetricDistortion, Pad]
+    resize, crop, flip, photo, pad = steps
+    assert resize.scale == (1024, 2048) and resize.ratio_range == (0.5, 2.0)
+    assert (crop.crop_size, crop.cat_max_ratio, crop.ignore_index) == ((512, 1024), 0.75, 255)
+    assert flip.prob == 0.5
+    assert (photo.brightness_delta, tuple(photo.contrast_range), tuple(photo.saturation_range),
+            photo.hue_delta) == (32, (0.5, 1.5), (0.5, 1.5), 18)
+    assert pad.size == (512, 1024) and pad.seg_pad_val == 255

@@ -174,6 +174,43 @@ def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp
     assert other != key and fashion.replace(data_root=str(tmp_path / "other-again")).cache_key() == other
 
 
+def test_a_fashion_run_without_a_data_root_is_keyed_by_what_gmmseg_data_makes_it_read(tmp_path, monkeypatch):
+    from gmmseg_core.data import composites
+
+    monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
+    _fashion_look_alike(tmp_path / "system", top=6)
+    fashion = tiny_cfg(tmp_path, dataset="fashion")
+    default = fashion.cache_key()
+    assert composites.fashion_root_key(None) is None          # the default run's key holds no data root
+    (tmp_path / "cityscapes").mkdir()
+    for same in ("cityscapes", "system"):       # no Fashion-MNIST there (the system copy is read), or the system copy
+        monkeypatch.setenv("GMMSEG_DATA", str(tmp_path / same))
+        assert fashion.cache_key() == default
+    _fashion_look_alike(tmp_path / "a" / "fashion-mnist", top=10)
+    _fashion_look_alike(tmp_path / "b", top=14)
+    keys = []
+    for other in ("a", "b"):                    # other sprites read from $GMMSEG_DATA: other models
+        monkeypatch.setenv("GMMSEG_DATA", str(tmp_path / other))
+        keys.append(fashion.cache_key())
+        monkeypatch.delenv("GMMSEG_DATA")
+        assert fashion.replace(data_root=str(tmp_path / other)).cache_key() == keys[-1]   # as that root would
+    assert len({default, *keys}) == 3
+
+
+def test_a_real_data_run_is_keyed_by_the_folder_it_reads(tmp_path, monkeypatch):
+    cityscapes = tiny_cfg(tmp_path, dataset="cityscapes")
+    keys = []
+    for folder in ("a", "b"):                   # no data root: $GMMSEG_DATA says where the files are
+        monkeypatch.setenv("GMMSEG_DATA", str(tmp_path / folder))
+        keys.append(cityscapes.cache_key())
+    monkeypatch.delenv("GMMSEG_DATA")
+    assert keys[0] != keys[1]
+    assert cityscapes.replace(data_root=str(tmp_path / "b")).cache_key() == keys[1]
+    monkeypatch.chdir(tmp_path)                 # a relative root counts as the folder it names
+    assert cityscapes.replace(data_root="a").cache_key() == keys[0]
+
+
 def test_lr_schedule_warmup_then_poly():
     cfg = TrainConfig(iters=10, warmup_iters=4, poly_power=1.0)
     factors = [lr_factor(s, cfg) for s in range(10)]

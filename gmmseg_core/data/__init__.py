@@ -71,7 +71,8 @@ def _build_digits(split, root=None, **kw):
 
 
 def _register_reader(name, fn, splits, description):
-    @register_dataset(name, splits, description, needs_root=True, options=_READER_OPTIONS)
+    @register_dataset(name, splits, description, needs_root=True, options=_READER_OPTIONS,
+                      root_key=_readers.reader_root_key)
     def _build(split, root=None, **kw):
         return fn(split, root=root, **kw)
 

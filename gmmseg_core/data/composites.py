@@ -113,17 +113,25 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def find_fashion_files(root=None, part: str = "train") -> tuple[Path, Path]:
-    """Paths of the (images, labels) IDX files of Fashion-MNIST ``part`` ("train" or "test")."""
+def _first_pair(dirs, part: str) -> tuple[Path, Path] | None:
+    """The (images, labels) IDX files of ``part`` in the first of ``dirs`` holding both, or None."""
     img_stem, lab_stem = FASHION_FILES[part]
-    tried = []
-    for d in fashion_search_dirs(root):
+    for d in dirs:
         img, lab = _find(d, img_stem), _find(d, lab_stem)
         if img is not None and lab is not None:
             return img, lab
-        tried.append(str(d))
+    return None
+
+
+def find_fashion_files(root=None, part: str = "train") -> tuple[Path, Path]:
+    """Paths of the (images, labels) IDX files of Fashion-MNIST ``part`` ("train" or "test")."""
+    dirs = fashion_search_dirs(root)
+    found = _first_pair(dirs, part)
+    if found is not None:
+        return found
+    img_stem, lab_stem = FASHION_FILES[part]
     raise FileNotFoundError(
-        f"Fashion-MNIST files {img_stem}[.gz] and {lab_stem}[.gz] not found; tried: {', '.join(tried)}. "
+        f"Fashion-MNIST files {img_stem}[.gz] and {lab_stem}[.gz] not found; tried: {', '.join(map(str, dirs))}. "
         "Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, into "
         "/usr/share/datasets/fashion-mnist), or download the four *-ubyte.gz files from "
         "https://github.com/zalandoresearch/fashion-mnist (data/fashion) into a folder and pass it as root= "
@@ -145,21 +153,20 @@ def fashion_source(root=None, part: str = "train") -> SpriteSource:
 
 
 def fashion_root_key(root) -> str | None:
-    """What ``root`` makes ``fashion`` read, for trained-model cache keys: None when it is what no root reads
-    (the same files, or files of the same content: a root without Fashion-MNIST files falls back to the system
-    copy), else the fingerprints of its training and test sprites; ``root`` itself when they are not found.
+    """What ``fashion`` reads given ``root``, for trained-model cache keys: None when it is what it reads with
+    neither a root nor ``$GMMSEG_DATA`` (the system copy: the same files, or files of the same content), else
+    the fingerprints of its training and test sprites; ``root`` itself when they are not found.
 
-    Training reads both parts: the training images for the ``train`` split, the test images for ``val``.
+    ``root=None`` keys what ``$GMMSEG_DATA`` makes it read, searched before the system copy. Training reads
+    both parts: the training images for the ``train`` split, the test images for ``val``.
     """
     parts = ("train", "test")
     try:
         found = [find_fashion_files(root, part) for part in parts]
     except FileNotFoundError:          # training will fail and say where it looked
-        return str(root)
-    try:
-        default = [find_fashion_files(None, part) for part in parts]
-    except FileNotFoundError:
-        default = None
+        return None if root is None else str(root)
+    system = [_first_pair([Path(d) for d in FASHION_DIRS], part) for part in parts]
+    default = None if None in system else system
     if default is not None and all(a.samefile(b) for pair in zip(found, default) for a, b in zip(*pair)):
         return None                    # the very same files: nothing to read
     fingerprints = [_fashion_source(str(img), str(lab)).fingerprint for img, lab in found]

@@ -64,6 +64,13 @@ def default_root() -> Path:
     return Path(os.environ.get("GMMSEG_DATA", "data")).expanduser()
 
 
+def reader_root_key(root) -> str:
+    """The folder a reader reads, for trained-model cache keys: ``root``, or without one ``$GMMSEG_DATA`` (else
+    ``./data``), as an absolute path (two data roots are two data sets, ``./data`` depends on the working
+    directory)."""
+    return str((Path(root).expanduser() if root is not None else default_root()).resolve())
+
+
 def _resolve(root, subdirs, marker: str, layout: str, name: str) -> Path:
     """First of ``root`` / ``root/<subdir>`` containing ``marker``; else FileNotFoundError showing ``layout``."""
     base = Path(root).expanduser() if root is not None else default_root()

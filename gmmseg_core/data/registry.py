@@ -13,8 +13,8 @@ class DatasetEntry:
     given changes what it loads (every dataset that needs one, and those that only look for files there).
     ``options``: the keyword arguments its factory takes besides ``split`` and ``root`` (None: read from the
     factory's signature, see :func:`dataset_options`). ``root_key``: ``root_key(root) -> str or None``, what a
-    given root makes the dataset read, for trained-model cache keys (None: what it reads without a root; no
-    ``root_key``: the root itself)."""
+    given root (or None, no root: the environment's default, such as ``$GMMSEG_DATA``) makes the dataset read,
+    for trained-model cache keys (None: what it reads with neither; no ``root_key``: the root itself)."""
 
     name: str
     factory: Callable
@@ -44,9 +44,10 @@ def register_dataset(name: str, splits, description: str = "", needs_root: bool 
     caches need not tell runs apart by their data root. ``options`` names the keyword arguments a factory taking
     ``**kw`` passes on (e.g. ``keyword_names(MyDataset, skip=("split",))``), so that unknown ones are refused
     by name before anything is built; without it such a factory's keywords are not checked. ``root_key(root)``
-    says what a given root makes the factory read, as a string, or None when that is what it reads without one
-    (a root that holds none of its files), so that trained-model caches tell runs apart by what they read
-    rather than by where the root is.
+    says what a given root makes the factory read, as a string, or None when that is what it reads with neither
+    a root nor an environment setting (a root that holds none of its files); it is also called with
+    ``root=None``, for what the environment (``$GMMSEG_DATA``) makes it read. Trained-model caches then tell
+    runs apart by what they read rather than by where the root is.
     """
     if needs_root and not reads_root:
         raise ValueError(f"dataset {name!r}: a dataset that needs a root reads it (needs_root=True, reads_root=False)")

@@ -55,7 +55,8 @@ class RandomResize:
     """Rescale by a ratio drawn uniformly from ``ratio_range`` (mmseg ``Resize(img_scale, ratio_range)``).
 
     With ``scale=(h, w)`` the image is fitted (aspect kept) into ``scale * ratio`` (long side to the long side,
-    short to the short, as mmseg does); with ``scale=None`` its own size is multiplied by the ratio.
+    short to the short, as mmseg does); with ``scale=None`` its own size is multiplied by the ratio. The output
+    size follows mmseg 0.x and mmcv 1.x to the pixel (see :meth:`output_size`).
     """
 
     def __init__(self, scale=None, ratio_range=(0.5, 2.0)):
@@ -65,16 +66,23 @@ class RandomResize:
             raise ValueError(f"ratio_range must satisfy 0 < low <= high, got {ratio_range}")
         self.ratio_range = (float(lo), float(hi))
 
+    def output_size(self, shape, ratio: float) -> tuple[int, int]:
+        """The (h, w) an image of ``shape`` (h, w) is rescaled to at ``ratio``.
+
+        As mmseg's ``Resize.random_sample_ratio`` then ``mmcv.imrescale``: the target scale (``scale``, or the
+        image's own size) times the ratio is truncated to ints, the image is fitted into it keeping its aspect
+        (factor ``min(long target / long side, short target / short side)``), and each side becomes
+        ``int(side * factor + 0.5)``.
+        """
+        h, w = shape
+        base = (h, w) if self.scale is None else self.scale
+        target = (int(base[0] * ratio), int(base[1] * ratio))
+        factor = min(max(target) / max(h, w), min(target) / min(h, w))
+        return max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1)
+
     def __call__(self, image, label, rng=None):
         rng = np.random.default_rng() if rng is None else rng
-        ratio = rng.uniform(*self.ratio_range)
-        h, w = label.shape
-        if self.scale is None:
-            factor = ratio
-        else:
-            long_t, short_t = max(self.scale) * ratio, min(self.scale) * ratio
-            factor = min(long_t / max(h, w), short_t / min(h, w))
-        size = (max(int(h * factor + 0.5), 1), max(int(w * factor + 0.5), 1))
+        size = self.output_size(label.shape, rng.uniform(*self.ratio_range))
         return resize_image(image, size), resize_label(label, size)
 
     def __repr__(self) -> str:
@@ -149,9 +157,15 @@ def _hsv_to_rgb(hsv):
 class PhotoMetricDistortion:
     """mmseg's ``PhotoMetricDistortion``: each step with probability 0.5, values clipped to 0..255.
 
-    Brightness (add a delta in [-32, 32]); contrast (multiply by [0.5, 1.5]) either first or last; saturation
-    (multiply S by [0.5, 1.5]); hue (shift by an integer in [-18, 18] of 180 steps, as OpenCV's 8-bit hue).
-    The label is untouched.
+    Brightness (add a delta in [-32, 32]); contrast (multiply by [0.5, 1.5]) either first or last (an even
+    draw, as mmseg's ``mode``); saturation (multiply S by [0.5, 1.5]); hue (shift by an integer in [-18, 17] of
+    180 steps, OpenCV's 8-bit hue: mmseg draws it with numpy's ``randint(-hue_delta, hue_delta)``, whose upper
+    bound is exclusive). The label is untouched.
+
+    Deliberate deviation: the steps compute in float32, where mmseg works on uint8 images, truncating to
+    integers after every step and converting to HSV and back through OpenCV's 8-bit tables (twice when both
+    saturation and hue apply, H in 2-degree steps). The values differ by that rounding, a few grey levels at
+    most, not in distribution.
     """
 
     def __init__(self, brightness_delta: int = 32, contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
@@ -175,7 +189,8 @@ class PhotoMetricDistortion:
             if sat:
                 hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*self.saturation_range), 0, 1)
             if hue:
-                hsv[..., 0] = (hsv[..., 0] + rng.integers(-self.hue_delta, self.hue_delta + 1) / 180.0) % 1.0
+                shift = int(rng.integers(-self.hue_delta, self.hue_delta)) if self.hue_delta else 0
+                hsv[..., 0] = (hsv[..., 0] + shift / 180.0) % 1.0
             img = np.clip(_hsv_to_rgb(hsv), 0, 255).astype(np.float32)
         if not contrast_first and rng.integers(2):
             img = np.clip(img * rng.uniform(*self.contrast_range), 0, 255)
@@ -212,8 +227,17 @@ def train_transforms(crop_size, scale=None, ratio_range=(0.5, 2.0), cat_max_rati
                      flip_prob: float = 0.5, photometric: bool = True, ignore_index: int = IGNORE_INDEX) -> Compose:
     """mmseg's default training pipeline (normalisation is done by the dataset afterwards).
 
-    mmseg normalises before it pads with 0; here the dataset normalises after, so the image is padded with the
-    ImageNet mean (0..255), which the normalisation turns into 0 (up to rounding for uint8 images).
+    The steps, their order and their parameters are mmseg's (``Resize``, ``RandomCrop``, ``RandomFlip``,
+    ``PhotoMetricDistortion``, ``Normalize``, ``Pad``); so are the resized sizes (see
+    :meth:`RandomResize.output_size`). Deliberate deviations, none of which changes what is drawn:
+
+    - mmseg normalises before it pads with 0; here the dataset normalises after, so the image is padded with the
+      ImageNet mean (0..255), which the normalisation turns into 0 (up to float rounding).
+    - The image stays float32 throughout: mmseg rounds the resized image to uint8 and truncates after every
+      photometric step (see :class:`PhotoMetricDistortion`).
+    - The label's nearest-neighbour resize samples at pixel centres, aligned with the bilinear image resize;
+      mmcv's ``nearest`` (OpenCV's ``INTER_NEAREST``) takes source pixel ``floor(i * in / out)``, up to half a
+      source pixel off.
 
     Parameters
     ----------
