@@ -56,6 +56,7 @@ from torch import nn
 from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from gmmseg_core._checks import check_int
 from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
@@ -783,8 +784,7 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"processes must be a positive int, got {processes!r}")
+    processes = check_int("processes", processes)
     cfgs = list(cfgs)
     for i, cfg in enumerate(cfgs):
         if not isinstance(cfg, TrainConfig):

@@ -6,6 +6,7 @@ import multiprocessing
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -290,6 +291,13 @@ def test_train_cached_many_in_processes_equals_one_after_the_other(tmp_path):
     assert (parallel[0] / "checkpoint.pt").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="processes must be a positive int, got 0"):
         train_cached_many(cfgs, tmp_path, processes=0)
+
+
+def test_train_cached_many_takes_a_numpy_integer_count_of_processes(tmp_path):
+    assert train_cached_many([], tmp_path, processes=np.int64(2)) == []
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match=f"^processes must be a positive int, got {bad!r}$"):
+            train_cached_many([], tmp_path, processes=bad)
 
 
 def test_train_cached_many_names_a_failed_run_and_keeps_the_others(tmp_path):
