@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
 
 from gmmseg_core._files import progress_bar
-from gmmseg_core.data.base import evenly_spaced
+from gmmseg_core.data.base import check_size_pair, evenly_spaced
 from gmmseg_core.metrics import (
     AnomalyMetric,
     CalibrationMetric,
@@ -63,15 +63,11 @@ def _forward(model, images: torch.Tensor, generative: bool) -> dict:
     return out
 
 
-def _pair(v, name):
+def _pair(v, name) -> tuple[int, int]:
+    """(height, width) of a sliding window's ``crop_size`` or ``stride``: a positive int or a pair of them."""
     if v is None:
         raise ValueError(f"{name} is required for mode='slide'")
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
-    return v
+    return check_size_pair(name, v)
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """Inference and evaluations, with stand-in models whose right answers are known."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,21 @@ def test_slide_inference_matches_the_mmseg_recipe():
         predict(pix, img, mode="slide")
     with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):
         predict(pix, img, mode="tiles")
+
+
+@pytest.mark.parametrize("kw", [dict(crop_size=True), dict(crop_size=2.5), dict(crop_size=(2.7, 3)),
+                                dict(crop_size="4"), dict(crop_size=(4, 4, 4)), dict(crop_size=4, stride=True)])
+def test_slide_window_sizes_must_be_positive_ints(kw):
+    name = "stride" if "stride" in kw else "crop_size"
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive int or a \(height, width\) pair of positive "
+                                         rf"ints, got {re.escape(repr(kw[name]))}$"):
+        predict(ChannelModel(), torch.randn(1, 3, 10, 10), mode="slide", **kw)
+
+
+def test_slide_window_sizes_may_be_numpy_integers():
+    img = torch.randn(1, 3, 10, 10)
+    got = predict(WindowMeanModel(), img, mode="slide", crop_size=np.int64(6), stride=np.array([4, 3]))["logits"]
+    torch.testing.assert_close(got, predict(WindowMeanModel(), img, mode="slide", crop_size=6, stride=(4, 3))["logits"])
 
 
 def test_slide_inference_refuses_gaps_and_returns_float32():
