@@ -1056,6 +1056,13 @@ def test_config_validation_covers_every_field(tmp_path, field, value, message):
         tiny_cfg(tmp_path, **{field: value})
 
 
+@pytest.mark.parametrize("field, value", [("iters", np.int64(5)), ("lr", np.float32(0.1)), ("resume", np.bool_(True))])
+def test_config_asks_for_a_python_number_in_place_of_a_numpy_scalar(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {re.escape(repr(value))} \(a numpy scalar: "
+                                         r"give a Python one, the config is stored as JSON\)$"):
+        tiny_cfg(tmp_path, **{field: value})
+
+
 def test_a_dotted_override_of_a_field_that_is_not_a_dict_is_named(tmp_path):
     with pytest.raises(ValueError, match="override 'iters.x': field 'iters' is not a dict"):
         tiny_cfg(tmp_path).with_overrides(["iters.x=1"])
