@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from gmmseg_core._checks import check_int
 from gmmseg_core._files import progress_bar
 from gmmseg_core.data.base import check_size_pair, evenly_spaced
 from gmmseg_core.metrics import (
@@ -144,8 +145,9 @@ def _collate_by_size(items):
 def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
     """``(images, labels)`` batches of ``dataset`` in order, with a progress bar over the loader's batches;
     ``max_images`` of them spread evenly over the dataset (a real one is sorted by city or scene)."""
+    max_images = check_int("max_images", max_images, optional=True)
     if max_images is not None:
-        dataset = Subset(dataset, evenly_spaced(range(len(dataset)), int(max_images)))
+        dataset = Subset(dataset, evenly_spaced(range(len(dataset)), max_images))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_by_size)
     for runs in progress_bar(loader, desc=desc, disable=not progress, leave=False):

@@ -304,6 +304,16 @@ def test_max_images_evaluates_images_spread_evenly_over_the_dataset():
     assert evaluate_closed_set(model, ds, max_images=9, progress=False)["num_images"] == 5
 
 
+@pytest.mark.parametrize("max_images", [0, -1, 2.7, True])
+def test_max_images_must_be_none_or_a_positive_int(max_images):
+    ds, model = LabelDataset(n=5), ChannelModel(generative=True)
+    message = f"^max_images must be None or a positive int, got {re.escape(repr(max_images))}$"
+    with pytest.raises(ValueError, match=message):
+        evaluate_closed_set(model, ds, max_images=max_images, progress=False)
+    with pytest.raises(ValueError, match=message):
+        collect_sml_statistics(model, ds, max_images=max_images, progress=False)
+
+
 def test_format_table_prints_percent_and_nan():
     table = format_table({"gmm": {"auroc": 0.91234, "ap": float("nan"), "fpr95": 0.05}})
     header, row = table.splitlines()
