@@ -109,8 +109,14 @@ class TrainConfig:
         happens before the run directory is written."""
         def need(ok, name, expected):
             if not ok:
-                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                # a numpy scalar would otherwise read as "must be an int, got np.int64(5)"
+                hint = " (a numpy scalar: give a Python one, the config is stored as JSON)" if (
+                    type(value).__module__ == "numpy") else ""
+                raise ValueError(f"{name} must be {expected}, got {value!r}{hint}")
 
+        # Python numbers only, unlike the library's checks (gmmseg_core._checks): a numpy scalar here would pass
+        # validation and then break to_dict(), whose JSON gives the run its config.json and cache key.
         def is_int(v):
             return isinstance(v, int) and not isinstance(v, bool)
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from gmmseg_core._checks import check_int
 from gmmseg_core._files import progress_bar
-from gmmseg_core.data.base import evenly_spaced
+from gmmseg_core.data.base import check_size_pair, evenly_spaced
 from gmmseg_core.metrics import (
     AnomalyMetric,
     CalibrationMetric,
@@ -63,15 +64,11 @@ def _forward(model, images: torch.Tensor, generative: bool) -> dict:
     return out
 
 
-def _pair(v, name):
+def _pair(v, name) -> tuple[int, int]:
+    """(height, width) of a sliding window's ``crop_size`` or ``stride``: a positive int or a pair of them."""
     if v is None:
         raise ValueError(f"{name} is required for mode='slide'")
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(int(x) for x in v)
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {v!r}")
-    return v
+    return check_size_pair(name, v)
 
 
 @torch.no_grad()
@@ -148,8 +145,9 @@ def _collate_by_size(items):
 def _batches(dataset, batch_size, num_workers, max_images, desc, progress):
     """``(images, labels)`` batches of ``dataset`` in order, with a progress bar over the loader's batches;
     ``max_images`` of them spread evenly over the dataset (a real one is sorted by city or scene)."""
+    max_images = check_int("max_images", max_images, optional=True)
     if max_images is not None:
-        dataset = Subset(dataset, evenly_spaced(range(len(dataset)), int(max_images)))
+        dataset = Subset(dataset, evenly_spaced(range(len(dataset)), max_images))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate_by_size)
     for runs in progress_bar(loader, desc=desc, disable=not progress, leave=False):

@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmmseg_core import mixture
-from gmmseg_core._checks import is_finite_real, is_real
+from gmmseg_core._checks import check_int, is_finite_real, is_real
 from gmmseg_core.distributed import all_gather_rows, world_size
 from gmmseg_core.head_ops import ComponentLogProbMax, L2Normalize
 from gmmseg_core.memory import group_counts, ranks_in_group, ring_push, select_evenly_spaced
@@ -161,8 +161,7 @@ class SoftmaxHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
-        _check_positive_int("in_channels", in_channels)
-        _check_positive_int("num_classes", num_classes)
+        in_channels, num_classes = check_int("in_channels", in_channels), check_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.dropout = _channel_dropout(dropout)
         self.classifier = nn.Conv2d(in_channels, num_classes, kernel_size=1)
@@ -243,9 +242,8 @@ class GMMHead(nn.Module):
             mean_momentum = momentum
         if variant not in VARIANT_DEFAULTS:
             raise ValueError(f"variant must be one of {sorted(VARIANT_DEFAULTS)}, got {variant!r}")
-        for name, value in (("in_channels", in_channels), ("num_classes", num_classes),
-                            ("embed_dim", embed_dim), ("num_components", num_components)):
-            _check_positive_int(name, value)
+        in_channels, num_classes = check_int("in_channels", in_channels), check_int("num_classes", num_classes)
+        embed_dim, num_components = check_int("embed_dim", embed_dim), check_int("num_components", num_components)
         if embed_dim < 3:
             raise ValueError(f"embed_dim must be >= 3, got {embed_dim}: the embedding's LayerNorm over D values "
                              "followed by the L2 normalisation maps every pixel to one point for D=1 and to one "
@@ -689,17 +687,13 @@ def _check_logits(logits, batch: int, num_classes: int) -> None:
 
 def _channel_dropout(p) -> nn.Module:
     """``Dropout2d(p)``, or the identity for ``p == 0``; ``p`` must be a number in [0, 1)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+    if not (is_real(p) and 0.0 <= p < 1.0):
         raise ValueError(f"dropout must be in [0, 1), got {p!r}")
-    return nn.Dropout2d(p) if p > 0 else nn.Identity()
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return nn.Dropout2d(float(p)) if p > 0 else nn.Identity()
 
 
 def _check_knobs(k: dict) -> None:
+    """``ValueError`` naming the first bad knob of ``k``; its integer knobs become Python ints in place."""
     choices = dict(em=("sinkhorn", "classic"), reduce=("logsumexp", "max"), m_step_scope=("batch", "seen"))
     for name, allowed in choices.items():
         if k[name] not in allowed:
@@ -708,9 +702,8 @@ def _check_knobs(k: dict) -> None:
         if not isinstance(k[name], bool):
             raise ValueError(f"{name} must be a bool, got {k[name]!r}")
     for name in ("memory_size", "update_interval", "sinkhorn_iters"):
-        _check_positive_int(name, k[name])
-    if k["max_per_component"] is not None:
-        _check_positive_int("max_per_component", k["max_per_component"])
+        k[name] = check_int(name, k[name])
+    k["max_per_component"] = check_int("max_per_component", k["max_per_component"], optional=True)
     for name in ("mean_momentum", "variance_momentum"):
         if not (is_real(k[name]) and 0.0 <= k[name] < 1.0):
             raise ValueError(f"{name} must be in [0, 1), got {k[name]!r}")

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from gmmseg_core._checks import is_finite_real, is_int
+from gmmseg_core._checks import check_int, is_finite_real
 
 __all__ = [
     "SegmentationMetric",
@@ -56,9 +56,7 @@ class SegmentationMetric:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
-        if not is_int(num_classes) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        num_classes = int(num_classes)
+        num_classes = check_int("num_classes", num_classes)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = None if device is None else torch.zeros(
@@ -203,8 +201,7 @@ def _curve_from_counts(pos: torch.Tensor, neg: torch.Tensor, thresholds: torch.T
 
 def check_max_curve_points(max_points) -> None:
     """A curve is thinned to ``max_points >= 2`` points (its first and last kept), or not at all (None)."""
-    if max_points is not None and not (is_int(max_points) and max_points >= 2):
-        raise ValueError(f"max_curve_points must be None or an int >= 2, got {max_points!r}")
+    check_int("max_curve_points", max_points, minimum=2, optional=True)
 
 
 def _thin_curves(curves: dict, max_points: int | None) -> dict:
@@ -310,9 +307,7 @@ class AnomalyMetric:
 
     def __init__(self, num_bins: int = 2 ** 20, ignore_index: int = 255, center: float | None = None,
                  scale: float | None = None, device=None):
-        if not is_int(num_bins) or num_bins < 2:
-            raise ValueError(f"num_bins must be an int >= 2, got {num_bins!r}")
-        num_bins = int(num_bins)
+        num_bins = check_int("num_bins", num_bins, minimum=2)
         if center is not None and not is_finite_real(center):
             raise ValueError(f"center must be a finite float or None, got {center!r}")
         if scale is not None and not (is_finite_real(scale) and scale > 0):
@@ -445,9 +440,7 @@ class CalibrationMetric:
     """
 
     def __init__(self, n_bins: int = 15, ignore_index: int = 255):
-        if not is_int(n_bins) or n_bins < 1:
-            raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
-        n_bins = int(n_bins)
+        n_bins = check_int("n_bins", n_bins)
         self.n_bins = n_bins
         self.ignore_index = ignore_index
         self.count = torch.zeros(n_bins, dtype=torch.float64)

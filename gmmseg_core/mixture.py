@@ -65,7 +65,7 @@ import warnings
 import numpy as np
 import torch
 
-from gmmseg_core._checks import is_finite_real, is_int, is_real
+from gmmseg_core._checks import check_int, is_finite_real, is_int, is_real
 
 __all__ = [
     "diag_gaussian_log_prob",
@@ -304,11 +304,10 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     _check_tensor("log_scores", log_scores, (2, 3))
     if not (is_finite_real(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
-    if not (is_int(n_iters) and n_iters >= 1):
-        raise ValueError(f"n_iters must be a positive int, got {n_iters!r}")
+    n_iters = check_int("n_iters", n_iters)
     if tol is not None and not (is_real(tol) and tol >= 0):
         raise ValueError(f"tol must be None or a non-negative float, got {tol!r}")
-    epsilon, n_iters = float(epsilon), int(n_iters)
+    epsilon = float(epsilon)
     if log_scores.shape[-1] == 0:
         raise ValueError(f"log_scores needs at least one column (component), got shape {tuple(log_scores.shape)}")
     batched = log_scores.dim() == 3
@@ -718,12 +717,10 @@ class GaussianMixture:
         weights_init=None,
         verbose=False,
     ):
-        if not (is_int(n_components) and n_components >= 1):
-            raise ValueError(f"n_components must be a positive int, got {n_components!r}")
+        check_int("n_components", n_components)
         if method not in self._METHODS:
             raise ValueError(f"method must be one of {self._METHODS}, got {method!r}")
-        if not (is_int(max_iter) and max_iter >= 1):
-            raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+        check_int("max_iter", max_iter)
         if not (is_real(tol) and tol >= 0):
             raise ValueError(f"tol must be a non-negative float, got {tol!r}")
         if not (is_finite_real(reg_covar) and reg_covar >= 0):
@@ -734,8 +731,7 @@ class GaussianMixture:
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if not (is_finite_real(epsilon) and epsilon > 0):
             raise ValueError(f"epsilon must be a positive float, got {epsilon!r}")
-        if not (is_int(sinkhorn_iters) and sinkhorn_iters >= 1):
-            raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
+        check_int("sinkhorn_iters", sinkhorn_iters)
         if variances_init is not None and precisions_init is not None:
             raise ValueError("give at most one of variances_init and precisions_init, got both")
         self.n_components = int(n_components)

@@ -26,6 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from ._checks import check_int
 from ._files import atomic_write_text
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
@@ -398,8 +399,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                          f"({', '.join(p.stem for p in paths)}); see each notebook's parameters cell")
     if threads is None and not str(device or "cpu").startswith("cuda"):
         threads = 1
-    if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    threads = check_int("threads", threads, optional=True)
     kernel = _kernel_name()
     for d in (out_dir, figures_dir, cache_dir):      # only once every argument is known to be good
         d.mkdir(parents=True, exist_ok=True)

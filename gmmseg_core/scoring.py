@@ -44,7 +44,7 @@ from collections.abc import Iterable
 
 import torch
 
-from gmmseg_core._checks import is_finite_real, is_int
+from gmmseg_core._checks import check_int, is_finite_real
 
 __all__ = ["SCORERS", "msp", "max_logit", "energy", "entropy", "sml", "gmm", "SMLStatistics",
            "fit_sml_statistics", "compute_scores", "scorer_names"]
@@ -171,9 +171,7 @@ class SMLStatistics:
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
-        if not is_int(num_classes) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.num_classes = num_classes = int(num_classes)
+        self.num_classes = num_classes = check_int("num_classes", num_classes)
         self.ignore_index = ignore_index
         self.count = torch.zeros(num_classes, dtype=torch.float64)
         self.sum = torch.zeros(num_classes, dtype=torch.float64)

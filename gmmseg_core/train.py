@@ -52,10 +52,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from packaging.version import Version
 from torch import nn
-from torch.torch_version import TorchVersion
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from gmmseg_core._checks import check_int
 from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
@@ -315,9 +316,18 @@ def adamw(params, lr: float) -> torch.optim.AdamW:
     """
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    supported = {"cuda"} | ({"cpu"} if TorchVersion(torch.__version__) >= "2.4" else set())
+    supported = _fused_adamw_devices(torch.__version__)
     fused = bool(tensors) and all(p.device.type in supported for p in tensors)
     return torch.optim.AdamW(params, lr=lr, fused=fused or None)
+
+
+def _fused_adamw_devices(torch_version: str) -> set[str]:
+    """Device types with a fused AdamW kernel in that torch: CUDA since 2.0, the CPU since 2.4.
+
+    Compared by release numbers: a pre-release or source build of 2.4 (``2.4.0a0+git...``, ``2.4.0.dev20240601``,
+    ``2.4.0rc1``) has 2.4's kernels but orders before ``"2.4"`` as a version.
+    """
+    return {"cuda"} | ({"cpu"} if Version(torch_version).release[:2] >= (2, 4) else set())
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path:
@@ -783,8 +793,7 @@ def train_cached_many(cfgs, cache_dir="runs/cache", processes: int = 1, progress
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
-        raise ValueError(f"processes must be a positive int, got {processes!r}")
+    processes = check_int("processes", processes)
     cfgs = list(cfgs)
     for i, cfg in enumerate(cfgs):
         if not isinstance(cfg, TrainConfig):

@@ -87,12 +87,41 @@ def test_deterministic_epochs_and_sharding(tmp_path):
 
 def test_parameter_errors(tmp_path):
     ds = ToyLabels()
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got 2"):
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\), got 2"):
         ClassBalancedSampler(ds, rank=2, world_size=2, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
         ClassBalancedSampler(ds, num_samples=0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="no labelled pixels"):
         ClassBalancedSampler(ds, index={}, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(num_samples=2.5), "num_samples must be a positive int, got 2.5"),
+    (dict(num_samples="3"), "num_samples must be a positive int, got '3'"),
+    (dict(num_samples=True), "num_samples must be a positive int, got True"),
+    (dict(world_size=True, rank=0), "world_size must be a positive int, got True"),
+    (dict(world_size=2.0, rank=0), "world_size must be a positive int, got 2.0"),
+    (dict(world_size=2, rank=0.5), r"rank must be an int in \[0, 2\), got 0.5"),
+    (dict(seed=-1), "seed must be an int >= 0, got -1"),
+    (dict(seed="1"), "seed must be an int >= 0, got '1'"),
+])
+def test_integer_arguments_are_not_truncated_or_parsed(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        ClassBalancedSampler(ToyLabels(), cache_dir=tmp_path, **kw)
+
+
+def test_numpy_integer_arguments_draw_as_ints(tmp_path):
+    kw = dict(num_samples=11, seed=3, rank=1, world_size=3)
+    numpy_kw = {k: np.int64(v) for k, v in kw.items()}
+    assert (list(ClassBalancedSampler(ToyLabels(), cache_dir=tmp_path, **numpy_kw))
+            == list(ClassBalancedSampler(ToyLabels(), cache_dir=tmp_path, **kw)))
+
+
+def test_an_empty_dataset_is_named(tmp_path):
+    empty = ToyLabels()
+    empty.labels = []
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        ClassBalancedSampler(empty, cache_dir=tmp_path)
 
 
 def test_the_ignore_label_is_never_a_class_even_without_num_classes(tmp_path):

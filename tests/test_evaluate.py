@@ -1,5 +1,7 @@
 """Inference and evaluations, with stand-in models whose right answers are known."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -97,6 +99,21 @@ def test_slide_inference_matches_the_mmseg_recipe():
         predict(pix, img, mode="slide")
     with pytest.raises(ValueError, match="mode must be 'whole' or 'slide'"):
         predict(pix, img, mode="tiles")
+
+
+@pytest.mark.parametrize("kw", [dict(crop_size=True), dict(crop_size=2.5), dict(crop_size=(2.7, 3)),
+                                dict(crop_size="4"), dict(crop_size=(4, 4, 4)), dict(crop_size=4, stride=True)])
+def test_slide_window_sizes_must_be_positive_ints(kw):
+    name = "stride" if "stride" in kw else "crop_size"
+    with pytest.raises(ValueError, match=rf"^{name} must be a positive int or a \(height, width\) pair of positive "
+                                         rf"ints, got {re.escape(repr(kw[name]))}$"):
+        predict(ChannelModel(), torch.randn(1, 3, 10, 10), mode="slide", **kw)
+
+
+def test_slide_window_sizes_may_be_numpy_integers():
+    img = torch.randn(1, 3, 10, 10)
+    got = predict(WindowMeanModel(), img, mode="slide", crop_size=np.int64(6), stride=np.array([4, 3]))["logits"]
+    torch.testing.assert_close(got, predict(WindowMeanModel(), img, mode="slide", crop_size=6, stride=(4, 3))["logits"])
 
 
 def test_slide_inference_refuses_gaps_and_returns_float32():
@@ -285,6 +302,16 @@ def test_max_images_evaluates_images_spread_evenly_over_the_dataset():
     ref.update(model(torch.stack([ds[i][0] for i in (0, 2)])).argmax(1), ds.labels[[0, 2]])    # floor(i * 5 / 2)
     np.testing.assert_array_equal(spread["confusion"], ref.compute()["confusion"])
     assert evaluate_closed_set(model, ds, max_images=9, progress=False)["num_images"] == 5
+
+
+@pytest.mark.parametrize("max_images", [0, -1, 2.7, True])
+def test_max_images_must_be_none_or_a_positive_int(max_images):
+    ds, model = LabelDataset(n=5), ChannelModel(generative=True)
+    message = f"^max_images must be None or a positive int, got {re.escape(repr(max_images))}$"
+    with pytest.raises(ValueError, match=message):
+        evaluate_closed_set(model, ds, max_images=max_images, progress=False)
+    with pytest.raises(ValueError, match=message):
+        collect_sml_statistics(model, ds, max_images=max_images, progress=False)
 
 
 def test_format_table_prints_percent_and_nan():

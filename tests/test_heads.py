@@ -9,6 +9,7 @@ import socket
 import tempfile
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -436,7 +437,7 @@ def test_ddp_gather_gives_identical_parameters_equal_to_union(dtype):
     (dict(num_components=0), "num_components must be a positive int, got 0"),
     (dict(embed_dim=2), "embed_dim must be >= 3, got 2: the embedding's LayerNorm"),
     (dict(memory_size=-1), "memory_size must be a positive int, got -1"),
-    (dict(max_per_component=0), "max_per_component must be a positive int, got 0"),
+    (dict(max_per_component=0), "max_per_component must be None or a positive int, got 0"),
     (dict(mean_momentum=1.0), r"mean_momentum must be in \[0, 1\), got 1.0"),
     (dict(variance_floor=0.0), "variance_floor must be > 0"),
     (dict(variance_floor=float("inf")), "variance_floor must be > 0 and finite, got inf"),
@@ -451,6 +452,23 @@ def test_ddp_gather_gives_identical_parameters_equal_to_union(dtype):
 def test_bad_arguments_name_the_parameter(kw, message):
     with pytest.raises(ValueError, match=message):
         GMMHead(CF, C, **kw)
+
+
+def test_numpy_integer_sizes_are_ints_and_bools_are_not():
+    kw = dict(embed_dim=np.int64(4), num_components=np.int32(2), memory_size=np.int64(16),
+              update_interval=np.int64(1), sinkhorn_iters=np.int64(3), max_per_component=np.int64(5))
+    head = GMMHead(np.int64(CF), np.int64(C), **kw)
+    reference = GMMHead(CF, C, **{k: int(v) for k, v in kw.items()})
+    assert repr(head) == repr(reference)
+    for name in ("num_classes", "embed_dim", "num_components", *list(kw)[2:]):
+        assert type(getattr(head, name)) is int, name
+    assert head(torch.randn(2, CF, 3, 3)).shape == (2, C, 3, 3)
+    softmax = SoftmaxHead(np.int64(CF), np.int64(C), dropout=np.float64(0.1))
+    assert type(softmax.num_classes) is int and softmax.dropout.p == 0.1
+    with pytest.raises(ValueError, match="in_channels must be a positive int, got True"):
+        SoftmaxHead(True, C)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 2.0"):
+        GMMHead(CF, 2.0)
 
 
 @pytest.mark.parametrize("head", [GMMHead(CF, C, embed_dim=4, num_components=2), SoftmaxHead(CF, C)])

@@ -77,8 +77,79 @@ def test_smp_adapters(arch):
         assert model(torch.randn(2, 3, 40, 72)).shape == (2, C, 40, 72)
 
 
+class _Connection:
+    def close(self):
+        pass
+
+
+def _hub(monkeypatch, cached=False, reachable=True):
+    """The Hugging Face Hub as the smp adapter sees it, without touching the network: weights cached or not, its
+    host reachable or not (as without network: the name does not resolve). Returns the connections tried."""
+    import huggingface_hub
+
+    from gmmseg_core.models import smp_adapter
+
+    tried = []
+
+    def connect(address, timeout=None):
+        tried.append(address)
+        if not reachable:
+            raise OSError(-2, "Name or service not known")
+        return _Connection()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo_id, filename, **kw: f"/cache/{repo_id}/{filename}" if cached else None)
+    monkeypatch.setattr(smp_adapter.socket, "create_connection", connect)
+    return tried
+
+
+def _recording_create_model(monkeypatch, smp):
+    """smp.create_model that records the weights asked for and builds with random ones. Returns the record."""
+    real, asked = smp.create_model, []
+
+    def create_model(*args, encoder_weights=None, **kw):
+        asked.append(encoder_weights)
+        return real(*args, encoder_weights=None, **kw)
+
+    monkeypatch.setattr(smp, "create_model", create_model)
+    return asked
+
+
+def test_smp_pretrained_weights_fail_at_once_without_network(monkeypatch):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    tried = _hub(monkeypatch, cached=False, reachable=False)
+    asked = _recording_create_model(monkeypatch, smp)
+    with pytest.raises(FileNotFoundError, match=r"'imagenet' weights of smp encoder 'resnet18' \(they are not in "
+                       r"the local cache and huggingface.co:443 cannot be reached: \[Errno -2\] Name or service not "
+                       r"known\).*encoder_weights=None.*HF_HUB_OFFLINE=1"):
+        build_model("smp:Unet:resnet18", "softmax", num_classes=3)
+    assert tried == [("huggingface.co", 443)] and asked == []       # huggingface_hub's retries never start
+
+
+@pytest.mark.parametrize("case", ["cached", "reachable", "proxy", "offline mode", "timm encoder"])
+def test_smp_pretrained_weights_load_as_before_where_the_hub_may_serve_them(monkeypatch, case):
+    import huggingface_hub
+
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    tried = _hub(monkeypatch, cached=case == "cached", reachable=case == "reachable")
+    if case == "proxy":
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    if case == "offline mode":      # huggingface_hub itself answers at once from the cache
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    asked = _recording_create_model(monkeypatch, smp)
+    encoder = "tu-resnet18" if case == "timm encoder" else "resnet18"
+    build_model(f"smp:Unet:{encoder}", "softmax", num_classes=3, encoder_weights="imagenet")
+    assert asked == ["imagenet"]
+    assert tried == ([("huggingface.co", 443)] if case == "reachable" else [])
+
+
 def test_smp_pretrained_weights_that_cannot_be_fetched_say_how_to_proceed(monkeypatch):
     smp = pytest.importorskip("segmentation_models_pytorch")
+    _hub(monkeypatch, cached=False, reachable=True)     # the host answers, the download itself fails
     real = smp.create_model
 
     def offline(*args, encoder_weights=None, **kw):     # what the hub raises without network or cached copy

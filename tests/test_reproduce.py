@@ -152,7 +152,7 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"notebooks: '0' matches \['01_discriminative_vs_generative', "
                                          r"'02_sinkhorn_em', .*give one of them"):
         reproduce("smoke", notebooks=["0"], out_dir=tmp_path, figures_dir=tmp_path)
-    with pytest.raises(ValueError, match="threads must be a positive int or None, got 0"):
+    with pytest.raises(ValueError, match="threads must be None or a positive int, got 0"):
         reproduce("smoke", notebooks=["01_discriminative_vs_generative"], out_dir=tmp_path,
                   figures_dir=tmp_path, threads=0)
 
@@ -339,3 +339,23 @@ def test_an_empty_data_root_is_none_and_the_run_wide_paths_reach_the_notebook_ab
     seen = json.loads((tmp_path / "out" / "figures" / "seen.json").read_text())
     assert seen == [None, str(tmp_path / "models")]
     assert res["complete"] is True and json.loads((tmp_path / "out" / "timings.json").read_text())["complete"]
+
+
+def test_threads_may_be_a_numpy_integer(tmp_path, monkeypatch):
+    import os
+
+    import numpy as np
+
+    import gmmseg_core.reproduce as reproduce_module
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # reproduce() sets them for its kernels; restore after
+        monkeypatch.setenv(var, "7")
+    monkeypatch.setattr(reproduce_module, "run_notebook", lambda *a, **k: 0.0)
+    monkeypatch.setattr(reproduce_module, "_kernel_name", lambda: "python3")
+    nb = _write_notebook(tmp_path / "ok.ipynb", ["pass"])
+    reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+              threads=np.int64(2), log=lambda *a, **k: None)
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    assert json.loads((tmp_path / "out" / "timings.json").read_text())["profile"] == "smoke"
+    with pytest.raises(ValueError, match="threads must be None or a positive int, got True"):
+        reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", threads=True)

@@ -6,6 +6,7 @@ import multiprocessing
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,6 +330,13 @@ def test_train_cached_many_in_processes_equals_one_after_the_other(tmp_path):
         train_cached_many(cfgs, tmp_path, processes=0)
 
 
+def test_train_cached_many_takes_a_numpy_integer_count_of_processes(tmp_path):
+    assert train_cached_many([], tmp_path, processes=np.int64(2)) == []
+    for bad in (True, 2.0, 0):
+        with pytest.raises(ValueError, match=f"^processes must be a positive int, got {bad!r}$"):
+            train_cached_many([], tmp_path, processes=bad)
+
+
 def test_train_cached_many_names_a_failed_run_and_keeps_the_others(tmp_path):
     good = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
     bad = good.replace(seed=5, dataset_kwargs=dict(image_size=32, num_images=6, void_width=-1))
@@ -402,13 +410,13 @@ def test_fresh_start_discards_an_earlier_run_in_the_same_directory(tmp_path):
 
 
 def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
-    from torch.torch_version import TorchVersion
+    from packaging.version import Version
 
     from gmmseg_core.train import adamw
 
     a, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
     opt = adamw([dict(params=[a], lr=0.1, weight_decay=0.01), dict(params=[b], lr=0.2, weight_decay=0.0)], lr=0.1)
-    cpu_kernel = TorchVersion(torch.__version__) >= "2.4"  # torch 2.3 has the fused kernel for CUDA only
+    cpu_kernel = Version(torch.__version__).release >= (2, 4)  # torch 2.3 has the fused kernel for CUDA only
     assert opt.defaults["fused"] is (True if cpu_kernel else None)
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
     ref = torch.optim.AdamW([dict(params=[a.detach().clone().requires_grad_()], lr=0.1, weight_decay=0.01),
@@ -419,6 +427,18 @@ def test_adamw_is_fused_on_cpu_and_keeps_param_groups():
         o.step()
     for g, h in zip(opt.param_groups, ref.param_groups):
         torch.testing.assert_close(g["params"][0], h["params"][0])      # same update up to rounding
+
+
+@pytest.mark.parametrize("version, cpu_kernel", [
+    ("2.3.1", False), ("2.3.1+cpu", False), ("2.4.0", True), ("2.4", True), ("2.4.0a0", True),
+    ("2.4.0a0+git1a2b3c4", True), ("2.4.0.dev20240601", True), ("2.4.0rc1", True), ("2.14.1+cu130", True),
+])
+def test_adamw_fuses_on_the_cpu_from_torch_2_4_pre_releases_included(monkeypatch, version, cpu_kernel):
+    from gmmseg_core.train import adamw
+
+    monkeypatch.setattr(torch, "__version__", version)
+    opt = adamw([torch.nn.Parameter(torch.randn(2))], lr=0.1)
+    assert opt.defaults["fused"] is (True if cpu_kernel else None)
 
 
 def test_a_non_finite_step_does_not_reach_the_mixtures(tmp_path, monkeypatch):
@@ -795,10 +815,6 @@ def test_a_device_that_is_not_here_is_named_not_called_a_damaged_checkpoint(tmp_
 def test_resume_uses_the_optimiser_implementation_of_this_machine_not_the_checkpoints(tmp_path, monkeypatch):
     # a checkpoint of a fused AdamW (a GPU, or a CPU under torch >= 2.4) resumed where torch has no fused kernel
     # for the parameters' device (a CPU under torch 2.3): the saved param_groups carry fused=True
-    from torch.torch_version import TorchVersion
-
-    from gmmseg_core import train as train_module
-
     cfg = tiny_cfg(tmp_path, iters=3, checkpoint_interval=2, head="softmax", head_kwargs={})
     train(cfg, stop_after=2)
     path = cfg.run_dir / "checkpoint.pt"
@@ -810,7 +826,7 @@ def test_resume_uses_the_optimiser_implementation_of_this_machine_not_the_checkp
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
 
-    monkeypatch.setattr(train_module, "TorchVersion", lambda version: TorchVersion("2.3.0"))
+    monkeypatch.setattr(torch, "__version__", "2.3.0")
     monkeypatch.setattr(torch, "_fused_adamw_", no_kernel)
     train(cfg.replace(resume=True))
     assert is_finished(cfg.run_dir)
@@ -1082,6 +1098,13 @@ def test_run_files_are_strict_json_with_null_for_nan(tmp_path):
 ])
 def test_config_validation_covers_every_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
+        tiny_cfg(tmp_path, **{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("iters", np.int64(5)), ("lr", np.float32(0.1)), ("resume", np.bool_(True))])
+def test_config_asks_for_a_python_number_in_place_of_a_numpy_scalar(tmp_path, field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got {re.escape(repr(value))} \(a numpy scalar: "
+                                         r"give a Python one, the config is stored as JSON\)$"):
         tiny_cfg(tmp_path, **{field: value})
 
 

@@ -44,14 +44,6 @@ def make_palette(num_classes: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int; ``ValueError`` naming ``name`` unless it is an int (not a bool) >= ``minimum``."""
-    if not (is_int(value) and value >= minimum):
-        expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return int(value)
-
-
 def check_size_pair(name: str, value) -> tuple[int, int]:
     """(height, width) from a positive int (a square) or a pair of positive ints (list, tuple or 1-d array);
     ``ValueError`` naming ``name`` and the value for anything else (floats, strings, other lengths)."""

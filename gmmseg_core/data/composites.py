@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from gmmseg_core._checks import check_int
+
 from . import textures as tx
 from .base import (
     ANOMALY_CLASSES,
     ANOMALY_PALETTE,
     IGNORE_INDEX,
     GeneratedDataset,
-    check_int,
     is_int,
     make_palette,
 )

@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gmmseg_core._checks import check_int
+
 from .base import (
     ANOMALY_CLASSES,
     ANOMALY_PALETTE,
     IGNORE_INDEX,
     SegmentationDataset,
-    check_int,
     check_size_pair,
     evenly_spaced,
     make_palette,

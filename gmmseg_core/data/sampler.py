@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Sampler
 
+from gmmseg_core._checks import check_int, is_int
+
 from .base import IGNORE_INDEX
 
 
@@ -104,20 +106,19 @@ class ClassBalancedSampler(Sampler):
             world_size = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        if world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.num_samples = len(dataset) if num_samples is None else int(num_samples)
+        world_size = check_int("world_size", world_size)
+        if not (is_int(rank) and 0 <= rank < world_size):
+            raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+        self.num_samples = len(dataset) if num_samples is None else check_int("num_samples", num_samples)
         if self.num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {num_samples}")
+            raise ValueError("the dataset is empty: num_samples defaults to len(dataset), which is 0")
         if index is None:
             index = class_image_index(dataset, num_classes, ignore_index, cache_dir)
         self.index = {int(c): np.asarray(v, dtype=np.int64) for c, v in index.items() if len(v)}
         if not self.index:
             raise ValueError("the dataset has no labelled pixels: no class to balance")
         self.classes = np.array(sorted(self.index), dtype=np.int64)
-        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
+        self.seed, self.rank, self.world_size, self.epoch = check_int("seed", seed, minimum=0), int(rank), world_size, 0
         self.per_rank = math.ceil(self.num_samples / self.world_size)
 
     def set_epoch(self, epoch: int) -> None:

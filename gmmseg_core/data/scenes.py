@@ -33,8 +33,10 @@ from functools import lru_cache
 import numpy as np
 from scipy import ndimage
 
+from gmmseg_core._checks import check_int
+
 from . import textures as tx
-from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, GeneratedDataset, check_int, check_size_pair
+from .base import ANOMALY_CLASSES, ANOMALY_PALETTE, IGNORE_INDEX, GeneratedDataset, check_size_pair
 from .canvas import Canvas
 
 CLASSES = ["road", "sidewalk", "building", "vegetation", "sky", "vehicle", "person", "pole"]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmmseg_core.models.fcn import SIZES, DilatedResNet, check_size, conv_bn_relu, positive_int, positive_ints
+from gmmseg_core._checks import check_int
+from gmmseg_core.models.fcn import SIZES, DilatedResNet, check_size, conv_bn_relu, positive_ints
 
 ASPP_RATES = {"tiny": (2, 4, 6), "small": (3, 6, 9), "base": (6, 12, 18)}
 
@@ -55,9 +56,9 @@ class DeepLabV3PlusBackbone(nn.Module):
                  aspp_rates=None):
         super().__init__()
         check_size(size, SIZES)
-        width = positive_int("width", width) or SIZES[size]["width"]
+        width = check_int("width", width, optional=True) or SIZES[size]["width"]
         depths = positive_ints("depths", depths) or SIZES[size]["depths"]
-        channels = positive_int("channels", channels)
+        channels = check_int("channels", channels, optional=True)
         aspp_rates = positive_ints("aspp_rates", aspp_rates, length=None) or ASPP_RATES[size]
         self.encoder = DilatedResNet(width, depths, output_stride=16)
         self.out_channels = channels or 4 * width

@@ -8,22 +8,13 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gmmseg_core._checks import is_int
+from gmmseg_core._checks import check_int, is_int
 
 SIZES = {  # width (channels of the first stage) and blocks per stage
     "tiny": dict(width=16, depths=(1, 1, 1, 1)),
     "small": dict(width=32, depths=(2, 2, 2, 2)),
     "base": dict(width=64, depths=(3, 4, 6, 3)),
 }
-
-
-def positive_int(name: str, value, optional: bool = True) -> int | None:
-    """``value`` as an int; ``ValueError`` naming ``name`` unless it is a positive int (or None when ``optional``)."""
-    if optional and value is None:
-        return None
-    if not (is_int(value) and value > 0):
-        raise ValueError(f"{name} must be {'None or ' if optional else ''}a positive int, got {value!r}")
-    return int(value)
 
 
 def positive_ints(name: str, value, length: int | None = 4, optional: bool = True) -> tuple[int, ...] | None:
@@ -81,7 +72,7 @@ class DilatedResNet(nn.Module):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
-        width = positive_int("width", width, optional=False)
+        width = check_int("width", width)
         depths = positive_ints("depths", depths, optional=False)
         self.stem = nn.Sequential(conv_bn_relu(3, width, 3, 2), conv_bn_relu(width, width, 3, 1),
                                   nn.MaxPool2d(3, 2, 1))
@@ -125,9 +116,9 @@ class FCNBackbone(nn.Module):
     def __init__(self, size: str = "tiny", width: int | None = None, depths=None, channels: int | None = None):
         super().__init__()
         check_size(size, SIZES)
-        width = positive_int("width", width) or SIZES[size]["width"]
+        width = check_int("width", width, optional=True) or SIZES[size]["width"]
         depths = positive_ints("depths", depths) or SIZES[size]["depths"]
-        channels = positive_int("channels", channels)
+        channels = check_int("channels", channels, optional=True)
         self.encoder = DilatedResNet(width, depths, output_stride=8)
         cin = self.encoder.channels[-1]
         self.out_channels = channels or 4 * width

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmmseg_core.models.fcn import check_size, positive_int, positive_ints
+from gmmseg_core._checks import check_int
+from gmmseg_core.models.fcn import check_size, positive_ints
 
 SIZES = {  # tiny trains on a CPU; small ~ MiT-B0; base ~ MiT-B2
     "tiny": dict(dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), heads=(1, 1, 2, 4), decoder_dim=64),
@@ -107,12 +108,12 @@ class SegFormerBackbone(nn.Module):
         super().__init__()
         check_size(size, SIZES)
         cfg = dict(SIZES[size])
-        width = positive_int("width", width)
+        width = check_int("width", width, optional=True)
         if width is not None:
             cfg.update(dims=tuple(width * m for m in (1, 2, 4, 8)), heads=(1, 1, 2, 4), decoder_dim=4 * width)
         dims, depths = positive_ints("dims", dims) or cfg["dims"], positive_ints("depths", depths) or cfg["depths"]
         heads = positive_ints("heads", heads) or cfg["heads"]
-        decoder_dim = positive_int("decoder_dim", decoder_dim) or cfg["decoder_dim"]
+        decoder_dim = check_int("decoder_dim", decoder_dim, optional=True) or cfg["decoder_dim"]
         cins = (3,) + tuple(dims[:3])
         self.stages = nn.ModuleList([
             Stage(cins[i], dims[i], depths[i], heads[i], SR_RATIOS[i], 7 if i == 0 else 3, 4 if i == 0 else 2)

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
+import urllib.parse
+import urllib.request
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,6 +29,50 @@ def _smp():
         raise ImportError("arch='smp:...' needs segmentation-models-pytorch "
                           "(pip install 'gmmseg[zoo]' or segmentation-models-pytorch)") from err
     return smp
+
+
+# the files smp (0.5, 0.6) reads from an encoder's weights repository on the Hugging Face Hub
+_HUB_WEIGHT_FILES = ("config.json", "model.safetensors")
+
+
+def _unreachable_weights(smp, encoder: str, weights: str, timeout: float = 3.0) -> str | None:
+    """Why the encoder's pretrained ``weights`` can be neither read from the cache nor downloaded now, or None.
+
+    Without network, huggingface_hub retries a download for half a minute before it gives up; this check
+    answers in at most ``timeout`` seconds by connecting to the Hub's host. None, and the build goes on as
+    without the check, when the weights are cached, when the host answers, and where it cannot tell: timm
+    (``tu-``) encoders, an smp whose encoders do not name a Hub repository, a configured proxy (the Hub may be
+    reachable through it only), or ``HF_HUB_OFFLINE`` set (huggingface_hub then fails at once by itself).
+    """
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {}).get(weights)
+    if not (isinstance(settings, dict) and "repo_id" in settings):
+        return None
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False) or {"https", "all"} & set(urllib.request.getproxies()):
+        return None
+    cached = [huggingface_hub.try_to_load_from_cache(settings["repo_id"], name, revision=settings.get("revision"))
+              for name in _HUB_WEIGHT_FILES]
+    if all(isinstance(path, str) for path in cached):
+        return None
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"they are not in the local cache and {host}:{port} cannot be reached: {err}"
+    return None
+
+
+def _weights_error(weights: str, encoder: str, reason) -> FileNotFoundError:
+    """The error for pretrained weights that cannot be loaded, saying how to proceed."""
+    return FileNotFoundError(
+        f"could not load the {weights!r} weights of smp encoder {encoder!r} ({reason}). They are downloaded on "
+        "first use and cached, so build once with network access; or train from random initialisation with "
+        "encoder_weights=None (build_model(..., encoder_weights=None); in a TrainConfig, "
+        "model_kwargs={'encoder_weights': None}; on the command line, --set model_kwargs.encoder_weights=null). "
+        "With HF_HUB_OFFLINE=1, huggingface_hub reads cached weights only and fails at once instead of retrying")
 
 
 def parse_smp_arch(arch: str) -> tuple[str, str]:
@@ -49,7 +96,9 @@ class SMPBackbone(nn.Module):
         An smp encoder name.
     encoder_weights : str or None
         ``"imagenet"`` (default; downloads on first use, then read from the cache) or None for random
-        initialisation. A download that fails raises a ``FileNotFoundError`` that says how to proceed offline.
+        initialisation. A download that fails raises a ``FileNotFoundError`` that says how to proceed offline;
+        without network it fails within seconds where the weights come from the Hugging Face Hub (smp's own
+        encoders), instead of after huggingface_hub's half a minute of retries.
     **kw
         Passed to the smp constructor (e.g. ``decoder_channels``).
 
@@ -85,18 +134,16 @@ class SMPBackbone(nn.Module):
         if unknown:
             raise ValueError(f"model_kwargs {unknown} are not arguments of smp.{model_class.__name__}; it takes "
                              f"{sorted(params - {'classes', 'encoder_name', 'encoder_weights'})}")
+        reason = None if encoder_weights is None else _unreachable_weights(smp, encoder, encoder_weights)
+        if reason:
+            raise _weights_error(encoder_weights, encoder, reason)
         try:
             model = smp.create_model(known[architecture.lower()], encoder_name=encoder,
                                      encoder_weights=encoder_weights, classes=1, **kw)
         except OSError as err:  # no network and no cached copy (huggingface_hub's and urllib's errors are OSErrors)
             if encoder_weights is None:
                 raise
-            raise FileNotFoundError(
-                f"could not load the {encoder_weights!r} weights of smp encoder {encoder!r} ({err}). They are "
-                "downloaded on first use and cached, so build once with network access; or train from random "
-                "initialisation with encoder_weights=None (build_model(..., encoder_weights=None); in a "
-                "TrainConfig, model_kwargs={'encoder_weights': None}; on the command line, --set "
-                "model_kwargs.encoder_weights=null)") from err
+            raise _weights_error(encoder_weights, encoder, err) from err
         head = model.segmentation_head
         if not (isinstance(head, nn.Sequential) and len(head) > 0 and isinstance(head[0], nn.Conv2d)
                 and all(not any(p.requires_grad for p in m.parameters()) for m in list(head)[1:])):
