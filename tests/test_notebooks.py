@@ -31,8 +31,8 @@ PATHS = {name: NOTEBOOK_DIR / f"{name}.ipynb" for name in NOTEBOOKS}
 
 # Figures each notebook must write under the smoke profile (stable names; README links some of them).
 EXPECTED_FIGURES = {
-    "01_discriminative_vs_generative": ["01_decision_regions", "01_class_densities", "01_far_from_data",
-                                        "01_calibration"],
+    "01_discriminative_vs_generative": ["01_decision_regions", "01_class_densities", "01_samples",
+                                        "01_far_from_data", "01_calibration"],
     "02_sinkhorn_em": ["02_toy_lower_bounds", "02_toy_unbalanced", "02_epsilon_iterations", "02_real_embeddings",
                        "02_time_per_iteration"],
     "03_closed_set": ["03_closed_set_miou", "03_per_class_iou", "03_training_curves", "03_examples"],
