@@ -373,6 +373,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     else:
         rank, world = 0, 1
         device = torch.device(cfg.device or "cpu")
+        if device.type == "cuda" and device.index is not None:
+            # what names no device (the loader's pin_memory, a bare "cuda" tensor) uses the current one: without
+            # this, training on cuda:1 would also make a CUDA context, and hold memory, on cuda:0
+            torch.cuda.set_device(device)
     master = rank == 0
     run_dir = cfg.run_dir
     ckpt_path = run_dir / CHECKPOINT

@@ -108,6 +108,27 @@ def test_an_unusable_device_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("device, selected", [("cuda:1", [1]), ("cuda", []), ("cpu", [])])
+def test_training_on_a_numbered_gpu_makes_it_the_current_device(tmp_path, monkeypatch, device, selected):
+    # stand-in for a two-GPU machine: the loader's pin_memory works on the current device, cuda:0 unless set
+    from gmmseg_core import data
+
+    class Stop(Exception):
+        pass
+
+    def build_dataset(*args, **kwargs):     # the first thing after the device is chosen
+        raise Stop
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d).index))
+    monkeypatch.setattr(data, "build_dataset", build_dataset)
+    with pytest.raises(Stop):
+        train(tiny_cfg(tmp_path, device=device))
+    assert calls == selected
+
+
 def test_config_unknown_fields_are_rejected():
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['itres'\]"):
         TrainConfig.from_dict({"itres": 3})
