@@ -5,8 +5,10 @@ batch and DDP must reproduce the one-process run up to float rounding; how batch
 processes is tested in test_train.py (``_StepBatches``).
 """
 
+import contextlib
 import csv
 import os
+import re
 import socket
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gmmseg_core import cli
 from gmmseg_core.config import TrainConfig
 from gmmseg_core.train import train
 
@@ -86,3 +89,32 @@ def test_two_gloo_processes_match_one_process(tmp_path, launch):
     for key in ("means", "variances"):
         torch.testing.assert_close(heads[0][key], ref[key], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "ddp" / "checkpoint.pt").exists() and (tmp_path / "ddp" / "metrics.json").exists()
+
+
+TINY_CLI = ["--iters", "2", "--batch-size", "1", "--set", "model_kwargs.width=4", "--set", "head_kwargs.embed_dim=4",
+            "--set", "head_kwargs.num_components=2", "--set", "dataset_kwargs.image_size=32",
+            "--set", "dataset_kwargs.num_images=1", "--set", "val_dataset_kwargs.num_images=2"]
+
+
+def _cli_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    base = os.path.join(out_dir, f"rank{rank}")
+    with open(base + ".out", "w") as out, open(base + ".err", "w") as err, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        statuses = [cli.main(["train", *TINY_CLI, "--out-dir", out_dir, "--run-name", "r", "--resume"]),
+                    cli.main(["train", "--out-dir", out_dir, "--run-name", "r", "--resume", "--overwrite"])]
+    assert statuses == [0, 2]
+
+
+def test_under_torchrun_only_rank_0_reports_and_every_rank_reports_its_errors(tmp_path):
+    mp.start_processes(_cli_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    out = [(tmp_path / f"rank{r}.out").read_text() for r in range(2)]
+    err = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert re.search(r"final: mIoU [\d.]+ .*\nrun directory: .*r\n$", out[0])
+    notice, bar = "to resume: training from step 0", "it/s]"
+    assert notice in err[0] and bar in err[0]
+    assert out[1] == "" and notice not in err[1] and bar not in err[1]
+    for text in err:
+        assert "gmmseg train: error: --resume continues a run and --overwrite starts it again" in text
