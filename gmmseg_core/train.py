@@ -4,7 +4,9 @@
 (forward, backward, optimiser step, log, head update for a finite step, evaluate, checkpoint). Single process by
 default; under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment), or inside a process
 group the caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on
-CUDA) with ``cfg.batch_size`` images per process. Only rank 0 writes files.
+CUDA) with ``cfg.batch_size`` images per process. Only rank 0 evaluates and writes files; the other processes
+wait for it in a gloo group of their own, for up to ``WAIT_FOR_RANK_0`` whatever the default group's timeout (NCCL's
+is 10 minutes, and a full validation on one GPU can take about as long).
 
 Run directory (``cfg.run_dir``)::
 
@@ -47,6 +49,7 @@ import time
 import warnings
 import zipfile
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +66,7 @@ __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from
 
 CHECKPOINT = "checkpoint.pt"
 NONFINITE_FP16_STEPS = 10  # with fp16 autocast, consecutive non-finite losses before training stops
+WAIT_FOR_RANK_0 = timedelta(hours=2)  # under DDP, how long the other processes wait while rank 0 evaluates or saves
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -174,6 +178,15 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _host_group(ddp: bool):
+    """A gloo group of every process, for waiting on rank 0; None without DDP.
+
+    Its timeout is ``WAIT_FOR_RANK_0``, not the default group's (NCCL's 10 minutes, or what the caller gave it), and
+    its waits run on the CPU, outside the NCCL watchdog.
+    """
+    return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0) if ddp else None
 
 
 def _set_rng_state(state: dict) -> None:
@@ -485,7 +498,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             metrics["evals"].append({"step": at_step, **_eval_summary(result)})
             _write_json(run_dir / "metrics.json", metrics)
         if ddp:
-            dist.barrier()
+            dist.barrier(group=host)
 
     saved_step = step if ckpt is not None else None   # the checkpoint a failure leaves behind
 
@@ -502,7 +515,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                          config=cfg.to_dict(), model_spec=spec, metrics=metrics)
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
         if ddp:
-            dist.barrier()
+            dist.barrier(group=host)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     raw_model.train()
@@ -513,6 +526,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
+    host = _host_group(ddp)      # made here, so that the clean-up below destroys it
     try:
         stop.install()
         for images, labels in _batches(loader, stop):
@@ -614,6 +628,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             log_file.close()
         if own_group:
             dist.destroy_process_group()
+        elif host is not None:
+            dist.destroy_process_group(host)
 
 
 # Fields a resumed run may change: what it does next (iters, clipping, precision), how it reports, and where things

@@ -7,9 +7,12 @@ processes is tested in test_train.py (``_StepBatches``).
 
 import contextlib
 import csv
+import datetime
+import json
 import os
 import re
 import socket
+import time
 
 import pytest
 import torch
@@ -118,3 +121,39 @@ def test_under_torchrun_only_rank_0_reports_and_every_rank_reports_its_errors(tm
     assert out[1] == "" and notice not in err[1] and bar not in err[1]
     for text in err:
         assert "gmmseg train: error: --resume continues a run and --overwrite starts it again" in text
+
+
+def _own_group_worker(rank, world, port, out_dir, timeout_s, body):
+    torch.set_num_threads(1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        body(rank, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_in_two_processes(body, out_dir, timeout_s=60):
+    mp.start_processes(_own_group_worker, args=(2, _free_port(), str(out_dir), timeout_s, body), nprocs=2,
+                       join=True, start_method="fork")
+
+
+def _slow_evaluation(rank, out_dir):
+    from gmmseg_core import evaluate
+
+    closed_set = evaluate.evaluate_closed_set
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return closed_set(*args, **kwargs)
+
+    evaluate.evaluate_closed_set = slow         # a fork of the test process: nothing to undo
+    train(_cfg(out_dir, batch_size=1, run_name="slow").replace(iters=1))
+
+
+def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeout(tmp_path):
+    # rank 0 evaluates alone; a full validation on one GPU can outlast the group's collective timeout (NCCL: 10 min)
+    _run_in_two_processes(_slow_evaluation, tmp_path, timeout_s=2)
+    assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
