@@ -14,7 +14,7 @@ Run directory (``cfg.run_dir``)::
     log.csv          one row per step: step, loss, ce, aux, lr, grad_norm, step_time_s
     metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool,
                      "train_time_s": wall time of every segment of the run, evaluations included, ...}
-    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position
+    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states (of every process), data position
 
 The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
 disk leaves each whole, old or new. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
@@ -27,7 +27,9 @@ its position. So ``resume=True`` needs only the step count to continue exactly w
 restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one on a
 CPU at the same thread count. On CUDA it is the same up to rounding, as two uninterrupted runs are: some kernels
 there (the bilinear upsampling's backward, the cross-entropy's reduction) add with atomics, in an order that
-varies. Evaluation runs under a forked RNG so it never shifts the training stream.
+varies. Evaluation runs under a forked RNG so it never shifts the training stream. Under DDP each process resumes
+its own RNG streams when as many processes resume the run as wrote its checkpoint; otherwise (and from a one-process
+checkpoint) every process restores the states rank 0 saved, and a warning says that the global batch changed.
 A checkpoint belongs to its configuration: resuming it under another (other than ``RESUME_MAY_CHANGE``) is refused.
 
 Interrupts (one process, main thread): Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint of it,
@@ -180,8 +182,26 @@ def _rng_state() -> dict:
     return state
 
 
+def _rng_states(host, rank: int, world: int) -> list[dict] | None:
+    """Every process's ``_rng_state()`` in rank order, gathered on rank 0 over ``host`` (None on the other ranks);
+    ``[_rng_state()]`` without DDP (``host`` None)."""
+    state = _rng_state()
+    if host is None:
+        return [state]
+    states = [None] * world if rank == 0 else None
+    dist.gather_object(state, states, dst=0, group=host)
+    return states
+
+
+def _saved_rng_state(ckpt: dict, rank: int, world: int) -> dict:
+    """The RNG states process ``rank`` of ``world`` resumes with: its own when the checkpoint was written by as many
+    processes, rank 0's otherwise (a one-process checkpoint, or one written by another number of processes)."""
+    per_rank = ckpt.get("rank_rng")
+    return per_rank[rank] if per_rank is not None and len(per_rank) == world else ckpt["rng"]
+
+
 def _host_group(ddp: bool):
-    """A gloo group of every process, for waiting on rank 0; None without DDP.
+    """A gloo group of every process, for waiting on rank 0 and gathering RNG states; None without DDP.
 
     Its timeout is ``WAIT_FOR_RANK_0``, not the default group's (NCCL's 10 minutes, or what the caller gave it), and
     its waits run on the CPU, outside the NCCL watchdog.
@@ -454,7 +474,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * lr_factor(step, cfg)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(_saved_rng_state(ckpt, rank, world))
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
             if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
@@ -462,6 +482,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             if own_group:
                 dist.destroy_process_group()
             return run_dir
+        saved_world = int((ckpt.get("data") or {}).get("world_size", world))
+        if saved_world != world and master:
+            warnings.warn(f"resume: the checkpoint of {str(run_dir)!r} was written by {saved_world} process(es) and "
+                          f"{world} resume it: the global batch changes from {saved_world * cfg.batch_size} to "
+                          f"{world * cfg.batch_size} images, and every process restores the random states rank 0 saved",
+                          stacklevel=2)
         if metrics.get("finished"):   # a finished run continued to a larger ``iters``: not finished any more
             metrics.update(finished=False, final=None)
             if master:
@@ -506,13 +532,16 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         nonlocal saved_step
         saved_step = at_step
         metrics["train_time_s"] = time.perf_counter() - t_start    # all segments of a resumed run
+        rng = _rng_states(host, rank, world)
         if master:
             log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
-                         rng=_rng_state(), data=dict(step=at_step, epoch_length=batches.epoch_length,
-                                                     seed=cfg.seed, world_size=world),
+                         rng=rng[0], data=dict(step=at_step, epoch_length=batches.epoch_length,
+                                               seed=cfg.seed, world_size=world),
                          config=cfg.to_dict(), model_spec=spec, metrics=metrics)
+            if world > 1:
+                state["rank_rng"] = rng
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
         if ddp:
             dist.barrier(group=host)

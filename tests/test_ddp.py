@@ -10,10 +10,13 @@ import csv
 import datetime
 import json
 import os
+import random
 import re
 import socket
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -157,3 +160,60 @@ def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeo
     # rank 0 evaluates alone; a full validation on one GPU can outlast the group's collective timeout (NCCL: 10 min)
     _run_in_two_processes(_slow_evaluation, tmp_path, timeout_s=2)
     assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
+
+
+def _draw_per_rank(out_dir, name):
+    # a stand-in for a model drawing a rank-dependent count of random numbers: the processes' streams diverge
+    def on_step(step, model, outputs):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(Path(out_dir) / f"{name}{rank}.txt", "a") as f:
+            f.write(f"{step} {torch.rand(1).item()!r} {np.random.rand()!r} {random.random()!r}\n")
+        torch.rand(rank + 1), np.random.rand(rank + 1), [random.random() for _ in range(rank + 1)]
+    return on_step
+
+
+def _draws(out_dir, name, rank):
+    return (out_dir / f"{name}{rank}.txt").read_text().splitlines()
+
+
+def _resumable_cfg(out_dir, run_name):
+    return _cfg(out_dir, batch_size=1, run_name=run_name).replace(iters=4, checkpoint_interval=2)
+
+
+def _train_whole_and_part(rank, out_dir):
+    train(_resumable_cfg(out_dir, "whole"), on_step=_draw_per_rank(out_dir, "whole"))
+    train(_resumable_cfg(out_dir, "part"), stop_after=2, on_step=_draw_per_rank(out_dir, "part"))
+
+
+def _resume_part(rank, out_dir):
+    with pytest.warns(UserWarning, match=r"written by 1 process\(es\) and 2 resume it: the global batch changes "
+                                         r"from 1 to 2 images, and every process restores the random states rank 0 saved") \
+            if rank == 0 else contextlib.nullcontext():
+        train(_resumable_cfg(out_dir, "part").replace(resume=True), on_step=_draw_per_rank(out_dir, "part"))
+
+
+def test_a_resumed_run_continues_the_random_streams_of_every_process(tmp_path):
+    def interrupted_and_uninterrupted(rank, out_dir):
+        _train_whole_and_part(rank, out_dir)
+        train(_resumable_cfg(out_dir, "part").replace(resume=True), on_step=_draw_per_rank(out_dir, "part"))
+
+    _run_in_two_processes(interrupted_and_uninterrupted, tmp_path)
+    for rank in range(2):
+        assert _draws(tmp_path, "part", rank) == _draws(tmp_path, "whole", rank), rank
+    assert _draws(tmp_path, "whole", 0)[3] != _draws(tmp_path, "whole", 1)[3]
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+def test_a_checkpoint_of_another_number_of_processes_restores_rank_0s_random_states(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # two processes' checkpoint, one process resumes it: rank 0's streams continue
+    _run_in_two_processes(_train_whole_and_part, two)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and 1 resume it: the global batch changes "
+                                         r"from 2 to 1 images"):
+        train(_resumable_cfg(two, "part").replace(resume=True), on_step=_draw_per_rank(two, "part"))
+    assert _draws(two, "part", 0) == _draws(two, "whole", 0)
+    # one process's checkpoint, two processes resume it: both continue its streams
+    _train_whole_and_part(0, one)
+    _run_in_two_processes(_resume_part, one)
+    assert _draws(one, "part", 0) == _draws(one, "whole", 0)
+    assert _draws(one, "part", 1)[0] == _draws(one, "whole", 0)[2]
