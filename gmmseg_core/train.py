@@ -200,13 +200,13 @@ def _saved_rng_state(ckpt: dict, rank: int, world: int) -> dict:
     return per_rank[rank] if per_rank is not None and len(per_rank) == world else ckpt["rng"]
 
 
-def _host_group(ddp: bool):
-    """A gloo group of every process, for waiting on rank 0 and gathering RNG states; None without DDP.
+def _host_group():
+    """A gloo group of every process, for waiting on rank 0 and gathering RNG states.
 
     Its timeout is ``WAIT_FOR_RANK_0``, not the default group's (NCCL's 10 minutes, or what the caller gave it), and
     its waits run on the CPU, outside the NCCL watchdog.
     """
-    return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0) if ddp else None
+    return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0)
 
 
 def _set_rng_state(state: dict) -> None:
@@ -400,9 +400,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(cfg.device or "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        if not group_ready:
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-            own_group = True
     else:
         rank, world = 0, 1
         device = torch.device(cfg.device or "cpu")
@@ -479,8 +476,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         if metrics.get("finished") and step >= cfg.iters:
             if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
                 _write_json(run_dir / "metrics.json", metrics)
-            if own_group:
-                dist.destroy_process_group()
             return run_dir
         saved_world = int((ckpt.get("data") or {}).get("world_size", world))
         if saved_world != world and master:
@@ -503,13 +498,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         cfg.to_json(run_dir / "config.json")
         _truncate_log(run_dir / "log.csv", step)
     model = _TrainStep(raw_model)
-    if ddp:
-        # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
-        # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
-        # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, broadcast_buffers=False)
-
     batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
                            balanced=cfg.balanced_sampler)
     loader = DataLoader(_PositionedDataset(train_ds), batch_sampler=batches, num_workers=cfg.num_workers,
@@ -555,8 +543,20 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
-    host = _host_group(ddp)      # made here, so that the clean-up below destroys it
+    host = None
     try:
+        if ddp:
+            # the groups are made here, so that the clean-up below destroys them and a set-up failure above (a
+            # missing dataset, a refused resume) leaves none behind
+            if not group_ready:
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                own_group = True
+            host = _host_group()
+            # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
+            # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
+            # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None, broadcast_buffers=False)
         stop.install()
         for images, labels in _batches(loader, stop):
             t0 = time.perf_counter()

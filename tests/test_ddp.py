@@ -97,6 +97,20 @@ def test_two_gloo_processes_match_one_process(tmp_path, launch):
     assert (tmp_path / "ddp" / "checkpoint.pt").exists() and (tmp_path / "ddp" / "metrics.json").exists()
 
 
+def _failed_set_up_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with pytest.raises(FileNotFoundError, match="cityscapes: no 'leftImg8bit' found"):
+        train(_cfg(out_dir, batch_size=1, run_name="missing").replace(dataset="cityscapes",
+                                                                      data_root=os.path.join(out_dir, "none")))
+    assert not dist.is_initialized()     # a later train() in this process makes its own group again
+
+
+def test_a_set_up_failure_under_torchrun_leaves_no_process_group(tmp_path):
+    mp.start_processes(_failed_set_up_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+
+
 TINY_CLI = ["--iters", "2", "--batch-size", "1", "--set", "model_kwargs.width=4", "--set", "head_kwargs.embed_dim=4",
             "--set", "head_kwargs.num_components=2", "--set", "dataset_kwargs.image_size=32",
             "--set", "dataset_kwargs.num_images=1", "--set", "val_dataset_kwargs.num_images=2"]
