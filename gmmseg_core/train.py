@@ -647,6 +647,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         save_checkpoint(step)
         if master:
             _write_json(run_dir / "metrics.json", metrics)
+        if ddp:         # every process returns a finished run: what it reads next of the run directory is complete
+            dist.barrier(group=host)
         if stop.signal is not None:      # asked to stop during the last step or the final evaluation: finished
             raise stop.stop(step, run_dir, finished=True)
         return run_dir

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from gmmseg_core import cli
 from gmmseg_core.config import TrainConfig
-from gmmseg_core.train import train
+from gmmseg_core.train import is_finished, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -174,6 +174,25 @@ def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeo
     # rank 0 evaluates alone; a full validation on one GPU can outlast the group's collective timeout (NCCL: 10 min)
     _run_in_two_processes(_slow_evaluation, tmp_path, timeout_s=2)
     assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
+
+
+def _slow_final_metrics(rank, out_dir):
+    from gmmseg_core import train as train_module
+
+    write_json = train_module._write_json
+
+    def slow(path, obj):
+        if rank == 0 and path.name == "metrics.json" and obj["finished"]:
+            time.sleep(0.5)
+        write_json(path, obj)
+
+    train_module._write_json = slow             # a fork of the test process: nothing to undo
+    run_dir = train(_cfg(out_dir, batch_size=1, run_name="done").replace(iters=1))
+    assert is_finished(run_dir)          # on every process, as soon as train() returns
+
+
+def test_every_process_returns_once_the_run_is_complete_on_disk(tmp_path):
+    _run_in_two_processes(_slow_final_metrics, tmp_path)
 
 
 def _draw_per_rank(out_dir, name):
