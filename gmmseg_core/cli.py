@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -226,21 +227,31 @@ def _finished_step(run_dir):
     return (json.loads((run_dir / "metrics.json").read_text()).get("final") or {}).get("step")
 
 
+def _first_process() -> bool:
+    """False in the processes of rank >= 1 that ``torchrun`` starts: they train, but only rank 0 reports
+    (errors are reported by every process)."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def cmd_train(args) -> int:
     from gmmseg_core.train import CHECKPOINT, train
 
     cfg = _train_config(args)
+    report = _first_process()
     if args.print_config:
-        print(cfg.to_json())
+        if report:
+            print(cfg.to_json())
         return 0
     existing = cfg.run_dir / CHECKPOINT
     if not cfg.resume and not args.overwrite and existing.exists():
         raise ValueError(f"{str(cfg.run_dir)!r} already holds a trained run ({CHECKPOINT}); pass --resume to "
                          "continue it, --overwrite to start it again, or --run-name for a new run")
-    if cfg.resume and not cfg.run_dir.exists():   # (train() itself warns about a run that left no checkpoint)
+    if cfg.resume and not cfg.run_dir.exists() and report:   # (train() warns about a run that left no checkpoint)
         print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
     finished_at = _finished_step(cfg.run_dir) if cfg.resume else None
     run_dir = train(cfg)
+    if not report:      # rank 0 may not have written metrics.json yet
+        return 0
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     final = metrics.get("final") or {}
     if finished_at == cfg.iters:        # else it trained, from its checkpoint or continued to a larger --iters

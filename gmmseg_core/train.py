@@ -4,7 +4,9 @@
 (forward, backward, optimiser step, log, head update for a finite step, evaluate, checkpoint). Single process by
 default; under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the environment), or inside a process
 group the caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on
-CUDA) with ``cfg.batch_size`` images per process. Only rank 0 writes files.
+CUDA) with ``cfg.batch_size`` images per process. Only rank 0 evaluates and writes files; the other processes
+wait for it in a gloo group of their own, for up to ``WAIT_FOR_RANK_0`` whatever the default group's timeout (NCCL's
+is 10 minutes, and a full validation on one GPU can take about as long).
 
 Run directory (``cfg.run_dir``)::
 
@@ -12,7 +14,7 @@ Run directory (``cfg.run_dir``)::
     log.csv          one row per step: step, loss, ce, aux, lr, grad_norm, step_time_s
     metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool,
                      "train_time_s": wall time of every segment of the run, evaluations included, ...}
-    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states, data position
+    checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states (of every process), data position
 
 The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
 disk leaves each whole, old or new. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
@@ -25,7 +27,9 @@ its position. So ``resume=True`` needs only the step count to continue exactly w
 restored model, optimiser, scheduler and RNG states the resumed run is bit-for-bit the uninterrupted one on a
 CPU at the same thread count. On CUDA it is the same up to rounding, as two uninterrupted runs are: some kernels
 there (the bilinear upsampling's backward, the cross-entropy's reduction) add with atomics, in an order that
-varies. Evaluation runs under a forked RNG so it never shifts the training stream.
+varies. Evaluation runs under a forked RNG so it never shifts the training stream. Under DDP each process resumes
+its own RNG streams when as many processes resume the run as wrote its checkpoint; otherwise (and from a one-process
+checkpoint) every process restores the states rank 0 saved, and a warning says that the global batch changed.
 A checkpoint belongs to its configuration: resuming it under another (other than ``RESUME_MAY_CHANGE``) is refused.
 
 Interrupts (one process, main thread): Ctrl-C or SIGTERM lets the current step finish, writes a checkpoint of it,
@@ -47,6 +51,7 @@ import time
 import warnings
 import zipfile
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +69,7 @@ __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from
 
 CHECKPOINT = "checkpoint.pt"
 NONFINITE_FP16_STEPS = 10  # with fp16 autocast, consecutive non-finite losses before training stops
+WAIT_FOR_RANK_0 = timedelta(hours=2)  # under DDP, how long the other processes wait while rank 0 evaluates or saves
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -175,6 +181,33 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _rng_states(host, rank: int, world: int) -> list[dict] | None:
+    """Every process's ``_rng_state()`` in rank order, gathered on rank 0 over ``host`` (None on the other ranks);
+    ``[_rng_state()]`` without DDP (``host`` None)."""
+    state = _rng_state()
+    if host is None:
+        return [state]
+    states = [None] * world if rank == 0 else None
+    dist.gather_object(state, states, dst=0, group=host)
+    return states
+
+
+def _saved_rng_state(ckpt: dict, rank: int, world: int) -> dict:
+    """The RNG states process ``rank`` of ``world`` resumes with: its own when the checkpoint was written by as many
+    processes, rank 0's otherwise (a one-process checkpoint, or one written by another number of processes)."""
+    per_rank = ckpt.get("rank_rng")
+    return per_rank[rank] if per_rank is not None and len(per_rank) == world else ckpt["rng"]
+
+
+def _host_group():
+    """A gloo group of every process, for waiting on rank 0 and gathering RNG states.
+
+    Its timeout is ``WAIT_FOR_RANK_0``, not the default group's (NCCL's 10 minutes, or what the caller gave it), and
+    its waits run on the CPU, outside the NCCL watchdog.
+    """
+    return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0)
 
 
 def _set_rng_state(state: dict) -> None:
@@ -377,12 +410,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device(cfg.device or "cpu")
         if use_cuda:
             torch.cuda.set_device(device)
-        if not group_ready:
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-            own_group = True
     else:
         rank, world = 0, 1
         device = torch.device(cfg.device or "cpu")
+        if device.type == "cuda" and device.index is not None:
+            # what names no device (the loader's pin_memory, a bare "cuda" tensor) uses the current one: without
+            # this, training on cuda:1 would also make a CUDA context, and hold memory, on cuda:0
+            torch.cuda.set_device(device)
     master = rank == 0
     run_dir = cfg.run_dir
     ckpt_path = run_dir / CHECKPOINT
@@ -447,14 +481,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base_lr * lr_factor(step, cfg)
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(_saved_rng_state(ckpt, rank, world))
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
             if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
                 _write_json(run_dir / "metrics.json", metrics)
-            if own_group:
-                dist.destroy_process_group()
             return run_dir
+        saved_world = int((ckpt.get("data") or {}).get("world_size", world))
+        if saved_world != world and master:
+            warnings.warn(f"resume: the checkpoint of {str(run_dir)!r} was written by {saved_world} process(es) and "
+                          f"{world} resume it: the global batch changes from {saved_world * cfg.batch_size} to "
+                          f"{world * cfg.batch_size} images, and every process restores the random states rank 0 saved",
+                          stacklevel=2)
         if metrics.get("finished"):   # a finished run continued to a larger ``iters``: not finished any more
             metrics.update(finished=False, final=None)
             if master:
@@ -470,13 +508,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         cfg.to_json(run_dir / "config.json")
         _truncate_log(run_dir / "log.csv", step)
     model = _TrainStep(raw_model)
-    if ddp:
-        # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
-        # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
-        # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, broadcast_buffers=False)
-
     batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
                            balanced=cfg.balanced_sampler)
     loader = DataLoader(_PositionedDataset(train_ds), batch_sampler=batches, num_workers=cfg.num_workers,
@@ -491,7 +522,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             metrics["evals"].append({"step": at_step, **_eval_summary(result)})
             _write_json(run_dir / "metrics.json", metrics)
         if ddp:
-            dist.barrier()
+            dist.barrier(group=host)
 
     saved_step = step if ckpt is not None else None   # the checkpoint a failure leaves behind
 
@@ -499,16 +530,19 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         nonlocal saved_step
         saved_step = at_step
         metrics["train_time_s"] = time.perf_counter() - t_start    # all segments of a resumed run
+        rng = _rng_states(host, rank, world)
         if master:
             log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
-                         rng=_rng_state(), data=dict(step=at_step, epoch_length=batches.epoch_length,
-                                                     seed=cfg.seed, world_size=world),
+                         rng=rng[0], data=dict(step=at_step, epoch_length=batches.epoch_length,
+                                               seed=cfg.seed, world_size=world),
                          config=cfg.to_dict(), model_spec=spec, metrics=metrics)
+            if world > 1:
+                state["rank_rng"] = rng
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
         if ddp:
-            dist.barrier()
+            dist.barrier(group=host)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     raw_model.train()
@@ -519,7 +553,20 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
+    host = None
     try:
+        if ddp:
+            # the groups are made here, so that the clean-up below destroys them and a set-up failure above (a
+            # missing dataset, a refused resume) leaves none behind
+            if not group_ready:
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                own_group = True
+            host = _host_group()
+            # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
+            # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
+            # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None, broadcast_buffers=False)
         stop.install()
         for images, labels in _batches(loader, stop):
             t0 = time.perf_counter()
@@ -610,6 +657,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         save_checkpoint(step)
         if master:
             _write_json(run_dir / "metrics.json", metrics)
+        if ddp:         # every process returns a finished run: what it reads next of the run directory is complete
+            dist.barrier(group=host)
         if stop.signal is not None:      # asked to stop during the last step or the final evaluation: finished
             raise stop.stop(step, run_dir, finished=True)
         return run_dir
@@ -620,6 +669,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             log_file.close()
         if own_group:
             dist.destroy_process_group()
+        elif host is not None:
+            dist.destroy_process_group(host)
 
 
 # Fields a resumed run may change: what it does next (iters, clipping, precision), how it reports, and where things

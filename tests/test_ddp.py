@@ -5,17 +5,26 @@ batch and DDP must reproduce the one-process run up to float rounding; how batch
 processes is tested in test_train.py (``_StepBatches``).
 """
 
+import contextlib
 import csv
+import datetime
+import json
 import os
+import random
+import re
 import socket
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gmmseg_core import cli
 from gmmseg_core.config import TrainConfig
-from gmmseg_core.train import train
+from gmmseg_core.train import is_finished, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
@@ -86,3 +95,158 @@ def test_two_gloo_processes_match_one_process(tmp_path, launch):
     for key in ("means", "variances"):
         torch.testing.assert_close(heads[0][key], ref[key], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "ddp" / "checkpoint.pt").exists() and (tmp_path / "ddp" / "metrics.json").exists()
+
+
+def _failed_set_up_worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    with pytest.raises(FileNotFoundError, match="cityscapes: no 'leftImg8bit' found"):
+        train(_cfg(out_dir, batch_size=1, run_name="missing").replace(dataset="cityscapes",
+                                                                      data_root=os.path.join(out_dir, "none")))
+    assert not dist.is_initialized()     # a later train() in this process makes its own group again
+
+
+def test_a_set_up_failure_under_torchrun_leaves_no_process_group(tmp_path):
+    mp.start_processes(_failed_set_up_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+
+
+TINY_CLI = ["--iters", "2", "--batch-size", "1", "--set", "model_kwargs.width=4", "--set", "head_kwargs.embed_dim=4",
+            "--set", "head_kwargs.num_components=2", "--set", "dataset_kwargs.image_size=32",
+            "--set", "dataset_kwargs.num_images=1", "--set", "val_dataset_kwargs.num_images=2"]
+
+
+def _cli_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    base = os.path.join(out_dir, f"rank{rank}")
+    with open(base + ".out", "w") as out, open(base + ".err", "w") as err, \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        statuses = [cli.main(["train", *TINY_CLI, "--out-dir", out_dir, "--run-name", "r", "--resume"]),
+                    cli.main(["train", "--out-dir", out_dir, "--run-name", "r", "--resume", "--overwrite"])]
+    assert statuses == [0, 2]
+
+
+def test_under_torchrun_only_rank_0_reports_and_every_rank_reports_its_errors(tmp_path):
+    mp.start_processes(_cli_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    out = [(tmp_path / f"rank{r}.out").read_text() for r in range(2)]
+    err = [(tmp_path / f"rank{r}.err").read_text() for r in range(2)]
+    assert re.search(r"final: mIoU [\d.]+ .*\nrun directory: .*r\n$", out[0])
+    notice, bar = "to resume: training from step 0", "it/s]"
+    assert notice in err[0] and bar in err[0]
+    assert out[1] == "" and notice not in err[1] and bar not in err[1]
+    for text in err:
+        assert "gmmseg train: error: --resume continues a run and --overwrite starts it again" in text
+
+
+def _own_group_worker(rank, world, port, out_dir, timeout_s, body):
+    torch.set_num_threads(1)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        body(rank, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_in_two_processes(body, out_dir, timeout_s=60):
+    mp.start_processes(_own_group_worker, args=(2, _free_port(), str(out_dir), timeout_s, body), nprocs=2,
+                       join=True, start_method="fork")
+
+
+def _slow_evaluation(rank, out_dir):
+    from gmmseg_core import evaluate
+
+    closed_set = evaluate.evaluate_closed_set
+
+    def slow(*args, **kwargs):
+        time.sleep(3)
+        return closed_set(*args, **kwargs)
+
+    evaluate.evaluate_closed_set = slow         # a fork of the test process: nothing to undo
+    train(_cfg(out_dir, batch_size=1, run_name="slow").replace(iters=1))
+
+
+def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeout(tmp_path):
+    # rank 0 evaluates alone; a full validation on one GPU can outlast the group's collective timeout (NCCL: 10 min)
+    _run_in_two_processes(_slow_evaluation, tmp_path, timeout_s=2)
+    assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
+
+
+def _slow_final_metrics(rank, out_dir):
+    from gmmseg_core import train as train_module
+
+    write_json = train_module._write_json
+
+    def slow(path, obj):
+        if rank == 0 and path.name == "metrics.json" and obj["finished"]:
+            time.sleep(0.5)
+        write_json(path, obj)
+
+    train_module._write_json = slow             # a fork of the test process: nothing to undo
+    run_dir = train(_cfg(out_dir, batch_size=1, run_name="done").replace(iters=1))
+    assert is_finished(run_dir)          # on every process, as soon as train() returns
+
+
+def test_every_process_returns_once_the_run_is_complete_on_disk(tmp_path):
+    _run_in_two_processes(_slow_final_metrics, tmp_path)
+
+
+def _draw_per_rank(out_dir, name):
+    # a stand-in for a model drawing a rank-dependent count of random numbers: the processes' streams diverge
+    def on_step(step, model, outputs):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with open(Path(out_dir) / f"{name}{rank}.txt", "a") as f:
+            f.write(f"{step} {torch.rand(1).item()!r} {np.random.rand()!r} {random.random()!r}\n")
+        torch.rand(rank + 1), np.random.rand(rank + 1), [random.random() for _ in range(rank + 1)]
+    return on_step
+
+
+def _draws(out_dir, name, rank):
+    return (out_dir / f"{name}{rank}.txt").read_text().splitlines()
+
+
+def _resumable_cfg(out_dir, run_name):
+    return _cfg(out_dir, batch_size=1, run_name=run_name).replace(iters=4, checkpoint_interval=2)
+
+
+def _train_whole_and_part(rank, out_dir):
+    train(_resumable_cfg(out_dir, "whole"), on_step=_draw_per_rank(out_dir, "whole"))
+    train(_resumable_cfg(out_dir, "part"), stop_after=2, on_step=_draw_per_rank(out_dir, "part"))
+
+
+def _resume_part(rank, out_dir):
+    with pytest.warns(UserWarning, match=r"written by 1 process\(es\) and 2 resume it: the global batch changes "
+                                         r"from 1 to 2 images, and every process restores the random states rank 0 saved") \
+            if rank == 0 else contextlib.nullcontext():
+        train(_resumable_cfg(out_dir, "part").replace(resume=True), on_step=_draw_per_rank(out_dir, "part"))
+
+
+def test_a_resumed_run_continues_the_random_streams_of_every_process(tmp_path):
+    def interrupted_and_uninterrupted(rank, out_dir):
+        _train_whole_and_part(rank, out_dir)
+        train(_resumable_cfg(out_dir, "part").replace(resume=True), on_step=_draw_per_rank(out_dir, "part"))
+
+    _run_in_two_processes(interrupted_and_uninterrupted, tmp_path)
+    for rank in range(2):
+        assert _draws(tmp_path, "part", rank) == _draws(tmp_path, "whole", rank), rank
+    assert _draws(tmp_path, "whole", 0)[3] != _draws(tmp_path, "whole", 1)[3]
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+def test_a_checkpoint_of_another_number_of_processes_restores_rank_0s_random_states(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # two processes' checkpoint, one process resumes it: rank 0's streams continue
+    _run_in_two_processes(_train_whole_and_part, two)
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and 1 resume it: the global batch changes "
+                                         r"from 2 to 1 images"):
+        train(_resumable_cfg(two, "part").replace(resume=True), on_step=_draw_per_rank(two, "part"))
+    assert _draws(two, "part", 0) == _draws(two, "whole", 0)
+    # one process's checkpoint, two processes resume it: both continue its streams
+    _train_whole_and_part(0, one)
+    _run_in_two_processes(_resume_part, one)
+    assert _draws(one, "part", 0) == _draws(one, "whole", 0)
+    assert _draws(one, "part", 1)[0] == _draws(one, "whole", 0)[2]

@@ -109,6 +109,34 @@ def test_an_unusable_device_fails_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+TORCHRUN_RANK_1 = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize("device, env, selected", [("cuda:1", {}, [1]), ("cuda", {}, []), ("cpu", {}, []),
+                                                   ("cuda", TORCHRUN_RANK_1, [1]), ("cpu", TORCHRUN_RANK_1, [])])
+def test_training_on_a_numbered_gpu_makes_it_the_current_device(tmp_path, monkeypatch, device, env, selected):
+    # stand-in for a two-GPU machine: the loader's pin_memory works on the current device, cuda:0 unless set;
+    # under torchrun each process takes cuda:LOCAL_RANK
+    from gmmseg_core import data
+
+    class Stop(Exception):
+        pass
+
+    def build_dataset(*args, **kwargs):     # the first thing after the device is chosen
+        raise Stop
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d).index))
+    monkeypatch.setattr(data, "build_dataset", build_dataset)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Stop):
+        train(tiny_cfg(tmp_path, device=device))
+    assert calls == selected
+
+
 def test_config_unknown_fields_are_rejected():
     with pytest.raises(ValueError, match=r"unknown TrainConfig field\(s\) \['itres'\]"):
         TrainConfig.from_dict({"itres": 3})
