@@ -63,6 +63,7 @@ the cpu profile, to <out-dir>/figures for the others). Profiles:
 examples:
   gmmseg reproduce --profile cpu
   gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu --keep-going
+  gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu --resume   # after a stop
   gmmseg reproduce --profile cpu --notebooks 03_closed_set --set train_processes=4 --set 'seeds=[0]'
 """
 

@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -41,6 +42,7 @@ def _notebook_dir() -> Path:
 
 NOTEBOOK_DIR = _notebook_dir()
 RUN_PARAMETERS = ("device", "data_root", "figures_dir", "cache_dir", "out_dir")
+TIMINGS = "timings.json"
 
 
 class NotebookExecutionError(RuntimeError):
@@ -310,9 +312,46 @@ class NotebooksFailedError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+def _earlier_entries(path: Path, profile: str) -> dict:
+    """The notebook entries of the ``timings.json`` at ``path`` when earlier runs of ``profile`` wrote it; {} when
+    there is none, or it is of another profile (its entries say nothing about this one's notebooks) or unreadable."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("profile") != profile or not isinstance(earlier.get("notebooks"),
+                                                                                            dict):
+        return {}
+    return {name: entry for name, entry in earlier["notebooks"].items() if isinstance(entry, dict)}
+
+
+def _notebook_record(notebook: Path, output: Path, parameters: dict) -> dict:
+    """What identifies one execution of ``notebook``: its executed copy, its parameters (as JSON reads them
+    back) and the digest of the source it ran."""
+    return {"output": str(output), "parameters": json.loads(json.dumps(parameters, default=str)),
+            "notebook_sha256": hashlib.sha256(notebook.read_bytes()).hexdigest()}
+
+
+def _finished_earlier(entry, record: dict) -> bool:
+    """Whether an earlier run's ``timings.json`` entry is a finished execution of ``record`` (same source, same
+    parameters) whose executed copy is still there: such a notebook need not run again."""
+    return (isinstance(entry, dict) and "seconds" in entry and "error" not in entry
+            and all(entry.get(key) == value for key, value in record.items()) and Path(record["output"]).is_file())
+
+
+def _write_timings(path: Path, result: dict, earlier: dict) -> None:
+    """``timings.json``: ``result`` with the entries of earlier runs it does not replace kept (each marked
+    ``"earlier_run": true``), complete only when this run is and every entry ended without an error."""
+    notebooks = {name: {**entry, "earlier_run": True} for name, entry in earlier.items()}
+    notebooks.update(result["notebooks"])        # this run's entries take the place of the earlier ones
+    ended = all("seconds" in entry and "error" not in entry for entry in notebooks.values())
+    atomic_write_text(path, json.dumps({**result, "notebooks": notebooks, "complete": result["complete"] and ended},
+                                       indent=2))
+
+
 def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir=None,
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
-              keep_going: bool = False, log=print, progress: bool = True) -> dict:
+              keep_going: bool = False, resume: bool = False, log=print, progress: bool = True) -> dict:
     """Execute the study notebooks for ``profile`` and collect their timings.
 
     Parameters
@@ -346,6 +385,11 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         After a failing notebook, run the later ones anyway (a notebook trains the models it needs that an
         earlier one did not), then raise :class:`NotebooksFailedError` naming every failure. Default: stop at
         the first failure.
+    resume : bool
+        Skip each notebook that an earlier run left finished in ``out_dir``: ``timings.json`` records it as ended
+        without an error, with the same parameters (the run-wide ones included) and the same notebook source, and
+        its executed copy is there. Every other notebook runs. Changes to the library are not noticed: after
+        one, run without ``resume``. Default: run every notebook.
     log : callable
         Progress printer (``print`` by default): a line as each notebook starts and ends.
     progress : bool
@@ -354,10 +398,18 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     Returns
     -------
     dict
-        ``{"profile", "notebooks": {name: {"output": path, "seconds": float}}, "total_seconds",
-        "figures_dir", "out_dir", "complete"}``, also written to ``<out_dir>/timings.json``. That file is
-        written however the run ends: after a failure or an interrupt it lists the notebooks that ran, the last
-        with an ``"error"``, and ``"complete": false``.
+        ``{"profile", "notebooks": {name: entry}, "total_seconds", "figures_dir", "out_dir", "complete"}`` for
+        this run's notebooks, each ``entry`` being ``{"output": executed copy, "seconds", "parameters",
+        "notebook_sha256", "started": UTC time}``, with an ``"error"`` when the notebook failed or was
+        interrupted (and the entry of the earlier run, marked ``"earlier_run": true``, for a notebook that
+        ``resume`` skipped). ``"complete"`` is true when every notebook of the run ended without an error.
+
+        ``<out_dir>/timings.json`` holds the same, merged into what earlier runs of the profile wrote there:
+        their entries for notebooks this run did not execute stay, marked ``"earlier_run": true`` (a file of
+        another profile is replaced). There ``"complete"`` is true only when this run completed and every
+        entry, earlier ones included, ended without an error. The file is written as each notebook starts and
+        however the run ends: an entry without ``"seconds"`` is that of a notebook still running, or of a run
+        killed without clean-up.
 
     Raises
     ------
@@ -410,6 +462,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
               "complete": False}
+    timings = out_dir / TIMINGS
+    earlier = _earlier_entries(timings, profile)
     total_start = time.perf_counter()
     failures = []
     global _INTERRUPTS
@@ -422,9 +476,18 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                 extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
                 params = {**notebook_parameters(profile, name), **run_params, **extra}
                 output = out_dir / nb_path.name
+                record = _notebook_record(nb_path, output, params)
+                if resume and _finished_earlier(earlier.get(name), record):
+                    result["notebooks"][name] = {**earlier[name], "earlier_run": True}
+                    log(f"[{i}/{len(paths)}] {name}: skipped, finished by an earlier run with the same parameters "
+                        f"in {earlier[name]['seconds']:.1f} s", flush=True)
+                    continue
                 log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
                 start, error = time.perf_counter(), None
-                entry = result["notebooks"][name] = {"output": str(output)}
+                entry = result["notebooks"][name] = {**record, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+                result["total_seconds"] = round(start - total_start, 2)
+                _write_timings(timings, result, earlier)      # a kill -9 from here on leaves it unfinished
                 try:
                     run_notebook(nb_path, output, params, kernel_name=kernel, progress=progress)
                 except NotebookExecutionError as err:
@@ -445,12 +508,14 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)
         result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-        atomic_write_text(out_dir / "timings.json", json.dumps(result, indent=2))
+        _write_timings(timings, result, earlier)
     done = len(paths) - len(failures)
-    log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
-        flush=True)
+    skipped = sum(1 for info in result["notebooks"].values() if info.get("earlier_run"))
+    log(f"{done} of {len(paths)} notebooks done" + (f" ({skipped} by an earlier run)" if skipped else "")
+        + f" in {result['total_seconds']:.1f} s; figures in {figures_dir}", flush=True)
     for name, info in result["notebooks"].items():
-        log(f"  {name:<36} {info['seconds']:8.1f} s" + ("  FAILED" if "error" in info else ""), flush=True)
+        log(f"  {name:<36} {info['seconds']:8.1f} s" + ("  FAILED" if "error" in info else "")
+            + ("  (earlier run)" if info.get("earlier_run") else ""), flush=True)
     if failures:
         raise NotebooksFailedError(failures, result)
     return result
@@ -470,6 +535,10 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no bar over the running notebook's cells")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing notebook run the later ones anyway, then exit 1 naming every failure")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the notebooks an earlier run in --out-dir finished with the same parameters and "
+                             "notebook source (as its timings.json records, with the executed copy there); the "
+                             "others run. Changes to the library are not noticed: rerun without --resume after one")
     parser.add_argument("--set", dest="parameters", action="append", default=None, metavar="NAME=VALUE",
                         help="override a notebook parameter in the notebooks that declare it; VALUE is JSON when "
                              "it parses (--set train_processes=4 --set 'seeds=[0]'); repeatable")
@@ -488,7 +557,7 @@ def run_from_args(args) -> int:
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
                   threads=args.threads, parameters=parameters or None, keep_going=args.keep_going,
-                  progress=not args.no_progress)
+                  resume=args.resume, progress=not args.no_progress)
     except (ValueError, ImportError, OSError) as err:
         print(f"gmmseg reproduce: error: {err}", file=sys.stderr)
         return 2

@@ -160,8 +160,9 @@ def test_reproduce_delegates(monkeypatch):
                  "--out-dir", "o", "--threads", "2"]) == 0
     assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir=None,
                                        cache_dir=None, notebooks=None, threads=2, parameters=None,
-                                       keep_going=False, progress=True))]
+                                       keep_going=False, resume=False, progress=True))]
     assert main(["reproduce", "--no-progress"]) == 0 and calls[-1][1]["progress"] is False
+    assert main(["reproduce", "--resume"]) == 0 and calls[-1][1]["resume"] is True
 
 
 def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
