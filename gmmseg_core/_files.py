@@ -115,7 +115,7 @@ class DirectoryLock:
 
     The lock is advisory (it keeps out only code that takes it) and needs ``fcntl``: on a platform without it
     (Windows) ``acquire`` succeeds without locking anything, and ``locked`` is False. On a network file system
-    it is as good as the file system's support of ``flock`` (NFSv4: yes).
+    it is as good as that file system's support of ``flock``.
 
     Parameters
     ----------
@@ -128,6 +128,7 @@ class DirectoryLock:
         self.folder = Path(folder)
         self.path = self.folder / name
         self._fd: int | None = None
+        self._pid = os.getpid()
         self._created: list[Path] = []
 
     @property
@@ -166,7 +167,7 @@ class DirectoryLock:
                              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         os.ftruncate(fd, 0)
         os.write(fd, record.encode())
-        self._fd = fd
+        self._fd, self._pid = fd, os.getpid()
         _HELD.add(fd)
         return self
 
@@ -185,7 +186,10 @@ class DirectoryLock:
         return holder if isinstance(holder, dict) else None
 
     def release(self) -> None:
-        """Drop the lock and remove its file, and the directories ``acquire`` created if they are empty."""
+        """Drop the lock and remove its file, and the directories ``acquire`` created if they are empty. Nothing in
+        a forked child of the holder, which holds neither (its copy of the descriptor was closed at the fork)."""
+        if os.getpid() != self._pid:
+            return
         if self._fd is not None:
             with suppress(OSError):
                 self.path.unlink()       # before the unlock: a process waiting on this file then takes a new one

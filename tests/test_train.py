@@ -1254,3 +1254,23 @@ def test_a_training_that_fails_to_build_releases_its_run_directory(tmp_path):
     assert not (tmp_path / "runs").exists()             # the directories it made for its lock are gone again
     with DirectoryLock(cfg.run_dir):                     # and nothing holds it
         pass
+
+
+
+def test_a_forked_child_that_releases_the_lock_leaves_its_parents_lock_alone(tmp_path):
+    import os
+
+    lock = DirectoryLock(tmp_path / "run").acquire()
+    try:
+        child = os.fork()
+        if child == 0:                      # a copy of this process, unwinding what it inherited
+            try:
+                lock.release()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        assert (tmp_path / "run" / "train.lock").exists()
+        with pytest.raises(DirectoryInUseError):
+            DirectoryLock(tmp_path / "run").acquire()
+    finally:
+        lock.release()
