@@ -319,10 +319,10 @@ def _earlier_entries(path: Path, profile: str) -> dict:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(earlier, dict) or earlier.get("profile") != profile or not isinstance(earlier.get("notebooks"),
-                                                                                            dict):
+    notebooks = earlier.get("notebooks") if isinstance(earlier, dict) and earlier.get("profile") == profile else None
+    if not isinstance(notebooks, dict):
         return {}
-    return {name: entry for name, entry in earlier["notebooks"].items() if isinstance(entry, dict)}
+    return {name: entry for name, entry in notebooks.items() if isinstance(entry, dict)}
 
 
 def _notebook_record(notebook: Path, output: Path, parameters: dict) -> dict:
