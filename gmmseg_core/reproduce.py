@@ -5,7 +5,8 @@ order, each with the parameters of the chosen profile (:data:`gmmseg_core.profil
 ones (``device``, ``data_root``, ``figures_dir``, ``cache_dir``, ``out_dir``). Trained models are shared between
 notebooks through ``train_cached``: the same configuration gives the same cache key under ``cache_dir``, so a
 model trained by one notebook is reused by the next. Executed notebooks go to ``out_dir``; figures (PNG) and the
-tables (Markdown and CSV) to ``figures_dir``.
+tables (Markdown and CSV) to ``figures_dir``. One run at a time per ``out_dir``: a second one there stops at once,
+naming the first.
 
 Usage::
 
@@ -27,7 +28,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ._files import atomic_write_text
+from ._files import DirectoryLock, atomic_write_text
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -43,6 +44,7 @@ def _notebook_dir() -> Path:
 NOTEBOOK_DIR = _notebook_dir()
 RUN_PARAMETERS = ("device", "data_root", "figures_dir", "cache_dir", "out_dir")
 TIMINGS = "timings.json"
+LOCK = "reproduce.lock"      # in out_dir while a run writes there
 
 
 class NotebookExecutionError(RuntimeError):
@@ -413,6 +415,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
 
     Raises
     ------
+    DirectoryInUseError
+        An ``OSError``, before anything runs, when another run writes to ``out_dir`` (it holds the folder's
+        ``reproduce.lock``, a lock that ends with its process): names that process.
     NotebookExecutionError
         When a notebook fails (names the notebook and the cell); later notebooks are not run.
     NotebooksFailedError
@@ -453,21 +458,29 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     if threads is not None and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     kernel = _kernel_name()
-    for d in (out_dir, figures_dir, cache_dir):      # only once every argument is known to be good
-        d.mkdir(parents=True, exist_ok=True)
-    if threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
-            os.environ[var] = str(threads)
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
               "complete": False}
     timings = out_dir / TIMINGS
-    earlier = _earlier_entries(timings, profile)
-    total_start = time.perf_counter()
     failures = []
     global _INTERRUPTS
     interrupts = _RunInterrupts()
+    # only once every argument is known to be good: the lock makes out_dir, then the other folders are made
+    lock = DirectoryLock(out_dir, name=LOCK).acquire(
+        "two runs in one output folder would overwrite each other's executed notebooks and timings.json: wait for "
+        "that one to end, or give this one another out_dir (--out-dir)")
+    try:
+        for d in (figures_dir, cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
+            os.environ[var] = str(threads)
+    earlier = _earlier_entries(timings, profile)       # read under the lock: no other run rewrites it now
+    total_start = time.perf_counter()
     try:
         with interrupts.installed():
             _INTERRUPTS = interrupts
@@ -508,7 +521,10 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)
         result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-        _write_timings(timings, result, earlier)
+        try:
+            _write_timings(timings, result, earlier)
+        finally:
+            lock.release()
     done = len(paths) - len(failures)
     skipped = sum(1 for info in result["notebooks"].values() if info.get("earlier_run"))
     log(f"{done} of {len(paths)} notebooks done" + (f" ({skipped} by an earlier run)" if skipped else "")

@@ -410,3 +410,22 @@ def test_resume_skips_only_notebooks_finished_with_the_same_parameters_source_an
     nb.cells[1].source += "\n# edited"
     nbformat.write(nb, a)
     assert run(parameters={"value": 2})[0] == ["a"]     # its source changed
+
+
+def test_a_second_run_into_the_same_output_folder_stops_before_anything_runs(tmp_path, capsys):
+    import os
+
+    from gmmseg_core._files import DirectoryLock
+
+    nb = _write_notebook(tmp_path / "ok.ipynb", ["open(figures_dir + '/ran.txt', 'w').write('yes')"])
+    out, fig = tmp_path / "out", tmp_path / "fig"
+    with DirectoryLock(out, name="reproduce.lock"):          # as a run writing there holds it
+        with pytest.raises(OSError, match=rf"the directory '{out}' is in use by process {os.getpid()} on host .*"
+                                          r"another out_dir \(--out-dir\)"):
+            reproduce("smoke", notebooks=[nb], out_dir=out, figures_dir=fig, log=_quiet)
+        assert main(["--profile", "smoke", "--notebooks", str(nb), "--out-dir", str(out), "--figures-dir",
+                     str(fig)]) == 2
+        assert f"gmmseg reproduce: error: the directory '{out}' is in use" in capsys.readouterr().err
+        assert not fig.exists() and [p.name for p in out.iterdir()] == ["reproduce.lock"]
+    reproduce("smoke", notebooks=[nb], out_dir=out, figures_dir=fig, log=_quiet, progress=False)
+    assert (fig / "ran.txt").read_text() == "yes" and not (out / "reproduce.lock").exists()
