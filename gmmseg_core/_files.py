@@ -165,8 +165,9 @@ class DirectoryLock:
             os.close(fd)          # its holder removed that file on release, between the open and the lock
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        os.ftruncate(fd, 0)
-        os.write(fd, record.encode())
+        with suppress(OSError):          # a full disk: the lock holds all the same, its record stays empty
+            os.ftruncate(fd, 0)
+            os.write(fd, record.encode())
         self._fd, self._pid = fd, os.getpid()
         _HELD.add(fd)
         return self

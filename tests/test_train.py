@@ -1274,3 +1274,22 @@ def test_a_forked_child_that_releases_the_lock_leaves_its_parents_lock_alone(tmp
             DirectoryLock(tmp_path / "run").acquire()
     finally:
         lock.release()
+
+
+def test_a_lock_taken_on_a_full_disk_holds_without_its_record(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full)
+        lock = DirectoryLock(tmp_path / "run").acquire()
+    try:
+        assert lock.locked
+        with pytest.raises(DirectoryInUseError, match=r"is in use by another process, which holds its lock file"):
+            DirectoryLock(tmp_path / "run").acquire()
+    finally:
+        lock.release()
+    assert not (tmp_path / "run").exists()
