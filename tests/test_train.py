@@ -1195,6 +1195,7 @@ def test_a_second_training_in_a_run_directory_fails_at_once_and_a_killed_ones_lo
     finally:
         holder.kill()                                  # SIGKILL: no clean-up, the lock file stays
         holder.wait()
+        holder.stdout.close()
     assert (cfg.run_dir / "train.lock").exists()
     assert is_finished(train(cfg))
     assert not (cfg.run_dir / "train.lock").exists()
@@ -1208,6 +1209,7 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
     try:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
         DirectoryLock(tmp_path / "run").acquire().release()        # while the child still runs
         assert os.path.exists(f"/proc/{child}") or not os.path.exists("/proc/self")
     finally:
