@@ -404,7 +404,8 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         this run's notebooks, each ``entry`` being ``{"output": executed copy, "seconds", "parameters",
         "notebook_sha256", "started": UTC time}``, with an ``"error"`` when the notebook failed or was
         interrupted (and the entry of the earlier run, marked ``"earlier_run": true``, for a notebook that
-        ``resume`` skipped). ``"complete"`` is true when every notebook of the run ended without an error.
+        ``resume`` skipped). ``"complete"`` is true when every notebook of the run ended without an error;
+        ``"total_seconds"`` is the run's wall time.
 
         ``<out_dir>/timings.json`` holds the same, merged into what earlier runs of the profile wrote there:
         their entries for notebooks this run did not execute stay, marked ``"earlier_run": true`` (a file of
