@@ -228,12 +228,13 @@ def _finished_step(run_dir):
 
 
 def cmd_train(args) -> int:
-    from gmmseg_core.train import CHECKPOINT, train
+    from gmmseg_core.train import CHECKPOINT, _check_run_dir_free, train
 
     cfg = _train_config(args)
     if args.print_config:
         print(cfg.to_json())
         return 0
+    _check_run_dir_free(cfg.run_dir)     # a running training's checkpoint is not a trained run to resume or overwrite
     existing = cfg.run_dir / CHECKPOINT
     if not cfg.resume and not args.overwrite and existing.exists():
         raise ValueError(f"{str(cfg.run_dir)!r} already holds a trained run ({CHECKPOINT}); pass --resume to "

@@ -398,6 +398,18 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             dist.destroy_process_group()
 
 
+_IN_USE_ADVICE = ("two trainings in one run directory would overwrite each other's checkpoint and log: wait for that "
+                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir)")
+
+
+def _check_run_dir_free(run_dir) -> None:
+    """Raise :class:`DirectoryInUseError` naming the process that trains in ``run_dir``, if one does (a check for
+    a clear message before other checks of the directory; :func:`train` takes the lock itself). Under torchrun
+    only rank 0 checks: the others would find its lock."""
+    if int(os.environ.get("RANK", 0)) == 0 and Path(run_dir).is_dir():
+        DirectoryLock(run_dir).acquire(_IN_USE_ADVICE).release()
+
+
 def _lock_run_dir(run_dir: Path, master: bool, ddp: bool) -> DirectoryLock | None:
     """Rank 0's lock on the run directory (only rank 0 writes there), None on the other ranks.
 
@@ -412,9 +424,7 @@ def _lock_run_dir(run_dir: Path, master: bool, ddp: bool) -> DirectoryLock | Non
     lock, refusal = None, None
     if master:
         try:
-            lock = DirectoryLock(run_dir).acquire(
-                "two trainings in one run directory would overwrite each other's checkpoint and log: wait for that "
-                "one to end (or stop it), or train this one elsewhere (another run_name or out_dir)")
+            lock = DirectoryLock(run_dir).acquire(_IN_USE_ADVICE)
         except DirectoryInUseError as err:
             refusal = err
     if ddp:

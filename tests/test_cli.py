@@ -536,7 +536,7 @@ def test_train_in_a_run_directory_another_training_holds_fails_at_once_and_chang
     checkpoint = (tmp_path / "r" / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     with DirectoryLock(tmp_path / "r"):                  # as a training running there would
-        for extra in (["--overwrite"], ["--resume", "--iters", "3"]):
+        for extra in ([], ["--overwrite"], ["--resume", "--iters", "3"]):     # in use, before "already trained"
             assert main([*args, *extra]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"gmmseg train: error: the directory '{tmp_path / 'r'}' is in use by process "

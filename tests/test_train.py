@@ -1295,3 +1295,14 @@ def test_a_lock_taken_on_a_full_disk_holds_without_its_record(tmp_path, monkeypa
     finally:
         lock.release()
     assert not (tmp_path / "run").exists()
+
+
+def test_the_command_lines_check_for_a_running_training_is_left_to_rank_0_under_torchrun(tmp_path, monkeypatch):
+    from gmmseg_core.train import _check_run_dir_free
+
+    with DirectoryLock(tmp_path):                        # rank 0, already training
+        monkeypatch.setenv("RANK", "1")
+        _check_run_dir_free(tmp_path)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(DirectoryInUseError):
+            _check_run_dir_free(tmp_path)
