@@ -1,9 +1,13 @@
-"""Crash-safe file writes and progress bars that suit a log file as well as a terminal."""
+"""Crash-safe file writes, a lock on a directory that dies with its process, and progress bars that suit a log
+file as well as a terminal."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -61,3 +65,147 @@ def progress_bar(*args, **kwargs):
     if not interactive:
         kwargs.setdefault("mininterval", LOG_REFRESH_S)
     return tqdm(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ directory locks
+try:
+    import fcntl
+except ImportError:        # Windows: no flock; DirectoryLock then locks nothing
+    fcntl = None
+
+_HELD: set[int] = set()     # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    # a forked child (a DataLoader worker) shares the parent's open lock file, and with it the lock: closing its
+    # copy lets the lock end with the parent even while the child lives on for a few seconds
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+class DirectoryInUseError(OSError):
+    """Another process holds the :class:`DirectoryLock` of a directory.
+
+    Attributes
+    ----------
+    folder : Path
+    holder : dict or None
+        ``{"pid", "host", "since"}`` of the holding process, as its lock file records it; None when unknown.
+    """
+
+    def __init__(self, message: str, folder, holder: dict | None):
+        super().__init__(message)
+        self.folder, self.holder = Path(folder), holder
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory that one process at a time may hold, released when that process ends.
+
+    ``acquire`` creates the directory if needed and takes ``fcntl.flock`` on the file ``name`` in it: the
+    operating system drops such a lock when its holder exits, however it exits (``kill -9`` and crashes included),
+    so a directory that a dead process left behind is never locked. The file records the holder's pid, host and
+    start time for the error of a process that finds the lock taken; ``release`` removes it (a killed holder
+    leaves it, unlocked). A second ``acquire`` on the same directory fails in the holding process too.
+
+    The lock is advisory (it keeps out only code that takes it) and needs ``fcntl``: on a platform without it
+    (Windows) ``acquire`` succeeds without locking anything, and ``locked`` is False. On a network file system
+    it is as good as that file system's support of ``flock``.
+
+    Parameters
+    ----------
+    folder : str or Path
+    name : str
+        File name of the lock inside ``folder``.
+    """
+
+    def __init__(self, folder, name: str = "train.lock"):
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self._fd: int | None = None
+        self._pid = os.getpid()
+        self._created: list[Path] = []
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, advice: str = "") -> DirectoryLock:
+        """Take the lock, or raise :class:`DirectoryInUseError` at once naming the directory and its holder,
+        followed by ``advice``. Returns self."""
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._created = missing          # deepest first: removed again by release() while they are empty
+        if fcntl is None:
+            return self
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:     # a releasing holder has just removed the directory it had created
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                holder = self._holder()
+                who = ("another process" if holder is None else
+                       f"process {holder.get('pid')} on host {holder.get('host')!r} (since {holder.get('since')})")
+                raise DirectoryInUseError(f"the directory {str(self.folder)!r} is in use by {who}, which holds "
+                                          f"its lock file {self.path.name!r}" + (f"; {advice}" if advice else ""),
+                                          self.folder, holder) from None
+            if self._is_current(fd):
+                break
+            os.close(fd)          # its holder removed that file on release, between the open and the lock
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        with suppress(OSError):          # a full disk: the lock holds all the same, its record stays empty
+            os.ftruncate(fd, 0)
+            os.write(fd, record.encode())
+        self._fd, self._pid = fd, os.getpid()
+        _HELD.add(fd)
+        return self
+
+    def _is_current(self, fd: int) -> bool:
+        """Whether ``fd`` is still the file at ``self.path`` (not one a releasing holder has just removed)."""
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):      # gone, or not yet written by a holder that has just taken it
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def release(self) -> None:
+        """Drop the lock and remove its file, and the directories ``acquire`` created if they are empty. Nothing in
+        a forked child of the holder, which holds neither (its copy of the descriptor was closed at the fork)."""
+        if os.getpid() != self._pid:
+            return
+        if self._fd is not None:
+            with suppress(OSError):
+                self.path.unlink()       # before the unlock: a process waiting on this file then takes a new one
+            _HELD.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:              # not empty (the run wrote files), or gone
+                break
+        self._created = []
+
+    def __enter__(self) -> DirectoryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -64,6 +64,7 @@ the cpu profile, to <out-dir>/figures for the others). Profiles:
 examples:
   gmmseg reproduce --profile cpu
   gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu --keep-going
+  gmmseg reproduce --profile gpu --device cuda --data-root /data --out-dir outputs/gpu --resume   # after a stop
   gmmseg reproduce --profile cpu --notebooks 03_closed_set --set train_processes=4 --set 'seeds=[0]'
 """
 
@@ -234,7 +235,7 @@ def _first_process() -> bool:
 
 
 def cmd_train(args) -> int:
-    from gmmseg_core.train import CHECKPOINT, train
+    from gmmseg_core.train import CHECKPOINT, _check_run_dir_free, train
 
     cfg = _train_config(args)
     report = _first_process()
@@ -242,6 +243,7 @@ def cmd_train(args) -> int:
         if report:
             print(cfg.to_json())
         return 0
+    _check_run_dir_free(cfg.run_dir)     # a running training's checkpoint is not a trained run to resume or overwrite
     existing = cfg.run_dir / CHECKPOINT
     if not cfg.resume and not args.overwrite and existing.exists():
         raise ValueError(f"{str(cfg.run_dir)!r} already holds a trained run ({CHECKPOINT}); pass --resume to "

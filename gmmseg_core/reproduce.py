@@ -5,7 +5,8 @@ order, each with the parameters of the chosen profile (:data:`gmmseg_core.profil
 ones (``device``, ``data_root``, ``figures_dir``, ``cache_dir``, ``out_dir``). Trained models are shared between
 notebooks through ``train_cached``: the same configuration gives the same cache key under ``cache_dir``, so a
 model trained by one notebook is reused by the next. Executed notebooks go to ``out_dir``; figures (PNG) and the
-tables (Markdown and CSV) to ``figures_dir``.
+tables (Markdown and CSV) to ``figures_dir``. One run at a time per ``out_dir``: a second one there stops at once,
+naming the first.
 
 Usage::
 
@@ -16,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._checks import check_int
-from ._files import atomic_write_text
+from ._files import DirectoryLock, atomic_write_text
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -42,6 +44,8 @@ def _notebook_dir() -> Path:
 
 NOTEBOOK_DIR = _notebook_dir()
 RUN_PARAMETERS = ("device", "data_root", "figures_dir", "cache_dir", "out_dir")
+TIMINGS = "timings.json"
+LOCK = "reproduce.lock"      # in out_dir while a run writes there
 
 
 class NotebookExecutionError(RuntimeError):
@@ -311,9 +315,46 @@ class NotebooksFailedError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+def _earlier_entries(path: Path, profile: str) -> dict:
+    """The notebook entries of the ``timings.json`` at ``path`` when earlier runs of ``profile`` wrote it; {} when
+    there is none, or it is of another profile (its entries say nothing about this one's notebooks) or unreadable."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    notebooks = earlier.get("notebooks") if isinstance(earlier, dict) and earlier.get("profile") == profile else None
+    if not isinstance(notebooks, dict):
+        return {}
+    return {name: entry for name, entry in notebooks.items() if isinstance(entry, dict)}
+
+
+def _notebook_record(notebook: Path, output: Path, parameters: dict) -> dict:
+    """What identifies one execution of ``notebook``: its executed copy, its parameters (as JSON reads them
+    back) and the digest of the source it ran."""
+    return {"output": str(output), "parameters": json.loads(json.dumps(parameters, default=str)),
+            "notebook_sha256": hashlib.sha256(notebook.read_bytes()).hexdigest()}
+
+
+def _finished_earlier(entry, record: dict) -> bool:
+    """Whether an earlier run's ``timings.json`` entry is a finished execution of ``record`` (same source, same
+    parameters) whose executed copy is still there: such a notebook need not run again."""
+    return (isinstance(entry, dict) and "seconds" in entry and "error" not in entry
+            and all(entry.get(key) == value for key, value in record.items()) and Path(record["output"]).is_file())
+
+
+def _write_timings(path: Path, result: dict, earlier: dict) -> None:
+    """``timings.json``: ``result`` with the entries of earlier runs it does not replace kept (each marked
+    ``"earlier_run": true``), complete only when this run is and every entry ended without an error."""
+    notebooks = {name: {**entry, "earlier_run": True} for name, entry in earlier.items()}
+    notebooks.update(result["notebooks"])        # this run's entries take the place of the earlier ones
+    ended = all("seconds" in entry and "error" not in entry for entry in notebooks.values())
+    atomic_write_text(path, json.dumps({**result, "notebooks": notebooks, "complete": result["complete"] and ended},
+                                       indent=2))
+
+
 def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir=None,
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
-              keep_going: bool = False, log=print, progress: bool = True) -> dict:
+              keep_going: bool = False, resume: bool = False, log=print, progress: bool = True) -> dict:
     """Execute the study notebooks for ``profile`` and collect their timings.
 
     Parameters
@@ -347,6 +388,11 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         After a failing notebook, run the later ones anyway (a notebook trains the models it needs that an
         earlier one did not), then raise :class:`NotebooksFailedError` naming every failure. Default: stop at
         the first failure.
+    resume : bool
+        Skip each notebook that an earlier run left finished in ``out_dir``: ``timings.json`` records it as ended
+        without an error, with the same parameters (the run-wide ones included) and the same notebook source, and
+        its executed copy is there. Every other notebook runs. Changes to the library are not noticed: after
+        one, run without ``resume``. Default: run every notebook.
     log : callable
         Progress printer (``print`` by default): a line as each notebook starts and ends.
     progress : bool
@@ -355,13 +401,25 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     Returns
     -------
     dict
-        ``{"profile", "notebooks": {name: {"output": path, "seconds": float}}, "total_seconds",
-        "figures_dir", "out_dir", "complete"}``, also written to ``<out_dir>/timings.json``. That file is
-        written however the run ends: after a failure or an interrupt it lists the notebooks that ran, the last
-        with an ``"error"``, and ``"complete": false``.
+        ``{"profile", "notebooks": {name: entry}, "total_seconds", "figures_dir", "out_dir", "complete"}`` for
+        this run's notebooks, each ``entry`` being ``{"output": executed copy, "seconds", "parameters",
+        "notebook_sha256", "started": UTC time}``, with an ``"error"`` when the notebook failed or was
+        interrupted (and the entry of the earlier run, marked ``"earlier_run": true``, for a notebook that
+        ``resume`` skipped). ``"complete"`` is true when every notebook of the run ended without an error;
+        ``"total_seconds"`` is the run's wall time.
+
+        ``<out_dir>/timings.json`` holds the same, merged into what earlier runs of the profile wrote there:
+        their entries for notebooks this run did not execute stay, marked ``"earlier_run": true`` (a file of
+        another profile is replaced). There ``"complete"`` is true only when this run completed and every
+        entry, earlier ones included, ended without an error. The file is written as each notebook starts and
+        however the run ends: an entry without ``"seconds"`` is that of a notebook still running, or of a run
+        killed without clean-up.
 
     Raises
     ------
+    DirectoryInUseError
+        An ``OSError``, before anything runs, when another run writes to ``out_dir`` (it holds the folder's
+        ``reproduce.lock``, a lock that ends with its process): names that process.
     NotebookExecutionError
         When a notebook fails (names the notebook and the cell); later notebooks are not run.
     NotebooksFailedError
@@ -401,19 +459,29 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         threads = 1
     threads = check_int("threads", threads, optional=True)
     kernel = _kernel_name()
-    for d in (out_dir, figures_dir, cache_dir):      # only once every argument is known to be good
-        d.mkdir(parents=True, exist_ok=True)
-    if threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
-            os.environ[var] = str(threads)
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
               "complete": False}
-    total_start = time.perf_counter()
+    timings = out_dir / TIMINGS
     failures = []
     global _INTERRUPTS
     interrupts = _RunInterrupts()
+    # only once every argument is known to be good: the lock makes out_dir, then the other folders are made
+    lock = DirectoryLock(out_dir, name=LOCK).acquire(
+        "two runs in one output folder would overwrite each other's executed notebooks and timings.json: wait for "
+        "that one to end, or give this one another out_dir (--out-dir)")
+    try:
+        for d in (figures_dir, cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
+            os.environ[var] = str(threads)
+    earlier = _earlier_entries(timings, profile)       # read under the lock: no other run rewrites it now
+    total_start = time.perf_counter()
     try:
         with interrupts.installed():
             _INTERRUPTS = interrupts
@@ -422,9 +490,18 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                 extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
                 params = {**notebook_parameters(profile, name), **run_params, **extra}
                 output = out_dir / nb_path.name
+                record = _notebook_record(nb_path, output, params)
+                if resume and _finished_earlier(earlier.get(name), record):
+                    result["notebooks"][name] = {**earlier[name], "earlier_run": True}
+                    log(f"[{i}/{len(paths)}] {name}: skipped, finished by an earlier run with the same parameters "
+                        f"in {earlier[name]['seconds']:.1f} s", flush=True)
+                    continue
                 log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
                 start, error = time.perf_counter(), None
-                entry = result["notebooks"][name] = {"output": str(output)}
+                entry = result["notebooks"][name] = {**record, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                        time.gmtime())}
+                result["total_seconds"] = round(start - total_start, 2)
+                _write_timings(timings, result, earlier)      # a kill -9 from here on leaves it unfinished
                 try:
                     run_notebook(nb_path, output, params, kernel_name=kernel, progress=progress)
                 except NotebookExecutionError as err:
@@ -445,12 +522,17 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)
         result["total_seconds"] = round(time.perf_counter() - total_start, 2)
-        atomic_write_text(out_dir / "timings.json", json.dumps(result, indent=2))
+        try:
+            _write_timings(timings, result, earlier)
+        finally:
+            lock.release()
     done = len(paths) - len(failures)
-    log(f"{done} of {len(paths)} notebooks done in {result['total_seconds']:.1f} s; figures in {figures_dir}",
-        flush=True)
+    skipped = sum(1 for info in result["notebooks"].values() if info.get("earlier_run"))
+    log(f"{done} of {len(paths)} notebooks done" + (f" ({skipped} by an earlier run)" if skipped else "")
+        + f" in {result['total_seconds']:.1f} s; figures in {figures_dir}", flush=True)
     for name, info in result["notebooks"].items():
-        log(f"  {name:<36} {info['seconds']:8.1f} s" + ("  FAILED" if "error" in info else ""), flush=True)
+        log(f"  {name:<36} {info['seconds']:8.1f} s" + ("  FAILED" if "error" in info else "")
+            + ("  (earlier run)" if info.get("earlier_run") else ""), flush=True)
     if failures:
         raise NotebooksFailedError(failures, result)
     return result
@@ -470,6 +552,10 @@ def add_arguments(parser):
     parser.add_argument("--no-progress", action="store_true", help="no bar over the running notebook's cells")
     parser.add_argument("--keep-going", action="store_true",
                         help="after a failing notebook run the later ones anyway, then exit 1 naming every failure")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the notebooks an earlier run in --out-dir finished with the same parameters and "
+                             "notebook source (as its timings.json records, with the executed copy there); the "
+                             "others run. Changes to the library are not noticed: rerun without --resume after one")
     parser.add_argument("--set", dest="parameters", action="append", default=None, metavar="NAME=VALUE",
                         help="override a notebook parameter in the notebooks that declare it; VALUE is JSON when "
                              "it parses (--set train_processes=4 --set 'seeds=[0]'); repeatable")
@@ -488,7 +574,7 @@ def run_from_args(args) -> int:
         reproduce(args.profile, data_root=args.data_root, device=args.device, out_dir=args.out_dir,
                   figures_dir=args.figures_dir, cache_dir=args.cache_dir, notebooks=args.notebooks,
                   threads=args.threads, parameters=parameters or None, keep_going=args.keep_going,
-                  progress=not args.no_progress)
+                  resume=args.resume, progress=not args.no_progress)
     except (ValueError, ImportError, OSError) as err:
         print(f"gmmseg reproduce: error: {err}", file=sys.stderr)
         return 2

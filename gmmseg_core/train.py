@@ -15,6 +15,13 @@ Run directory (``cfg.run_dir``)::
     metrics.json     {"evals": [{"step", "miou", ...}, ...], "final": {...}, "finished": bool,
                      "train_time_s": wall time of every segment of the run, evaluations included, ...}
     checkpoint.pt    model, optimiser, scheduler, grad scaler, step, RNG states (of every process), data position
+    train.lock       while a training runs: its pid, host and start time
+
+One training at a time per run directory: rank 0 holds an ``fcntl.flock`` lock on ``train.lock`` from before it
+reads the checkpoint until it returns, and a second training there (``train``, ``train_cached``, ``gmmseg train``,
+resumed or not) fails at once naming the directory and that process. The operating system drops the lock when its
+process ends, however it ends, so a directory left by a crashed or killed run (whose ``train.lock`` stays) is free.
+Without ``fcntl`` (Windows) nothing is locked.
 
 The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
 disk leaves each whole, old or new. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
@@ -62,7 +69,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from gmmseg_core._checks import check_int
-from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
+from gmmseg_core._files import (
+    DirectoryInUseError,
+    DirectoryLock,
+    atomic_write,
+    atomic_write_text,
+    progress_bar,
+)
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
@@ -387,10 +400,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         row), naming the step and the learning rate, before a checkpoint of that step is written. The run is
         not marked finished, so ``train_cached`` never serves it; its last checkpoint stays, and ``log.csv``
         ends with the failing step.
+    DirectoryInUseError
+        An ``OSError``, at once, when another process trains in ``cfg.run_dir``: names the directory and that
+        process (pid, host); nothing in the directory changes. Under DDP, on every rank.
     """
-    from gmmseg_core.data import build_dataset
-    from gmmseg_core.evaluate import evaluate_closed_set
-
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"train needs a TrainConfig, got {type(cfg).__name__} {cfg!r}")
     _check_device(cfg.device)
@@ -417,6 +430,75 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
             # what names no device (the loader's pin_memory, a bare "cuda" tensor) uses the current one: without
             # this, training on cuda:1 would also make a CUDA context, and hold memory, on cuda:0
             torch.cuda.set_device(device)
+    host = None
+    try:
+        if ddp:
+            # the groups are made inside the try, so that the clean-up below destroys them and a set-up failure (a
+            # missing dataset, a refused resume, a locked run directory) leaves none behind
+            if not group_ready:
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                own_group = True
+            host = _host_group()
+        lock = _lock_run_dir(cfg.run_dir, rank == 0, host)
+        try:
+            return _train(cfg, stop_after, on_step, train_kwargs, rank, world, device, ddp, host)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+        elif host is not None:
+            dist.destroy_process_group(host)
+
+
+_IN_USE_ADVICE = ("two trainings in one run directory would overwrite each other's checkpoint and log: wait for that "
+                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir)")
+
+
+def _check_run_dir_free(run_dir) -> None:
+    """Raise :class:`DirectoryInUseError` naming the process that trains in ``run_dir``, if one does (a check for
+    a clear message before other checks of the directory; :func:`train` takes the lock itself). Under torchrun
+    only rank 0 checks: the others would find its lock."""
+    if int(os.environ.get("RANK", 0)) == 0 and Path(run_dir).is_dir():
+        DirectoryLock(run_dir).acquire(_IN_USE_ADVICE).release()
+
+
+def _lock_run_dir(run_dir: Path, master: bool, host) -> DirectoryLock | None:
+    """Rank 0's lock on the run directory (only rank 0 writes there), None on the other ranks.
+
+    Under DDP (``host``: the gloo group of :func:`_host_group`; None in a single process) every rank learns whether
+    rank 0 got it, so that all of them stop, rather than the others waiting for ever in their first collective for a
+    rank 0 that is gone.
+
+    Raises
+    ------
+    DirectoryInUseError
+        On every rank, when another process trains in ``run_dir``; names the directory and that process.
+    """
+    lock, refusal = None, None
+    if master:
+        try:
+            lock = DirectoryLock(run_dir).acquire(_IN_USE_ADVICE)
+        except DirectoryInUseError as err:
+            refusal = err
+    if host is not None:
+        message = [None if refusal is None else (str(refusal), refusal.holder)]
+        dist.broadcast_object_list(message, src=0, group=host)
+        if message[0] is not None and refusal is None:
+            refusal = DirectoryInUseError(message[0][0], run_dir, message[0][1])
+    if refusal is not None:
+        raise refusal
+    return lock
+
+
+def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int, world: int, device: torch.device,
+           ddp: bool, host) -> Path:
+    """:func:`train` once the process groups are set up (``host``: the gloo group of :func:`_host_group`, None
+    without DDP) and rank 0 holds the run directory's lock."""
+    from gmmseg_core.data import build_dataset
+    from gmmseg_core.evaluate import evaluate_closed_set
+
     master = rank == 0
     run_dir = cfg.run_dir
     ckpt_path = run_dir / CHECKPOINT
@@ -429,7 +511,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         warnings.warn(f"resume: the run in {str(run_dir)!r} left no checkpoint, so training starts again at step 0 "
                       f"(checkpoint_interval={cfg.checkpoint_interval}" + (": one is written only at the end)"
                                                                          if not cfg.checkpoint_interval else ")"),
-                      stacklevel=2)
+                      stacklevel=3)   # the caller of train()
 
     # -- seeds, data, model (identical initialisation on every rank) ------------------------------------------
     random.seed(cfg.seed)
@@ -456,7 +538,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp = cfg.amp if device.type == "cuda" else "none"
     if cfg.amp != "none" and amp == "none" and master:
-        warnings.warn(f"amp={cfg.amp!r} needs CUDA; training in float32 on {device}", stacklevel=2)
+        warnings.warn(f"amp={cfg.amp!r} needs CUDA; training in float32 on {device}", stacklevel=3)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else nullcontext())
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
@@ -553,15 +635,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     t_start = time.perf_counter() - float(metrics.get("train_time_s", 0.0))
     nonfinite = 0    # consecutive steps with a non-finite loss or gradient norm
     stop = _StopRequest(enabled=not ddp)
-    host = None
     try:
         if ddp:
-            # the groups are made here, so that the clean-up below destroys them and a set-up failure above (a
-            # missing dataset, a refused resume) leaves none behind
-            if not group_ready:
-                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-                own_group = True
-            host = _host_group()
             # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
             # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
             # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
@@ -667,10 +742,6 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
         bar.close()
         if log_file is not None:
             log_file.close()
-        if own_group:
-            dist.destroy_process_group()
-        elif host is not None:
-            dist.destroy_process_group(host)
 
 
 # Fields a resumed run may change: what it does next (iters, clipping, precision), how it reports, and where things

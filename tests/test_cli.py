@@ -160,8 +160,9 @@ def test_reproduce_delegates(monkeypatch):
                  "--out-dir", "o", "--threads", "2"]) == 0
     assert calls == [(("smoke",), dict(data_root="/data", device="cpu", out_dir="o", figures_dir=None,
                                        cache_dir=None, notebooks=None, threads=2, parameters=None,
-                                       keep_going=False, progress=True))]
+                                       keep_going=False, resume=False, progress=True))]
     assert main(["reproduce", "--no-progress"]) == 0 and calls[-1][1]["progress"] is False
+    assert main(["reproduce", "--resume"]) == 0 and calls[-1][1]["resume"] is True
 
 
 def test_reproduce_set_overrides_notebook_parameters(monkeypatch, capsys):
@@ -522,3 +523,22 @@ def test_resuming_a_finished_run_says_that_nothing_was_trained(tmp_path, capsys)
         capsys.readouterr().err
     assert main([*args, "--resume", "--iters", "3"]) == 0              # continued: trained, nothing to say
     assert "already finished" not in capsys.readouterr().err
+
+
+def test_train_in_a_run_directory_another_training_holds_fails_at_once_and_changes_nothing(tmp_path, capsys):
+    import os
+
+    from gmmseg_core._files import DirectoryLock
+
+    args = ["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert main(args) == 0
+    checkpoint = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    with DirectoryLock(tmp_path / "r"):                  # as a training running there would
+        for extra in ([], ["--overwrite"], ["--resume", "--iters", "3"]):     # in use, before "already trained"
+            assert main([*args, *extra]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"gmmseg train: error: the directory '{tmp_path / 'r'}' is in use by process "
+                                  f"{os.getpid()} on host ")
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == checkpoint

@@ -250,3 +250,28 @@ def test_a_checkpoint_of_another_number_of_processes_restores_rank_0s_random_sta
     _run_in_two_processes(_resume_part, one)
     assert _draws(one, "part", 0) == _draws(one, "whole", 0)
     assert _draws(one, "part", 1)[0] == _draws(one, "whole", 0)[2]
+
+
+def _refused_worker(rank, world, port, out_dir):
+    from gmmseg_core._files import DirectoryInUseError
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        train(_cfg(out_dir, batch_size=1, run_name="ddp"))
+    except DirectoryInUseError as err:
+        with open(os.path.join(out_dir, f"refused{rank}.txt"), "w") as f:
+            f.write(str(err))
+
+
+def test_every_rank_stops_when_another_training_holds_the_run_directory(tmp_path):
+    from gmmseg_core._files import DirectoryLock
+
+    with DirectoryLock(tmp_path / "ddp"):               # only rank 0 locks: the others learn it from rank 0
+        mp.start_processes(_refused_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                           start_method="fork")
+    for rank in range(2):
+        refusal = (tmp_path / f"refused{rank}.txt").read_text()
+        assert f"'{tmp_path / 'ddp'}' is in use by process {os.getpid()} " in refusal
+    assert not (tmp_path / "ddp").exists()              # nothing was written there (the lock's folder is gone)

@@ -178,6 +178,7 @@ def dists(tmp_path_factory):
     for rel in present:
         (source / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, source / rel)
+    (source / "figures" / "stray.png.tmp").write_bytes(b"\x89PNG")   # left by a run killed while saving a figure
     sdist = _build("sdist", source, tmp / "sdist")
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp / "unpacked", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
@@ -220,6 +221,16 @@ def test_sdist_is_the_source_tree_with_what_its_tests_need(dists):
     assert dists["tracked"] - {".gitignore"} <= files
     assert files <= dists["present"]
     assert {"tests/conftest.py", "environment.yml", "Makefile", ".ci/run"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_git_ignores_what_a_killed_write_leaves_behind():
+    for path in ("figures/01_calibration.png.tmp", "benchmarks/RESULTS.md.tmp"):
+        try:
+            done = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", path])
+        except OSError:
+            pytest.skip("needs git")
+        assert done.returncode == 0, f"{path} is not ignored"
 
 
 def test_reproduce_names_notebooks_missing_from_an_installation(tmp_path, monkeypatch):

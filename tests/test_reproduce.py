@@ -359,3 +359,93 @@ def test_threads_may_be_a_numpy_integer(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "out" / "timings.json").read_text())["profile"] == "smoke"
     with pytest.raises(ValueError, match="threads must be None or a positive int, got True"):
         reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", threads=True)
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def test_a_partial_run_keeps_the_timings_of_the_notebooks_it_did_not_run(tmp_path, failing_notebook, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    a, b = (_write_notebook(tmp_path / f"{name}.ipynb", ["x = value"]) for name in "ab")
+    timings = tmp_path / "out" / "timings.json"
+    run = dict(out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", log=_quiet, progress=False)
+    reproduce("smoke", notebooks=[a, b], **run)
+    first = json.loads(timings.read_text())["notebooks"]
+    res = reproduce("smoke", notebooks=[b], **run)
+    assert list(res["notebooks"]) == ["b"] and res["complete"] is True        # what this run did
+    merged = json.loads(timings.read_text())
+    assert list(merged["notebooks"]) == ["a", "b"] and merged["complete"] is True
+    assert merged["notebooks"]["a"] == {**first["a"], "earlier_run": True}      # kept, and said to be older
+    assert "earlier_run" not in merged["notebooks"]["b"] and merged["notebooks"]["b"] == res["notebooks"]["b"]
+    assert merged["notebooks"]["b"]["started"] >= first["b"]["started"]
+    with pytest.raises(NotebookExecutionError):
+        reproduce("smoke", notebooks=[failing_notebook], **run)
+    reproduce("smoke", notebooks=[a], **run)             # this run completes, but the file holds a failure
+    merged = json.loads(timings.read_text())
+    assert list(merged["notebooks"]) == ["a", "b", "broken_study"] and merged["complete"] is False
+    assert "error" in merged["notebooks"]["broken_study"] and merged["notebooks"]["broken_study"]["earlier_run"]
+    reproduce("cpu", notebooks=[b], **run)               # another profile's entries are not this one's
+    assert list(json.loads(timings.read_text())["notebooks"]) == ["b"]
+
+
+def test_resume_skips_only_notebooks_finished_with_the_same_parameters_source_and_executed_copy(tmp_path,
+                                                                                               monkeypatch):
+    import shutil
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    out, fig = tmp_path / "out", tmp_path / "fig"
+    record = "open(figures_dir + '/ran.txt', 'a').write('{} ')\n"
+    a = _write_notebook(tmp_path / "a.ipynb", [record.format("a")])
+    b = _write_notebook(tmp_path / "b.ipynb", [
+        record.format("b") + f"import shutil; shutil.copy(out_dir + '/timings.json', {str(tmp_path / 'mid.json')!r})"])
+    nb = nbformat.read(b, as_version=4)
+    nb.cells[0].source = nb.cells[0].source.replace("value = 1\n", "")     # b does not declare value
+    nbformat.write(nb, b)
+    lines = []
+
+    def run(**kwargs):
+        (fig / "ran.txt").unlink(missing_ok=True)
+        res = reproduce("smoke", notebooks=[a, b], out_dir=out, figures_dir=fig, resume=True, progress=False,
+                        log=lambda *args, **kw: lines.append(args[0]), **kwargs)
+        ran = (fig / "ran.txt").read_text().split() if (fig / "ran.txt").exists() else []
+        return ran, res
+
+    assert run()[0] == ["a", "b"]                       # nothing to resume from: every notebook runs
+    lines.clear()
+    ran, res = run()
+    assert ran == [] and res["complete"] and all(e["earlier_run"] for e in res["notebooks"].values())
+    assert lines[0].startswith("[1/2] a: skipped, finished by an earlier run with the same parameters in ")
+    assert json.loads((out / "timings.json").read_text())["complete"] is True
+    # killed while b ran: the timings of that moment say b started and never ended
+    assert "seconds" not in json.loads((tmp_path / "mid.json").read_text())["notebooks"]["b"]
+    shutil.copy(tmp_path / "mid.json", out / "timings.json")
+    assert run()[0] == ["b"]
+    assert run(parameters={"value": 2})[0] == ["a"]     # b takes no value: its parameters are the same
+    (out / "b.ipynb").unlink()
+    assert run(parameters={"value": 2})[0] == ["b"]     # its executed copy is gone
+    nb = nbformat.read(a, as_version=4)
+    nb.cells[1].source += "\n# edited"
+    nbformat.write(nb, a)
+    assert run(parameters={"value": 2})[0] == ["a"]     # its source changed
+
+
+def test_a_second_run_into_the_same_output_folder_stops_before_anything_runs(tmp_path, capsys):
+    import os
+
+    from gmmseg_core._files import DirectoryLock
+
+    nb = _write_notebook(tmp_path / "ok.ipynb", ["open(figures_dir + '/ran.txt', 'w').write('yes')"])
+    out, fig = tmp_path / "out", tmp_path / "fig"
+    with DirectoryLock(out, name="reproduce.lock"):          # as a run writing there holds it
+        with pytest.raises(OSError, match=rf"the directory '{out}' is in use by process {os.getpid()} on host .*"
+                                          r"another out_dir \(--out-dir\)"):
+            reproduce("smoke", notebooks=[nb], out_dir=out, figures_dir=fig, log=_quiet)
+        assert main(["--profile", "smoke", "--notebooks", str(nb), "--out-dir", str(out), "--figures-dir",
+                     str(fig)]) == 2
+        assert f"gmmseg reproduce: error: the directory '{out}' is in use" in capsys.readouterr().err
+        assert not fig.exists() and [p.name for p in out.iterdir()] == ["reproduce.lock"]
+    reproduce("smoke", notebooks=[nb], out_dir=out, figures_dir=fig, log=_quiet, progress=False)
+    assert (fig / "ran.txt").read_text() == "yes" and not (out / "reproduce.lock").exists()

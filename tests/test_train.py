@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gmmseg_core._files import DirectoryInUseError, DirectoryLock
 from gmmseg_core.config import TrainConfig, parse_overrides
 from gmmseg_core.train import (
     _StepBatches,
@@ -122,7 +123,10 @@ def test_training_on_a_numbered_gpu_makes_it_the_current_device(tmp_path, monkey
     class Stop(Exception):
         pass
 
-    def build_dataset(*args, **kwargs):     # the first thing after the device is chosen
+    def build_dataset(*args, **kwargs):     # the first thing after the device is chosen (one process)
+        raise Stop
+
+    def init_process_group(*args, **kwargs):  # the first thing after the device is chosen (under torchrun)
         raise Stop
 
     calls = []
@@ -130,6 +134,7 @@ def test_training_on_a_numbered_gpu_makes_it_the_current_device(tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d).index))
     monkeypatch.setattr(data, "build_dataset", build_dataset)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(Stop):
@@ -422,8 +427,9 @@ def test_balanced_stream_is_sharded_once_under_a_process_group(monkeypatch):
 
 
 def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
-    with pytest.warns(UserWarning, match="amp='bf16' needs CUDA"):
+    with pytest.warns(UserWarning, match="amp='bf16' needs CUDA") as caught:
         run_dir = train(tiny_cfg(tmp_path, iters=1, amp="bf16", head="softmax", head_kwargs={}))
+    assert caught[0].filename == __file__                 # the warning points at the caller of train()
     model, _, _ = load_run(run_dir)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
@@ -1239,3 +1245,156 @@ def test_a_training_logged_to_a_file_does_not_redraw_its_bar_every_log_interval(
     bar = capsys.readouterr().err
     assert "8/8" in bar and "loss=" in bar               # the final line says where the run ended
     assert bar.count("\r") <= 3                           # opened, closed (and maybe once between)
+
+
+# ---------------------------------------------------------------------------------------------- run directory lock
+_LOCK_HOLDER = """
+import os, sys, time
+from gmmseg_core._files import DirectoryLock
+DirectoryLock(sys.argv[1]).acquire()
+child = os.fork() if sys.argv[2] == "fork" else None     # as a DataLoader worker: outlives a killed parent a while
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print(child or 0, flush=True)
+time.sleep(60)
+"""
+
+
+def _hold_lock(folder, fork=False):
+    """A process holding ``folder``'s lock (and, with ``fork``, a forked child of it); returns (process, child pid)."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _LOCK_HOLDER, str(folder), "fork" if fork else "-"],
+                              stdout=subprocess.PIPE, text=True)
+    return holder, int(holder.stdout.readline())
+
+
+def test_a_second_training_in_a_run_directory_fails_at_once_and_a_killed_ones_lock_dies_with_it(tmp_path):
+    import socket
+
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    holder, _ = _hold_lock(cfg.run_dir)
+    try:
+        message = (rf"the directory '{re.escape(str(cfg.run_dir))}' is in use by process {holder.pid} on host "
+                   rf"'{re.escape(socket.gethostname())}' \(since .*Z\).*overwrite each other's checkpoint and log")
+        for attempt in (lambda: train(cfg), lambda: train(cfg.replace(resume=True)),
+                        lambda: train_cached(cfg, tmp_path)):          # the same directory: the cache entry of cfg
+            with pytest.raises(DirectoryInUseError, match=message):
+                attempt()
+        assert [p.name for p in cfg.run_dir.iterdir()] == ["train.lock"]    # nothing written or removed
+    finally:
+        holder.kill()                                  # SIGKILL: no clean-up, the lock file stays
+        holder.wait()
+        holder.stdout.close()
+    assert (cfg.run_dir / "train.lock").exists()
+    assert is_finished(train(cfg))
+    assert not (cfg.run_dir / "train.lock").exists()
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    import os
+    import signal
+
+    holder, child = _hold_lock(tmp_path / "run", fork=True)
+    try:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        DirectoryLock(tmp_path / "run").acquire().release()        # while the child still runs
+        assert os.path.exists(f"/proc/{child}") or not os.path.exists("/proc/self")
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+_TRY_LOCK = """
+import sys
+from gmmseg_core._files import DirectoryInUseError, DirectoryLock
+try:
+    DirectoryLock(sys.argv[1]).acquire()
+except DirectoryInUseError as err:
+    print(err)
+"""
+
+
+def test_a_training_holds_its_run_directory_from_start_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = tiny_cfg(tmp_path, iters=2, head="softmax", head_kwargs={})
+    seen = []
+
+    def try_again(step, model, out):
+        if step == 1:
+            seen.append(subprocess.run([sys.executable, "-c", _TRY_LOCK, str(cfg.run_dir)], capture_output=True,
+                                       text=True, check=True).stdout)
+            with pytest.raises(DirectoryInUseError, match=f"in use by process {os.getpid()} "):
+                train(cfg.replace(resume=True))              # in this same process too
+
+    train(cfg, on_step=try_again)
+    assert re.match(rf"the directory '{re.escape(str(cfg.run_dir))}' is in use by process {os.getpid()} ", seen[0])
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["checkpoint.pt", "config.json", "log.csv",
+                                                             "metrics.json"]
+    train(cfg.replace(resume=True, iters=3))            # released: the run continues
+
+
+def test_a_training_that_fails_to_build_releases_its_run_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path / "runs", dataset="cityscapes", data_root=str(tmp_path / "nowhere"),
+                   dataset_kwargs={}, val_dataset_kwargs={})
+    with pytest.raises(FileNotFoundError, match="nowhere"):             # while building the data
+        train(cfg)
+    assert not (tmp_path / "runs").exists()             # the directories it made for its lock are gone again
+    with DirectoryLock(cfg.run_dir):                     # and nothing holds it
+        pass
+
+
+
+def test_a_forked_child_that_releases_the_lock_leaves_its_parents_lock_alone(tmp_path):
+    import os
+
+    lock = DirectoryLock(tmp_path / "run").acquire()
+    try:
+        child = os.fork()
+        if child == 0:                      # a copy of this process, unwinding what it inherited
+            try:
+                lock.release()
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+        assert (tmp_path / "run" / "train.lock").exists()
+        with pytest.raises(DirectoryInUseError):
+            DirectoryLock(tmp_path / "run").acquire()
+    finally:
+        lock.release()
+
+
+def test_a_lock_taken_on_a_full_disk_holds_without_its_record(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full)
+        lock = DirectoryLock(tmp_path / "run").acquire()
+    try:
+        assert lock.locked
+        with pytest.raises(DirectoryInUseError, match=r"is in use by another process, which holds its lock file"):
+            DirectoryLock(tmp_path / "run").acquire()
+    finally:
+        lock.release()
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_lines_check_for_a_running_training_is_left_to_rank_0_under_torchrun(tmp_path, monkeypatch):
+    from gmmseg_core.train import _check_run_dir_free
+
+    with DirectoryLock(tmp_path):                        # rank 0, already training
+        monkeypatch.setenv("RANK", "1")
+        _check_run_dir_free(tmp_path)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(DirectoryInUseError):
+            _check_run_dir_free(tmp_path)
