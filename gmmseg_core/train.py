@@ -568,6 +568,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         if metrics.get("finished") and step >= cfg.iters:
             if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
                 _write_json(run_dir / "metrics.json", metrics)
+            if ddp:      # as at the end of a run: every process returns once the finished run is on disk
+                dist.barrier(group=host)
             return run_dir
         saved_world = int((ckpt.get("data") or {}).get("world_size", world))
         if saved_world != world and master:

@@ -176,7 +176,7 @@ def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeo
     assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
 
 
-def _slow_final_metrics(rank, out_dir):
+def _slow_final_metrics_on_rank_0(rank):
     from gmmseg_core import train as train_module
 
     write_json = train_module._write_json
@@ -187,12 +187,31 @@ def _slow_final_metrics(rank, out_dir):
         write_json(path, obj)
 
     train_module._write_json = slow             # a fork of the test process: nothing to undo
+
+
+def _slow_final_metrics(rank, out_dir):
+    _slow_final_metrics_on_rank_0(rank)
     run_dir = train(_cfg(out_dir, batch_size=1, run_name="done").replace(iters=1))
     assert is_finished(run_dir)          # on every process, as soon as train() returns
 
 
 def test_every_process_returns_once_the_run_is_complete_on_disk(tmp_path):
     _run_in_two_processes(_slow_final_metrics, tmp_path)
+
+
+def _resume_an_ending_killed_before_its_metrics(rank, out_dir):
+    cfg = _cfg(out_dir, batch_size=1, run_name="done").replace(iters=1)
+    run_dir = train(cfg)
+    if rank == 0:
+        (run_dir / "metrics.json").unlink()     # killed between the final checkpoint and metrics.json
+    dist.barrier()
+    _slow_final_metrics_on_rank_0(rank)
+    train(cfg.replace(resume=True))             # rank 0 writes the missing metrics.json
+    assert is_finished(run_dir)
+
+
+def test_every_process_returns_once_a_resumed_finished_run_is_complete_on_disk(tmp_path):
+    _run_in_two_processes(_resume_an_ending_killed_before_its_metrics, tmp_path)
 
 
 def _draw_per_rank(out_dir, name):
