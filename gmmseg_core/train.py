@@ -475,18 +475,24 @@ def _lock_run_dir(run_dir: Path, master: bool, host) -> DirectoryLock | None:
     ------
     DirectoryInUseError
         On every rank, when another process trains in ``run_dir``; names the directory and that process.
+    OSError
+        On every rank, when rank 0 cannot make ``run_dir`` or its lock file (a file in the way, no permission);
+        rank 0's error, named, on the others.
     """
     lock, refusal = None, None
     if master:
         try:
             lock = DirectoryLock(run_dir).acquire(_IN_USE_ADVICE)
-        except DirectoryInUseError as err:
+        except OSError as err:
             refusal = err
     if host is not None:
-        message = [None if refusal is None else (str(refusal), refusal.holder)]
+        message = [None if refusal is None else (str(refusal), getattr(refusal, "holder", None),
+                                                 isinstance(refusal, DirectoryInUseError))]
         dist.broadcast_object_list(message, src=0, group=host)
         if message[0] is not None and refusal is None:
-            refusal = DirectoryInUseError(message[0][0], run_dir, message[0][1])
+            text, holder, in_use = message[0]
+            refusal = (DirectoryInUseError(text, run_dir, holder) if in_use else
+                       OSError(f"rank 0 cannot lock the run directory {str(run_dir)!r}: {text}"))
     if refusal is not None:
         raise refusal
     return lock

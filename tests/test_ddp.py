@@ -294,3 +294,17 @@ def test_every_rank_stops_when_another_training_holds_the_run_directory(tmp_path
         refusal = (tmp_path / f"refused{rank}.txt").read_text()
         assert f"'{tmp_path / 'ddp'}' is in use by process {os.getpid()} " in refusal
     assert not (tmp_path / "ddp").exists()              # nothing was written there (the lock's folder is gone)
+
+
+def _blocked_run_directory(rank, out_dir):
+    blocked = os.path.join(out_dir, "a_file")
+    if rank == 0:
+        open(blocked, "w").close()
+    dist.barrier()
+    with pytest.raises(OSError, match=f"Not a directory: '{blocked}/ddp'"):
+        train(_cfg(blocked, batch_size=1, run_name="ddp"))
+
+
+def test_every_rank_stops_when_rank_0_cannot_make_the_run_directory(tmp_path):
+    # rank 0's error reaches the others at once, not once its process ends (a caller's group outlives train())
+    _run_in_two_processes(_blocked_run_directory, tmp_path)
