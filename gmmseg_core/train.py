@@ -6,7 +6,8 @@ default; under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the e
 group the caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on
 CUDA) with ``cfg.batch_size`` images per process. Only rank 0 evaluates and writes files; the other processes
 wait for it in a gloo group of their own, for up to ``WAIT_FOR_RANK_0`` whatever the default group's timeout (NCCL's
-is 10 minutes, and a full validation on one GPU can take about as long).
+is 10 minutes, and a full validation on one GPU can take about as long), and stop with an error naming rank 0's
+when it fails there.
 
 Run directory (``cfg.run_dir``)::
 
@@ -221,6 +222,33 @@ def _host_group():
     its waits run on the CPU, outside the NCCL watchdog.
     """
     return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0)
+
+
+def _on_rank_0(master: bool, host, work) -> None:
+    """``work()`` on rank 0 alone (evaluating, writing the run directory) while the other processes wait for it in
+    ``host`` (the gloo group of :func:`_host_group`; None without DDP).
+
+    A failure there raises on every process: rank 0's own exception on rank 0, a RuntimeError naming it on the
+    others, which would otherwise wait for a rank 0 that has given up for as long as its process lives (a caller's
+    process group outlives ``train``), up to ``WAIT_FOR_RANK_0``.
+    """
+    error = None
+    if master:
+        try:
+            work()
+        except Exception as err:
+            error = err
+    if host is not None:
+        message = [None if error is None else f"{type(error).__name__}: {error}"]
+        try:
+            dist.broadcast_object_list(message, src=0, group=host)
+        except Exception:
+            if error is None:
+                raise                       # else rank 0's own error says more than the failed broadcast of it
+        if message[0] is not None and error is None:
+            raise RuntimeError(f"rank 0 failed, so this process stops too: {message[0]}")
+    if error is not None:
+        raise error
 
 
 def _set_rng_state(state: dict) -> None:
@@ -572,10 +600,9 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         _set_rng_state(_saved_rng_state(ckpt, rank, world))
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
-            if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
-                _write_json(run_dir / "metrics.json", metrics)
-            if ddp:      # as at the end of a run: every process returns once the finished run is on disk
-                dist.barrier(group=host)
+            # the final checkpoint is written before metrics.json: finish an interrupted ending (as at the end of a
+            # run, every process returns once the finished run is on disk)
+            _on_rank_0(master, host, lambda: _write_json(run_dir / "metrics.json", metrics))
             return run_dir
         saved_world = int((ckpt.get("data") or {}).get("world_size", world))
         if saved_world != world and master:
@@ -583,20 +610,24 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
                           f"{world} resume it: the global batch changes from {saved_world * cfg.batch_size} to "
                           f"{world * cfg.batch_size} images, and every process restores the random states rank 0 saved",
                           stacklevel=2)
-        if metrics.get("finished"):   # a finished run continued to a larger ``iters``: not finished any more
-            metrics.update(finished=False, final=None)
-            if master:
-                _write_json(run_dir / "metrics.json", metrics)
-    elif master:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
-        for name in (CHECKPOINT, "metrics.json"):
-            (run_dir / name).unlink(missing_ok=True)
-        for stale in run_dir.glob("eval_*.json"):      # gmmseg evaluate's results of the earlier model
-            stale.unlink()
-    if master:
+    continued = ckpt is not None and metrics.get("finished")   # continued to a larger ``iters``: not finished
+    if continued:
+        metrics.update(finished=False, final=None)
+
+    def prepare_run_dir():
+        if continued:
+            _write_json(run_dir / "metrics.json", metrics)
+        elif ckpt is None:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
+            for name in (CHECKPOINT, "metrics.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            for stale in run_dir.glob("eval_*.json"):      # gmmseg evaluate's results of the earlier model
+                stale.unlink()
         # written once data and model are built: a configuration that fails to build leaves no run directory
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_json(run_dir / "config.json")
         _truncate_log(run_dir / "log.csv", step)
+
+    _on_rank_0(master, host, prepare_run_dir)
     model = _TrainStep(raw_model)
     batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
                            balanced=cfg.balanced_sampler)
@@ -605,14 +636,14 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
 
     def evaluate_now(at_step):
-        if master:
+        def evaluate():
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 result = evaluate_closed_set(raw_model, val_ds, batch_size=cfg.batch_size, device=device,
                                              num_workers=0, progress=False)
             metrics["evals"].append({"step": at_step, **_eval_summary(result)})
             _write_json(run_dir / "metrics.json", metrics)
-        if ddp:
-            dist.barrier(group=host)
+
+        _on_rank_0(master, host, evaluate)
 
     saved_step = step if ckpt is not None else None   # the checkpoint a failure leaves behind
 
@@ -621,7 +652,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         saved_step = at_step
         metrics["train_time_s"] = time.perf_counter() - t_start    # all segments of a resumed run
         rng = _rng_states(host, rank, world)
-        if master:
+
+        def write():
             log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
@@ -631,8 +663,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
             if world > 1:
                 state["rank_rng"] = rng
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
-        if ddp:
-            dist.barrier(group=host)
+
+        _on_rank_0(master, host, write)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     raw_model.train()
@@ -738,10 +770,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         metrics["finished"] = True
         metrics["train_time_s"] = time.perf_counter() - t_start
         save_checkpoint(step)
-        if master:
-            _write_json(run_dir / "metrics.json", metrics)
-        if ddp:         # every process returns a finished run: what it reads next of the run directory is complete
-            dist.barrier(group=host)
+        # every process returns a finished run: what it reads next of the run directory is complete
+        _on_rank_0(master, host, lambda: _write_json(run_dir / "metrics.json", metrics))
         if stop.signal is not None:      # asked to stop during the last step or the final evaluation: finished
             raise stop.stop(step, run_dir, finished=True)
         return run_dir

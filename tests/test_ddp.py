@@ -308,3 +308,29 @@ def _blocked_run_directory(rank, out_dir):
 def test_every_rank_stops_when_rank_0_cannot_make_the_run_directory(tmp_path):
     # rank 0's error reaches the others at once, not once its process ends (a caller's group outlives train())
     _run_in_two_processes(_blocked_run_directory, tmp_path)
+
+
+def _fail_on_rank_0(what):
+    def body(rank, out_dir):
+        from gmmseg_core import evaluate
+        from gmmseg_core import train as train_module
+
+        def fail(*args, **kwargs):
+            raise OSError("deliberate failure")
+
+        if rank == 0:           # a fork of the test process: nothing to undo
+            if what == "evaluation":
+                evaluate.evaluate_closed_set = fail
+            else:
+                train_module.atomic_write = fail
+        expected = OSError if rank == 0 else RuntimeError
+        with pytest.raises(expected, match="deliberate failure") as info:
+            train(_cfg(out_dir, batch_size=1, run_name="failed").replace(iters=1))
+        assert rank == 0 or str(info.value).startswith("rank 0 failed, so this process stops too: OSError")
+    return body
+
+
+@pytest.mark.parametrize("what", ["evaluation", "checkpoint"])
+def test_when_rank_0_fails_alone_every_process_stops_at_once(tmp_path, what):
+    # not only once rank 0's process ends: a caller's process group outlives train()
+    _run_in_two_processes(_fail_on_rank_0(what), tmp_path)
