@@ -609,7 +609,7 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
             warnings.warn(f"resume: the checkpoint of {str(run_dir)!r} was written by {saved_world} process(es) and "
                           f"{world} resume it: the global batch changes from {saved_world * cfg.batch_size} to "
                           f"{world * cfg.batch_size} images, and every process restores the random states rank 0 saved",
-                          stacklevel=2)
+                          stacklevel=3)   # the caller of train()
     continued = ckpt is not None and metrics.get("finished")   # continued to a larger ``iters``: not finished
     if continued:
         metrics.update(finished=False, final=None)

@@ -426,6 +426,17 @@ def test_balanced_stream_is_sharded_once_under_a_process_group(monkeypatch):
     assert [streams[0].batch(s) + streams[1].batch(s) for s in range(5)] == single
 
 
+def test_resuming_a_checkpoint_of_another_process_count_warns_at_the_caller_of_train(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=2, checkpoint_interval=1, head="softmax", head_kwargs={})
+    train(cfg, stop_after=1)
+    ckpt = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["data"]["world_size"] = 2                      # as two processes would have written it
+    torch.save(ckpt, cfg.run_dir / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and 1 resume it") as caught:
+        train(cfg.replace(resume=True))
+    assert caught[0].filename == __file__
+
+
 def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
     with pytest.warns(UserWarning, match="amp='bf16' needs CUDA") as caught:
         run_dir = train(tiny_cfg(tmp_path, iters=1, amp="bf16", head="softmax", head_kwargs={}))
