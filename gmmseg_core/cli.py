@@ -252,7 +252,7 @@ def cmd_train(args) -> int:
         print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
     finished_at = _finished_step(cfg.run_dir) if cfg.resume else None
     run_dir = train(cfg)
-    if not report:      # rank 0 may not have written metrics.json yet
+    if not report:      # only rank 0 reports (every process returns once the run's files are written)
         return 0
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     final = metrics.get("final") or {}
