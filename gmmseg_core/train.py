@@ -228,9 +228,10 @@ def _on_rank_0(master: bool, host, work) -> None:
     """``work()`` on rank 0 alone (evaluating, writing the run directory) while the other processes wait for it in
     ``host`` (the gloo group of :func:`_host_group`; None without DDP).
 
-    A failure there raises on every process: rank 0's own exception on rank 0, a RuntimeError naming it on the
-    others, which would otherwise wait for a rank 0 that has given up for as long as its process lives (a caller's
-    process group outlives ``train``), up to ``WAIT_FOR_RANK_0``.
+    A failure there raises on every process: rank 0's own exception on rank 0; on the others, which would otherwise
+    wait for a rank 0 that has given up for as long as its process lives (a caller's process group outlives
+    ``train``), up to ``WAIT_FOR_RANK_0``, an error naming it: an OSError for rank 0's OSError (a full disk), so
+    that ``gmmseg train`` reports it on every process alike, a RuntimeError otherwise.
     """
     error = None
     if master:
@@ -239,14 +240,15 @@ def _on_rank_0(master: bool, host, work) -> None:
         except Exception as err:
             error = err
     if host is not None:
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
+        message = [None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, OSError))]
         try:
             dist.broadcast_object_list(message, src=0, group=host)
         except Exception:
             if error is None:
                 raise                       # else rank 0's own error says more than the failed broadcast of it
         if message[0] is not None and error is None:
-            raise RuntimeError(f"rank 0 failed, so this process stops too: {message[0]}")
+            text, os_error = message[0]
+            raise (OSError if os_error else RuntimeError)(f"rank 0 failed, so this process stops too: {text}")
     if error is not None:
         raise error
 

@@ -315,18 +315,21 @@ def _fail_on_rank_0(what):
         from gmmseg_core import evaluate
         from gmmseg_core import train as train_module
 
+        error = RuntimeError if what == "evaluation" else OSError       # out of memory; a full disk
+
         def fail(*args, **kwargs):
-            raise OSError("deliberate failure")
+            raise error("deliberate failure")
 
         if rank == 0:           # a fork of the test process: nothing to undo
             if what == "evaluation":
                 evaluate.evaluate_closed_set = fail
             else:
                 train_module.atomic_write = fail
-        expected = OSError if rank == 0 else RuntimeError
-        with pytest.raises(expected, match="deliberate failure") as info:
+        with pytest.raises(error, match="deliberate failure") as info:
             train(_cfg(out_dir, batch_size=1, run_name="failed").replace(iters=1))
-        assert rank == 0 or str(info.value).startswith("rank 0 failed, so this process stops too: OSError")
+        assert type(info.value) is error
+        assert rank == 0 or str(info.value) == (f"rank 0 failed, so this process stops too: {error.__name__}: "
+                                                "deliberate failure")
     return body
 
 
