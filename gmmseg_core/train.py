@@ -483,7 +483,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
 
 
 _IN_USE_ADVICE = ("two trainings in one run directory would overwrite each other's checkpoint and log: wait for that "
-                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir)")
+                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir; through "
+                  "train_cached, whose run directory the configuration names, another cache_dir)")
 
 
 def _check_run_dir_free(run_dir) -> None:

@@ -1304,6 +1304,13 @@ def test_a_second_training_in_a_run_directory_fails_at_once_and_a_killed_ones_lo
     assert not (cfg.run_dir / "train.lock").exists()
 
 
+def test_a_cached_training_in_use_is_told_to_use_another_cache_dir(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    with DirectoryLock(tmp_path / "cache" / cfg.default_run_name()):    # as a notebook training it elsewhere
+        with pytest.raises(DirectoryInUseError, match=r"through train_cached, .* another cache_dir\)$"):
+            train_cached(cfg, tmp_path / "cache")
+
+
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
     import os
     import signal
