@@ -46,7 +46,8 @@ EVAL_EPILOG = """\
 Closed-set splits (e.g. val) report mIoU, pixel accuracy and calibration (ECE); anomaly splits (labels
 0 known / 1 anomaly / 255 void) report AUROC, AP and FPR95 for each scorer. The dataset defaults to the
 one the run was trained on. Results are printed as a table and written as JSON (--output, default
-<run-dir>/eval_<dataset>_<split>.json).
+<run-dir>/eval_<dataset>_<split>.json). A run that is not finished (still training, or stopped before its
+end) is evaluated at its last checkpoint, with a note, and the JSON says "run_finished": false.
 
 examples:
   gmmseg evaluate runs/my_run                         # val split of the training dataset
@@ -252,7 +253,7 @@ def cmd_train(args) -> int:
         print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
     finished_at = _finished_step(cfg.run_dir) if cfg.resume else None
     run_dir = train(cfg)
-    if not report:      # rank 0 may not have written metrics.json yet
+    if not report:      # only rank 0 reports (every process returns once the run's files are written)
         return 0
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     final = metrics.get("final") or {}
@@ -275,7 +276,7 @@ def cmd_evaluate(args) -> int:
         format_table,
     )
     from gmmseg_core.scoring import SCORERS
-    from gmmseg_core.train import _check_device, _write_json, dataset_kwargs_for, load_run
+    from gmmseg_core.train import _check_device, _write_json, dataset_kwargs_for, is_finished, load_run
 
     _check_device(args.device)
     output = Path(args.output) if args.output else None
@@ -293,6 +294,10 @@ def cmd_evaluate(args) -> int:
     if unknown:
         raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
     model, cfg, _ = load_run(args.run_dir, device=args.device)
+    finished = is_finished(args.run_dir)
+    if not finished:        # e.g. a training still running there: its results are not the finished model's
+        print(f"gmmseg evaluate: note: the run in {str(args.run_dir)!r} is not finished (still training, or "
+              "stopped before its end): these are the results of its last checkpoint", file=sys.stderr)
     if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
         raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
     name = args.dataset or cfg.dataset
@@ -335,7 +340,8 @@ def cmd_evaluate(args) -> int:
     out = output or Path(args.run_dir) / f"eval_{name}_{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     options = {"mode": args.mode, "crop_size": args.crop_size, "stride": args.stride, "num_images": len(dataset),
-               "image_size": kw.get("image_size"), "data_root": None if root is None else str(root)}
+               "image_size": kw.get("image_size"), "data_root": None if root is None else str(root),
+               "run_finished": finished}
     if getattr(dataset, "is_anomaly_split", False):
         options.update(streaming=args.streaming, sml_images=args.sml_images)
     _write_json(out, {"dataset": name, "split": args.split, "options": options, "results": results})

@@ -517,7 +517,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                 entry["seconds"] = round(seconds, 2)
                 log(f"[{i}/{len(paths)}] {name}: " + (f"FAILED after {seconds:.1f} s; going on\n  {error}" if error
                                                        else f"done in {seconds:.1f} s"), flush=True)
-        result["complete"] = True
+        result["complete"] = not failures       # keep_going: the failures are this run's too
     finally:
         _INTERRUPTS = None
         # what ran, also when a failure or an interrupt ends the run early ("complete": false)

@@ -6,7 +6,8 @@ default; under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` in the e
 group the caller has initialised, it runs DistributedDataParallel (a group it creates itself: gloo on CPU, NCCL on
 CUDA) with ``cfg.batch_size`` images per process. Only rank 0 evaluates and writes files; the other processes
 wait for it in a gloo group of their own, for up to ``WAIT_FOR_RANK_0`` whatever the default group's timeout (NCCL's
-is 10 minutes, and a full validation on one GPU can take about as long).
+is 10 minutes, and a full validation on one GPU can take about as long), and stop with an error naming rank 0's
+when it fails there.
 
 Run directory (``cfg.run_dir``)::
 
@@ -221,6 +222,35 @@ def _host_group():
     its waits run on the CPU, outside the NCCL watchdog.
     """
     return dist.new_group(backend="gloo", timeout=WAIT_FOR_RANK_0)
+
+
+def _on_rank_0(master: bool, host, work) -> None:
+    """``work()`` on rank 0 alone (evaluating, writing the run directory) while the other processes wait for it in
+    ``host`` (the gloo group of :func:`_host_group`; None without DDP).
+
+    A failure there raises on every process: rank 0's own exception on rank 0; on the others, which would otherwise
+    wait for a rank 0 that has given up for as long as its process lives (a caller's process group outlives
+    ``train``), up to ``WAIT_FOR_RANK_0``, an error naming it: an OSError for rank 0's OSError (a full disk), so
+    that ``gmmseg train`` reports it on every process alike, a RuntimeError otherwise.
+    """
+    error = None
+    if master:
+        try:
+            work()
+        except Exception as err:
+            error = err
+    if host is not None:
+        message = [None if error is None else (f"{type(error).__name__}: {error}", isinstance(error, OSError))]
+        try:
+            dist.broadcast_object_list(message, src=0, group=host)
+        except Exception:
+            if error is None:
+                raise                       # else rank 0's own error says more than the failed broadcast of it
+        if message[0] is not None and error is None:
+            text, os_error = message[0]
+            raise (OSError if os_error else RuntimeError)(f"rank 0 failed, so this process stops too: {text}")
+    if error is not None:
+        raise error
 
 
 def _set_rng_state(state: dict) -> None:
@@ -453,7 +483,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
 
 
 _IN_USE_ADVICE = ("two trainings in one run directory would overwrite each other's checkpoint and log: wait for that "
-                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir)")
+                  "one to end (or stop it), or train this one elsewhere (another run_name or out_dir; through "
+                  "train_cached, whose run directory the configuration names, another cache_dir)")
 
 
 def _check_run_dir_free(run_dir) -> None:
@@ -475,18 +506,24 @@ def _lock_run_dir(run_dir: Path, master: bool, host) -> DirectoryLock | None:
     ------
     DirectoryInUseError
         On every rank, when another process trains in ``run_dir``; names the directory and that process.
+    OSError
+        On every rank, when rank 0 cannot make ``run_dir`` or its lock file (a file in the way, no permission);
+        rank 0's error, named, on the others.
     """
     lock, refusal = None, None
     if master:
         try:
             lock = DirectoryLock(run_dir).acquire(_IN_USE_ADVICE)
-        except DirectoryInUseError as err:
+        except OSError as err:
             refusal = err
     if host is not None:
-        message = [None if refusal is None else (str(refusal), refusal.holder)]
+        message = [None if refusal is None else (str(refusal), getattr(refusal, "holder", None),
+                                                 isinstance(refusal, DirectoryInUseError))]
         dist.broadcast_object_list(message, src=0, group=host)
         if message[0] is not None and refusal is None:
-            refusal = DirectoryInUseError(message[0][0], run_dir, message[0][1])
+            text, holder, in_use = message[0]
+            refusal = (DirectoryInUseError(text, run_dir, holder) if in_use else
+                       OSError(f"rank 0 cannot lock the run directory {str(run_dir)!r}: {text}"))
     if refusal is not None:
         raise refusal
     return lock
@@ -566,29 +603,34 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         _set_rng_state(_saved_rng_state(ckpt, rank, world))
         metrics = ckpt["metrics"]
         if metrics.get("finished") and step >= cfg.iters:
-            if master:   # the final checkpoint is written before metrics.json: finish an interrupted ending
-                _write_json(run_dir / "metrics.json", metrics)
+            # the final checkpoint is written before metrics.json: finish an interrupted ending (as at the end of a
+            # run, every process returns once the finished run is on disk)
+            _on_rank_0(master, host, lambda: _write_json(run_dir / "metrics.json", metrics))
             return run_dir
         saved_world = int((ckpt.get("data") or {}).get("world_size", world))
         if saved_world != world and master:
             warnings.warn(f"resume: the checkpoint of {str(run_dir)!r} was written by {saved_world} process(es) and "
                           f"{world} resume it: the global batch changes from {saved_world * cfg.batch_size} to "
                           f"{world * cfg.batch_size} images, and every process restores the random states rank 0 saved",
-                          stacklevel=2)
-        if metrics.get("finished"):   # a finished run continued to a larger ``iters``: not finished any more
-            metrics.update(finished=False, final=None)
-            if master:
-                _write_json(run_dir / "metrics.json", metrics)
-    elif master:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
-        for name in (CHECKPOINT, "metrics.json"):
-            (run_dir / name).unlink(missing_ok=True)
-        for stale in run_dir.glob("eval_*.json"):      # gmmseg evaluate's results of the earlier model
-            stale.unlink()
-    if master:
+                          stacklevel=3)   # the caller of train()
+    continued = ckpt is not None and metrics.get("finished")   # continued to a larger ``iters``: not finished
+    if continued:
+        metrics.update(finished=False, final=None)
+
+    def prepare_run_dir():
+        if continued:
+            _write_json(run_dir / "metrics.json", metrics)
+        elif ckpt is None:  # a fresh start: nothing of an earlier run in this directory may be resumed or reported
+            for name in (CHECKPOINT, "metrics.json"):
+                (run_dir / name).unlink(missing_ok=True)
+            for stale in run_dir.glob("eval_*.json"):      # gmmseg evaluate's results of the earlier model
+                stale.unlink()
         # written once data and model are built: a configuration that fails to build leaves no run directory
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_json(run_dir / "config.json")
         _truncate_log(run_dir / "log.csv", step)
+
+    _on_rank_0(master, host, prepare_run_dir)
     model = _TrainStep(raw_model)
     batches = _StepBatches(train_ds, cfg.batch_size, cfg.seed, step, cfg.iters, rank, world,
                            balanced=cfg.balanced_sampler)
@@ -597,14 +639,14 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False)
 
     def evaluate_now(at_step):
-        if master:
+        def evaluate():
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 result = evaluate_closed_set(raw_model, val_ds, batch_size=cfg.batch_size, device=device,
                                              num_workers=0, progress=False)
             metrics["evals"].append({"step": at_step, **_eval_summary(result)})
             _write_json(run_dir / "metrics.json", metrics)
-        if ddp:
-            dist.barrier(group=host)
+
+        _on_rank_0(master, host, evaluate)
 
     saved_step = step if ckpt is not None else None   # the checkpoint a failure leaves behind
 
@@ -613,7 +655,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         saved_step = at_step
         metrics["train_time_s"] = time.perf_counter() - t_start    # all segments of a resumed run
         rng = _rng_states(host, rank, world)
-        if master:
+
+        def write():
             log_file.flush()      # the log rows up to the checkpoint survive a kill that skips all clean-up
             state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                          scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=at_step,
@@ -623,8 +666,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
             if world > 1:
                 state["rank_rng"] = rng
             atomic_write(ckpt_path, lambda p: torch.save(state, p))
-        if ddp:
-            dist.barrier(group=host)
+
+        _on_rank_0(master, host, write)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     raw_model.train()
@@ -730,10 +773,8 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
         metrics["finished"] = True
         metrics["train_time_s"] = time.perf_counter() - t_start
         save_checkpoint(step)
-        if master:
-            _write_json(run_dir / "metrics.json", metrics)
-        if ddp:         # every process returns a finished run: what it reads next of the run directory is complete
-            dist.barrier(group=host)
+        # every process returns a finished run: what it reads next of the run directory is complete
+        _on_rank_0(master, host, lambda: _write_json(run_dir / "metrics.json", metrics))
         if stop.signal is not None:      # asked to stop during the last step or the final evaluation: finished
             raise stop.stop(step, run_dir, finished=True)
         return run_dir

@@ -81,6 +81,30 @@ def test_train_then_evaluate_closed_set_and_anomaly(tmp_path, capsys):
     assert "fpr95" in capsys.readouterr().out
 
 
+def test_evaluating_a_run_still_training_says_so_and_marks_its_results(tmp_path, capsys):
+    from gmmseg_core.config import TrainConfig
+    from gmmseg_core.train import train
+
+    args = ["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
+            "--run-name", "r", "--iters", "3", "--checkpoint-interval", "1"]
+    run_dir = tmp_path / "r"
+    evaluated = []
+
+    def evaluate_meanwhile(step, model, outputs):        # as `gmmseg evaluate` from another shell
+        if step == 2:
+            evaluated.append(main(["evaluate", str(run_dir), "--no-progress"]))
+
+    assert main([*args, "--print-config"]) == 0
+    cfg = TrainConfig.from_json(capsys.readouterr().out)
+    train(cfg, on_step=evaluate_meanwhile)
+    assert evaluated == [0]
+    assert f"note: the run in {str(run_dir)!r} is not finished (still training" in capsys.readouterr().err
+    assert json.loads((run_dir / "eval_scenes_val.json").read_text())["options"]["run_finished"] is False
+    assert main(["evaluate", str(run_dir), "--no-progress"]) == 0
+    assert "not finished" not in capsys.readouterr().err
+    assert json.loads((run_dir / "eval_scenes_val.json").read_text())["options"]["run_finished"] is True
+
+
 def test_evaluate_checks_its_options_before_evaluating(tmp_path, capsys):
     assert main(["train", *TINY, "--head", "softmax", "--set", "head_kwargs={}", "--out-dir", str(tmp_path),
                  "--run-name", "sm"]) == 0

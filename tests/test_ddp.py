@@ -176,7 +176,7 @@ def test_the_other_processes_wait_for_an_evaluation_longer_than_the_groups_timeo
     assert json.loads((tmp_path / "slow" / "metrics.json").read_text())["finished"]
 
 
-def _slow_final_metrics(rank, out_dir):
+def _slow_final_metrics_on_rank_0(rank):
     from gmmseg_core import train as train_module
 
     write_json = train_module._write_json
@@ -187,12 +187,31 @@ def _slow_final_metrics(rank, out_dir):
         write_json(path, obj)
 
     train_module._write_json = slow             # a fork of the test process: nothing to undo
+
+
+def _slow_final_metrics(rank, out_dir):
+    _slow_final_metrics_on_rank_0(rank)
     run_dir = train(_cfg(out_dir, batch_size=1, run_name="done").replace(iters=1))
     assert is_finished(run_dir)          # on every process, as soon as train() returns
 
 
 def test_every_process_returns_once_the_run_is_complete_on_disk(tmp_path):
     _run_in_two_processes(_slow_final_metrics, tmp_path)
+
+
+def _resume_an_ending_killed_before_its_metrics(rank, out_dir):
+    cfg = _cfg(out_dir, batch_size=1, run_name="done").replace(iters=1)
+    run_dir = train(cfg)
+    if rank == 0:
+        (run_dir / "metrics.json").unlink()     # killed between the final checkpoint and metrics.json
+    dist.barrier()
+    _slow_final_metrics_on_rank_0(rank)
+    train(cfg.replace(resume=True))             # rank 0 writes the missing metrics.json
+    assert is_finished(run_dir)
+
+
+def test_every_process_returns_once_a_resumed_finished_run_is_complete_on_disk(tmp_path):
+    _run_in_two_processes(_resume_an_ending_killed_before_its_metrics, tmp_path)
 
 
 def _draw_per_rank(out_dir, name):
@@ -275,3 +294,46 @@ def test_every_rank_stops_when_another_training_holds_the_run_directory(tmp_path
         refusal = (tmp_path / f"refused{rank}.txt").read_text()
         assert f"'{tmp_path / 'ddp'}' is in use by process {os.getpid()} " in refusal
     assert not (tmp_path / "ddp").exists()              # nothing was written there (the lock's folder is gone)
+
+
+def _blocked_run_directory(rank, out_dir):
+    blocked = os.path.join(out_dir, "a_file")
+    if rank == 0:
+        open(blocked, "w").close()
+    dist.barrier()
+    with pytest.raises(OSError, match=f"Not a directory: '{blocked}/ddp'"):
+        train(_cfg(blocked, batch_size=1, run_name="ddp"))
+
+
+def test_every_rank_stops_when_rank_0_cannot_make_the_run_directory(tmp_path):
+    # rank 0's error reaches the others at once, not once its process ends (a caller's group outlives train())
+    _run_in_two_processes(_blocked_run_directory, tmp_path)
+
+
+def _fail_on_rank_0(what):
+    def body(rank, out_dir):
+        from gmmseg_core import evaluate
+        from gmmseg_core import train as train_module
+
+        error = RuntimeError if what == "evaluation" else OSError       # out of memory; a full disk
+
+        def fail(*args, **kwargs):
+            raise error("deliberate failure")
+
+        if rank == 0:           # a fork of the test process: nothing to undo
+            if what == "evaluation":
+                evaluate.evaluate_closed_set = fail
+            else:
+                train_module.atomic_write = fail
+        with pytest.raises(error, match="deliberate failure") as info:
+            train(_cfg(out_dir, batch_size=1, run_name="failed").replace(iters=1))
+        assert type(info.value) is error
+        assert rank == 0 or str(info.value) == (f"rank 0 failed, so this process stops too: {error.__name__}: "
+                                                "deliberate failure")
+    return body
+
+
+@pytest.mark.parametrize("what", ["evaluation", "checkpoint"])
+def test_when_rank_0_fails_alone_every_process_stops_at_once(tmp_path, what):
+    # not only once rank 0's process ends: a caller's process group outlives train()
+    _run_in_two_processes(_fail_on_rank_0(what), tmp_path)

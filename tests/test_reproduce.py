@@ -390,6 +390,27 @@ def test_a_partial_run_keeps_the_timings_of_the_notebooks_it_did_not_run(tmp_pat
     assert list(json.loads(timings.read_text())["notebooks"]) == ["b"]
 
 
+def test_a_keep_going_run_with_a_failure_is_not_complete(tmp_path, monkeypatch):
+    from gmmseg_core import reproduce as reproduce_module
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")
+    a, b = (_write_notebook(tmp_path / f"{name}.ipynb", ["x = value"]) for name in "ab")
+
+    def run_notebook(notebook, output, parameters, **kwargs):      # no kernel: a fails, b runs
+        output.write_text("{}")
+        if notebook.stem == "a":
+            raise NotebookExecutionError(notebook, output, 1, "ValueError", "deliberate")
+        return 0.0
+
+    monkeypatch.setattr(reproduce_module, "run_notebook", run_notebook)
+    with pytest.raises(NotebooksFailedError) as info:
+        reproduce("smoke", notebooks=[a, b], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
+                  keep_going=True, log=_quiet, progress=False)
+    assert info.value.result["complete"] is False
+    assert json.loads((tmp_path / "out" / "timings.json").read_text())["complete"] is False
+
+
 def test_resume_skips_only_notebooks_finished_with_the_same_parameters_source_and_executed_copy(tmp_path,
                                                                                                monkeypatch):
     import shutil

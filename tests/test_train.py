@@ -426,6 +426,17 @@ def test_balanced_stream_is_sharded_once_under_a_process_group(monkeypatch):
     assert [streams[0].batch(s) + streams[1].batch(s) for s in range(5)] == single
 
 
+def test_resuming_a_checkpoint_of_another_process_count_warns_at_the_caller_of_train(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=2, checkpoint_interval=1, head="softmax", head_kwargs={})
+    train(cfg, stop_after=1)
+    ckpt = torch.load(cfg.run_dir / "checkpoint.pt", weights_only=False)
+    ckpt["data"]["world_size"] = 2                      # as two processes would have written it
+    torch.save(ckpt, cfg.run_dir / "checkpoint.pt")
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) and 1 resume it") as caught:
+        train(cfg.replace(resume=True))
+    assert caught[0].filename == __file__
+
+
 def test_amp_on_cpu_warns_and_trains_in_float32(tmp_path):
     with pytest.warns(UserWarning, match="amp='bf16' needs CUDA") as caught:
         run_dir = train(tiny_cfg(tmp_path, iters=1, amp="bf16", head="softmax", head_kwargs={}))
@@ -1291,6 +1302,13 @@ def test_a_second_training_in_a_run_directory_fails_at_once_and_a_killed_ones_lo
     assert (cfg.run_dir / "train.lock").exists()
     assert is_finished(train(cfg))
     assert not (cfg.run_dir / "train.lock").exists()
+
+
+def test_a_cached_training_in_use_is_told_to_use_another_cache_dir(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    with DirectoryLock(tmp_path / "cache" / cfg.default_run_name()):    # as a notebook training it elsewhere
+        with pytest.raises(DirectoryInUseError, match=r"through train_cached, .* another cache_dir\)$"):
+            train_cached(cfg, tmp_path / "cache")
 
 
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
