@@ -395,7 +395,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import collect_sml_statistics
-    from gmmseg_core.predict import check_mode, find_images, predict_files, run_labelling
+    from gmmseg_core.predict import check_images, check_mode, find_images, predict_files, run_labelling
     from gmmseg_core.scoring import SCORERS
     from gmmseg_core.train import _check_device, dataset_kwargs_for, is_finished, load_run
 
@@ -413,7 +413,7 @@ def cmd_predict(args) -> int:
     out_dir = Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
-    find_images(args.inputs)            # missing inputs and empty folders are reported before the model loads
+    check_images(find_images(args.inputs))      # missing inputs, empty folders and non-images, before loading
     model, cfg, metrics = load_run(args.run_dir, device=args.device)
     if not is_finished(args.run_dir):
         print(f"gmmseg predict: note: the run in {str(args.run_dir)!r} is not finished (still training, or "

@@ -2,6 +2,7 @@
 
 ``find_images``        the image files of files and folders given (folders: their .png/.jpg/.jpeg, sorted)
 ``read_image``         one file as an (H, W, 3) uint8 RGB array (Pillow)
+``check_images``       the files' headers, to report a file that is not an image before predicting anything
 ``output_stems``       a distinct output name for each input, also when two inputs share a file name
 ``predict_images``     labels and anomaly scores of each image, one image at a time
 ``write_prediction``   ``<stem>_labels.png``, ``<stem>_<scorer>.png`` and optionally ``<stem>.npz``
@@ -15,6 +16,7 @@ map and the scores have the input's size exactly, and an image's pixels are what
 the training size would stretch images of another aspect ratio; the scale matters all the same (a model trained
 on 64x128 scenes sees a 2048-pixel photo as tiny, unfamiliar structures), so images should be brought near the
 training resolution beforehand. ``mode="slide"`` runs windows of ``crop_size`` instead, as ``gmmseg evaluate``.
+Only smp's PAN refuses small images (sides under 128 pixels once padded): the error names the image.
 
 Heat maps: each scorer's map (higher = more anomalous) is drawn with matplotlib's ``magma`` colour map, scaled
 per image from the image's smallest finite score (black) to its largest (pale yellow); a constant map is black.
@@ -41,7 +43,8 @@ from gmmseg_core.data.classnames import CITYSCAPES_PALETTE
 from gmmseg_core.evaluate import _eval_mode, default_scorers, predict
 from gmmseg_core.scoring import compute_scores, scorer_names
 
-__all__ = ["IMAGE_SUFFIXES", "HEATMAP_CMAP", "ImagePrediction", "find_images", "read_image", "output_stems",
+__all__ = ["IMAGE_SUFFIXES", "HEATMAP_CMAP", "ImagePrediction", "find_images", "read_image", "check_images",
+           "output_stems",
            "check_mode", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
            "predict_files"]
 
@@ -107,6 +110,19 @@ def read_image(path) -> np.ndarray:
             return np.asarray(upright if upright.mode == "RGB" else upright.convert("RGB"), dtype=np.uint8)
     except (OSError, Image.DecompressionBombError) as err:     # not an image, truncated, unreadable
         raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
+
+
+def check_images(paths: Iterable) -> None:
+    """``ValueError`` naming the first of ``paths`` that Pillow does not recognise as an image, found from the
+    files' headers only (fast; a file damaged further on fails when :func:`read_image` reads it)."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
 
 
 def output_stems(paths: Sequence, endings: Sequence[str] = ("_labels.png", ".npz")) -> list[str]:
@@ -207,8 +223,12 @@ def predict_images(model, paths: Sequence, scorers=None, sml_stats=None, normali
     with _eval_mode(model):
         for path in progress_bar(list(paths), desc="predict", disable=not progress, leave=False):
             image = normalizer.normalize(read_image(path))[None].to(device)
-            outputs = predict(model, image, mode=mode, crop_size=crop_size, stride=stride,
-                              with_likelihood="gmm" in scorers)
+            try:
+                outputs = predict(model, image, mode=mode, crop_size=crop_size, stride=stride,
+                                  with_likelihood="gmm" in scorers)
+            except ValueError as err:       # e.g. an image smaller than the model takes
+                h, w = image.shape[-2:]
+                raise ValueError(f"the image {str(path)!r} ({h}x{w}) cannot be predicted: {err}") from err
             labels = outputs["logits"].max(dim=1).indices[0]     # as evaluate_closed_set
             scores = compute_scores(outputs, scorers, sml_stats=sml_stats)
             yield ImagePrediction(Path(path), labels.cpu().numpy(),
@@ -342,10 +362,15 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
         raise ValueError(f"{len(classes)} class names for a model that predicts {int(num_classes)} classes")
     scorers = _scorers(model, scorers, sml_stats)
     check_mode(mode, crop_size, stride)
+    inputs = [Path(p) for p in inputs]
     paths = find_images(inputs)
+    check_images(paths)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"the output directory {str(out_dir)!r} is a file")
+    if any(p.is_dir() and p.resolve() == out_dir.resolve() for p in inputs):
+        raise ValueError(f"the output directory {str(out_dir)!r} is an input folder: a later call would read its "
+                         "label maps and heat maps as images; write them to another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = output_stems(paths, ["_labels.png", *(f"_{s}.png" for s in scorers), ".npz"])
     images = []

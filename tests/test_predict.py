@@ -167,14 +167,39 @@ def test_heat_maps_span_the_colour_map_per_image():
     assert (flat == low).all()
 
 
-def test_an_unreadable_image_is_named(tmp_path, run_dir, capsys):
-    bad = tmp_path / "broken.png"
+def test_an_unreadable_image_is_named_before_anything_is_predicted(tmp_path, run_dir, capsys):
+    _save(tmp_path / "in" / "a.png", _random_image((8, 8, 3)))
+    bad = tmp_path / "in" / "broken.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="cannot read the image .*broken.png"):
         read_image(bad)
-    assert main(["predict", str(run_dir), str(bad), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert main(["predict", str(run_dir), str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("gmmseg predict: error: cannot read the image") and "Traceback" not in err
+    assert err.startswith(f"gmmseg predict: error: cannot read the image {str(bad)!r}") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_the_model_cannot_take_is_named(tmp_path):
+    class NeedsEightPixels(torch.nn.Module):
+        num_classes, is_generative = 2, False
+
+        def forward(self, images):
+            if min(images.shape[-2:]) < 8:
+                raise ValueError("sides of 8 pixels or more are needed")
+            return images[:, :2]
+
+    small = _save(tmp_path / "small.png", _random_image((4, 9, 3)))
+    with pytest.raises(ValueError, match=r"the image .*small.png' \(4x9\) cannot be predicted: sides of 8"):
+        predict_files(NeedsEightPixels(), [small], tmp_path / "out", ["a", "b"], np.zeros((2, 3)), scorers=["msp"])
+
+
+def test_the_outputs_are_not_written_into_an_input_folder(tmp_path, model):
+    _save(tmp_path / "photos" / "a.png", _random_image((8, 8, 3)))
+    with pytest.raises(ValueError, match="the output directory .*photos' is an input folder"):
+        predict_files(model, [tmp_path / "photos"], tmp_path / "photos" / ".." / "photos", [str(i) for i in range(8)],
+                      np.zeros((8, 3)))
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["a.png"]
 
 
 @pytest.mark.parametrize("args, message", [
