@@ -179,7 +179,7 @@ def _normalizer():
 def _scorers(model, scorers, sml_stats) -> list[str]:
     """The scorer names to compute (default :func:`~gmmseg_core.evaluate.default_scorers`), checked against
     the model and ``sml_stats``."""
-    scorers = scorer_names(default_scorers(model, sml_stats) if scorers is None else scorers)
+    scorers = list(dict.fromkeys(scorer_names(default_scorers(model, sml_stats) if scorers is None else scorers)))
     if "gmm" in scorers and not getattr(model, "is_generative", False):
         raise ValueError("scorer 'gmm' needs a GMM model (head='gmm'); this model has a softmax head")
     if "sml" in scorers and sml_stats is None:

@@ -137,7 +137,8 @@ def test_save_arrays_holds_the_labels_the_scores_and_the_class_names(model, tmp_
         assert z["classes"].tolist() == classes
     rgb = np.asarray(Image.open(tmp_path / "out" / "im_labels.png"))
     assert np.array_equal(rgb, palette[expected.labels])
-    predict_files(model, [tmp_path / "im.png"], tmp_path / "plain", classes, palette, scorers=["msp"])
+    plain = predict_files(model, [tmp_path / "im.png"], tmp_path / "plain", classes, palette, scorers=["msp", "msp"])
+    assert plain["scorers"] == ["msp"]
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["im_labels.png", "im_msp.png",
                                                                      "predictions.json"]
 
