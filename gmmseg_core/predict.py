@@ -9,13 +9,13 @@
 ``predict_files``      all of the above for a run's model; ``gmmseg predict`` calls it
 
 Image size: every image is predicted at its own size (upright, as its EXIF orientation says), neither resized
-nor padded here. The models are
-convolutional and return logits at their input's size for any size (the built-in backbones interpolate their
-stride-8/16/32 maps back to it; an smp backbone pads to its size divisor itself and crops again), so the label
-map and the scores have the input's size exactly, and an image's pixels are what the model sees. Resizing to
-the training size would stretch images of another aspect ratio; the scale matters all the same (a model trained
-on 64x128 scenes sees a 2048-pixel photo as tiny, unfamiliar structures), so images should be brought near the
-training resolution beforehand. ``mode="slide"`` runs windows of ``crop_size`` instead, as ``gmmseg evaluate``.
+nor padded here. The models are convolutional and return logits at their input's size for any size (the built-in
+backbones interpolate their stride-8/16/32 maps back to it; an smp backbone pads to its size divisor itself and
+crops again), so the label map and the scores have the input's size exactly, and an image's pixels are what the
+model sees. Resizing to the training size would stretch images of another aspect ratio; the scale matters all
+the same (a model trained on 64x128 scenes sees a 2048-pixel photo as tiny, unfamiliar structures), so images
+should be brought near the training resolution beforehand. ``mode="slide"`` runs windows of ``crop_size``
+instead, as ``gmmseg evaluate``.
 Only smp's PAN refuses small images (sides under 128 pixels once padded): the error names the image.
 
 Heat maps: each scorer's map (higher = more anomalous) is drawn with matplotlib's ``magma`` colour map, scaled
@@ -44,8 +44,7 @@ from gmmseg_core.evaluate import _eval_mode, default_scorers, predict
 from gmmseg_core.scoring import compute_scores, scorer_names
 
 __all__ = ["IMAGE_SUFFIXES", "HEATMAP_CMAP", "ImagePrediction", "find_images", "read_image", "check_images",
-           "output_stems",
-           "check_mode", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
+           "output_stems", "check_mode", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
            "predict_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
