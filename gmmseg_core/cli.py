@@ -58,7 +58,8 @@ examples:
 
 PREDICT_EPILOG = """\
 Applies a trained run to your own PNG/JPEG files. Each INPUT is an image file or a folder, whose .png, .jpg
-and .jpeg files (not those of its subfolders) are taken in name order. For each image, --out-dir receives
+and .jpeg files (not hidden ones, nor those of its subfolders) are taken in name order. For each image,
+--out-dir receives
   <stem>_labels.png     the predicted classes in the colours of the run's dataset
   <stem>_<scorer>.png   each anomaly score as a heat map (magma colours: black = the image's lowest score,
                         pale yellow = its highest; scaled per image, so colours compare pixels of one image,

@@ -70,9 +70,15 @@ class ImagePrediction:
     scores: dict
 
 
+def _is_image_name(path: Path) -> bool:
+    # hidden files are left out: "._x.png" is the resource fork macOS writes beside x.png on some file systems
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
+
+
 def find_images(inputs: Iterable) -> list[Path]:
     """The image files named by ``inputs``: files as given, folders as their ``.png`` / ``.jpg`` / ``.jpeg``
-    files (any case, not those of subfolders) sorted by name; in the order of ``inputs``, each file once.
+    files (any case; not hidden ones, not those of subfolders) sorted by name; in the order of ``inputs``, each
+    file once.
 
     Raises ``FileNotFoundError`` for an input that does not exist and ``ValueError`` naming the inputs when they
     hold no image.
@@ -82,8 +88,7 @@ def find_images(inputs: Iterable) -> list[Path]:
     for path in inputs:
         if not path.exists():
             raise FileNotFoundError(f"input {str(path)!r} does not exist")
-        files = (sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-                 if path.is_dir() else [path])
+        files = sorted(p for p in path.iterdir() if _is_image_name(p)) if path.is_dir() else [path]
         for f in files:
             key = f.resolve()
             if key not in seen:

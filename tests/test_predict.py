@@ -89,7 +89,7 @@ def test_outputs_have_the_input_size_for_odd_sizes(model, tmp_path, mode, window
 
 
 def test_folders_are_searched_for_images_in_name_order_and_each_file_is_taken_once(tmp_path):
-    for name in ("b.png", "a.JPG", "c.jpeg", "notes.txt", "sub/d.png", "other/z.png"):
+    for name in ("b.png", "a.JPG", "c.jpeg", "notes.txt", "._b.png", "sub/d.png", "other/z.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     loose = tmp_path / "other" / "z.png"
