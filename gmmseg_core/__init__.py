@@ -8,6 +8,7 @@ The library behind the study notebooks. Modules, each with one job:
 ``data``      datasets and ``build_dataset``
 ``scoring``   anomaly scores; ``metrics`` segmentation, anomaly and calibration metrics
 ``train``     the online-hybrid training loop; ``evaluate`` inference and evaluations
+``predict``   a trained model applied to image files (label maps, anomaly heat maps)
 ``config``    ``TrainConfig``; ``profiles`` the notebooks' parameter sets (smoke, cpu, gpu) and shared models
 ``plots``     the notebooks' figure helpers; ``reproduce`` runs the notebooks; ``cli`` the ``gmmseg`` command
 (``head_ops``, ``memory`` and ``distributed`` are helpers of ``heads`` and ``train``.)

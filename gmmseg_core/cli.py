@@ -1,4 +1,4 @@
-"""The ``gmmseg`` command: ``train``, ``evaluate``, ``reproduce`` and ``bench``.
+"""The ``gmmseg`` command: ``train``, ``evaluate``, ``predict``, ``reproduce`` and ``bench``.
 
 Run ``gmmseg <command> --help`` for the options of each; ``python -m gmmseg_core`` is the same command.
 """
@@ -20,6 +20,7 @@ examples:
   gmmseg train --arch fcn --head gmm --iters 200 --out-dir runs
   gmmseg train --config my_run.json --set lr=3e-4 --set head_kwargs.variant=official
   gmmseg evaluate runs/fcn_gmm-paper_scenes_s0_1a2b3c4d --split anomaly --scorers msp energy gmm
+  gmmseg predict runs/fcn_gmm-paper_scenes_s0_1a2b3c4d photos/ street.jpg --out-dir predictions
   gmmseg reproduce --profile cpu
   gmmseg bench --quick
 
@@ -53,6 +54,30 @@ examples:
   gmmseg evaluate runs/my_run                         # val split of the training dataset
   gmmseg evaluate runs/my_run --split anomaly --scorers msp max_logit energy entropy sml gmm
   gmmseg evaluate runs/my_run --dataset road_anomaly --data-root /data --split anomaly --streaming
+"""
+
+PREDICT_EPILOG = """\
+Applies a trained run to your own PNG/JPEG files. Each INPUT is an image file or a folder, whose .png, .jpg
+and .jpeg files (not hidden ones, nor those of its subfolders) are taken in name order. For each image,
+--out-dir receives
+  <stem>_labels.png     the predicted classes in the colours of the run's dataset
+  <stem>_<scorer>.png   each anomaly score as a heat map (magma colours: black = the image's lowest score,
+                        pale yellow = its highest; scaled per image, so colours compare pixels of one image,
+                        not images: use --save-arrays or predictions.json's scales for that)
+  <stem>.npz            with --save-arrays: labels (H, W), one float32 (H, W) array per scorer, classes
+and predictions.json lists the inputs, their outputs, the class names and each heat map's scale. Inputs whose
+names clash (a/x.png, b/x.jpg) get x, x_2, ... ; files of the same names from an earlier call are replaced;
+--out-dir may not be an input folder (a later call would take the outputs for images).
+Images are turned upright as their EXIF orientation says, normalised as the datasets do and predicted at their
+own size (the outputs have that size); the model has learnt the scale of its training images, so bring photos
+near that resolution first (the run's config.json says which: dataset_kwargs.image_size, the scenes default
+being 64x128). The default scorers are
+msp max_logit energy entropy, and gmm for a GMM run; sml is fitted on the run's training data when asked for.
+
+examples:
+  gmmseg predict runs/my_run photos/ --out-dir predictions
+  gmmseg predict runs/my_run a.png b.jpg --out-dir out --scorers gmm msp --save-arrays
+  gmmseg predict runs/my_run big/ --out-dir out --mode slide --crop-size 512 --stride 341 --device cuda
 """
 
 REPRO_EPILOG = """\
@@ -158,6 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--output", help="JSON file for the results (default <run_dir>/eval_<dataset>_<split>.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("predict", help="apply a trained run to image files (labels, anomaly heat maps)",
+                       epilog=PREDICT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Predict the classes and anomaly scores of PNG/JPEG images with a run "
+                                   "directory written by `gmmseg train`.")
+    p.add_argument("run_dir", help="run directory (holds checkpoint.pt)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders of images")
+    p.add_argument("--out-dir", required=True, help="folder for the outputs (created if needed)")
+    p.add_argument("--scorers", nargs="+", metavar="NAME",
+                   help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply but sml, "
+                        "which is fitted on the training split when named)")
+    p.add_argument("--sml-images", type=int, default=200,
+                   help="training images for the sml statistics, spread evenly over the split (default 200; "
+                        "0 = all)")
+    p.add_argument("--data-root", help="root of the training data for the sml statistics (default: the run's)")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
+    p.add_argument("--crop-size", type=int, help="window size for --mode slide")
+    p.add_argument("--stride", type=int, help="window stride for --mode slide (default 2/3 of --crop-size)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--save-arrays", action="store_true", help="also write <stem>.npz with the labels and scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("reproduce", help="run the study notebooks for a profile", epilog=REPRO_EPILOG,
@@ -349,6 +395,57 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from gmmseg_core.data import build_dataset
+    from gmmseg_core.evaluate import collect_sml_statistics
+    from gmmseg_core.predict import check_images, check_mode, find_images, predict_files, run_labelling
+    from gmmseg_core.scoring import SCORERS
+    from gmmseg_core.train import _check_device, dataset_kwargs_for, is_finished, load_run
+
+    _check_device(args.device)
+    if args.sml_images < 0:
+        raise ValueError(f"--sml-images must be >= 0 (0 = all training images), got {args.sml_images}")
+    if args.mode == "whole" and (args.crop_size is not None or args.stride is not None):
+        raise ValueError("--crop-size and --stride apply to --mode slide")
+    if args.mode == "slide" and args.crop_size is None:
+        raise ValueError("--mode slide needs --crop-size (the window size)")
+    check_mode(args.mode, args.crop_size, args.stride)
+    unknown = sorted(set(args.scorers or ()) - set(SCORERS))
+    if unknown:
+        raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
+    check_images(find_images(args.inputs))      # missing inputs, empty folders and non-images, before loading
+    model, cfg, metrics = load_run(args.run_dir, device=args.device)
+    if not is_finished(args.run_dir):
+        print(f"gmmseg predict: note: the run in {str(args.run_dir)!r} is not finished (still training, or "
+              "stopped before its end): these are the predictions of its last checkpoint", file=sys.stderr)
+    if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
+        raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
+    sml_stats = None
+    if "sml" in (args.scorers or ()):
+        root = args.data_root if args.data_root is not None else cfg.data_root
+        train_ds = build_dataset(cfg.dataset, "train", root=root, **dataset_kwargs_for(cfg, "statistics"))
+        sml_stats = collect_sml_statistics(model, train_ds, max_images=args.sml_images or None, device=args.device,
+                                           mode=args.mode, crop_size=args.crop_size, stride=args.stride,
+                                           progress=not args.no_progress)
+    classes, palette, normalizer = run_labelling(cfg, model.num_classes, metrics)
+    summary = predict_files(model, args.inputs, out_dir, classes, palette, scorers=args.scorers,
+                            sml_stats=sml_stats, normalizer=normalizer, mode=args.mode, crop_size=args.crop_size,
+                            stride=args.stride, device=args.device, save_arrays=args.save_arrays,
+                            progress=not args.no_progress)
+    renamed = [(im["input"], im["stem"]) for im in summary["images"] if Path(im["input"]).stem != im["stem"]]
+    for source, stem in renamed:
+        print(f"gmmseg predict: note: {source!r} shares its name with an earlier input: its outputs are "
+              f"named {stem!r}", file=sys.stderr)
+    count = len(summary["images"])
+    print(f"{count} image{'s' * (count != 1)}, scorers {' '.join(summary['scorers'])}; classes: "
+          + ", ".join(f"{i} {c}" for i, c in enumerate(classes)))
+    print(f"written: {out_dir} (summary in {out_dir / 'predictions.json'})")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     return reproduce_cli.run_from_args(args)
 
@@ -366,7 +463,8 @@ def cmd_bench(args) -> int:
     return run_all.main(argv)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "reproduce": cmd_reproduce, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "reproduce": cmd_reproduce,
+            "bench": cmd_bench}
 
 
 def main(argv=None) -> int:

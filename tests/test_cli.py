@@ -18,10 +18,10 @@ def test_help_lists_the_commands_with_examples(capsys):
         main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for word in ("train", "evaluate", "reproduce", "bench", "examples:"):
+    for word in ("train", "evaluate", "predict", "reproduce", "bench", "examples:"):
         assert word in out
     assert main([]) == 1  # no command: help, failure status
-    for command in ("train", "evaluate", "reproduce", "bench"):
+    for command in ("train", "evaluate", "predict", "reproduce", "bench"):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "usage: gmmseg " + command in capsys.readouterr().out
