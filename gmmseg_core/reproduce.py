@@ -106,31 +106,50 @@ def _resolve_notebooks(notebooks) -> list[Path]:
     return paths
 
 
-def _kernel_name() -> str:
-    """Name of a kernelspec that runs *this* interpreter (so the notebooks see this environment).
+@contextmanager
+def _environ(values: dict):
+    """``os.environ`` with ``values`` (``{name: str}``) set inside the block and as it was again after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        os.environ.update(values)
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def _kernel():
+    """Name of a kernelspec that runs *this* interpreter (so the notebooks see this environment), valid inside
+    the block.
 
     Uses the ``python3`` kernelspec when its command is a bare ``python`` (jupyter_client substitutes the
     running interpreter) or lives in ``sys.prefix``; otherwise writes a private kernelspec pointing at
-    ``sys.executable`` into a temporary Jupyter data directory and registers that directory.
+    ``sys.executable`` into a temporary Jupyter data directory and adds it to ``JUPYTER_PATH``, both undone when
+    the block ends.
     """
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
-        spec = KernelSpecManager().get_kernel_spec("python3")
-        exe = spec.argv[0]
-        if exe in ("python", "python3") or Path(exe).resolve().is_relative_to(Path(sys.prefix).resolve()):
-            return "python3"
+        exe = KernelSpecManager().get_kernel_spec("python3").argv[0]
     except NoSuchKernel:
-        pass
+        exe = None
+    if exe is not None and (exe in ("python", "python3")
+                            or Path(exe).resolve().is_relative_to(Path(sys.prefix).resolve())):
+        yield "python3"
+        return
     name = "gmmseg-python"
-    root = Path(tempfile.mkdtemp(prefix="gmmseg-kernels-"))
-    kdir = root / "kernels" / name
-    kdir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "gmmseg (this interpreter)", "language": "python"}
-    (kdir / "kernel.json").write_text(json.dumps(spec))
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("JUPYTER_PATH")]))
-    return name
+    with tempfile.TemporaryDirectory(prefix="gmmseg-kernels-") as root:
+        kdir = Path(root) / "kernels" / name
+        kdir.mkdir(parents=True)
+        spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "gmmseg (this interpreter)", "language": "python"}
+        (kdir / "kernel.json").write_text(json.dumps(spec))
+        with _environ({"JUPYTER_PATH": os.pathsep.join(filter(None, [root, os.environ.get("JUPYTER_PATH")]))}):
+            yield name
 
 
 def _check_notebook_packages() -> None:
@@ -180,13 +199,15 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    if kernel_name is None:
+        with _kernel() as kernel_name:
+            return run_notebook(notebook, output_path, parameters, kernel_name=kernel_name, progress=progress)
     notebook = Path(notebook)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     env_backend = os.environ.get("MPLBACKEND")
     os.environ["MPLBACKEND"] = "Agg"  # figures are files; no display in the kernel
-    kernel_name = kernel_name or _kernel_name()
     sockets = tempfile.TemporaryDirectory(prefix="gmmseg-kernel-") if os.name == "posix" else None
     km = None
     if sockets is not None:
@@ -458,7 +479,6 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     if threads is None and not str(device or "cpu").startswith("cuda"):
         threads = 1
     threads = check_int("threads", threads, optional=True)
-    kernel = _kernel_name()
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
@@ -477,13 +497,12 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     except BaseException:
         lock.release()
         raise
-    if threads is not None:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # inherited by the kernels papermill starts
-            os.environ[var] = str(threads)
+    # inherited by the kernels papermill starts; the caller's values are back when the run ends
+    thread_vars = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads is not None else {}
     earlier = _earlier_entries(timings, profile)       # read under the lock: no other run rewrites it now
     total_start = time.perf_counter()
     try:
-        with interrupts.installed():
+        with interrupts.installed(), _kernel() as kernel, _environ(thread_vars):
             _INTERRUPTS = interrupts
             for i, nb_path in enumerate(paths, 1):
                 name = nb_path.stem

@@ -1,6 +1,7 @@
 """reproduce(): parameters reach the notebook, timings come back, and a failing notebook is named with its cell."""
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -343,19 +344,20 @@ def test_an_empty_data_root_is_none_and_the_run_wide_paths_reach_the_notebook_ab
 
 def test_threads_may_be_a_numpy_integer(tmp_path, monkeypatch):
     import os
+    from contextlib import nullcontext
 
     import numpy as np
 
     import gmmseg_core.reproduce as reproduce_module
 
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # reproduce() sets them for its kernels; restore after
-        monkeypatch.setenv(var, "7")
-    monkeypatch.setattr(reproduce_module, "run_notebook", lambda *a, **k: 0.0)
-    monkeypatch.setattr(reproduce_module, "_kernel_name", lambda: "python3")
+    seen = []
+    monkeypatch.setattr(reproduce_module, "run_notebook",
+                        lambda *a, **k: seen.append((os.environ["OMP_NUM_THREADS"], os.environ["MKL_NUM_THREADS"])))
+    monkeypatch.setattr(reproduce_module, "_kernel", lambda: nullcontext("python3"))
     nb = _write_notebook(tmp_path / "ok.ipynb", ["pass"])
     reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig",
               threads=np.int64(2), log=lambda *a, **k: None)
-    assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    assert seen == [("2", "2")]
     assert json.loads((tmp_path / "out" / "timings.json").read_text())["profile"] == "smoke"
     with pytest.raises(ValueError, match="threads must be None or a positive int, got True"):
         reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", threads=True)
@@ -470,3 +472,46 @@ def test_a_second_run_into_the_same_output_folder_stops_before_anything_runs(tmp
         assert not fig.exists() and [p.name for p in out.iterdir()] == ["reproduce.lock"]
     reproduce("smoke", notebooks=[nb], out_dir=out, figures_dir=fig, log=_quiet, progress=False)
     assert (fig / "ran.txt").read_text() == "yes" and not (out / "reproduce.lock").exists()
+
+
+def test_the_callers_environment_is_restored_and_the_private_kernelspec_removed_however_a_run_ends(
+        tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    import gmmseg_core.reproduce as reproduce_module
+    from gmmseg_core._files import DirectoryLock
+
+    def no_python3(self, name):         # as when the python3 kernelspec runs another interpreter
+        raise NoSuchKernel(name)
+
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", no_python3)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("JUPYTER_PATH", "/elsewhere")
+    before = dict(os.environ)
+    seen = []
+
+    def run_notebook(notebook, output, parameters, kernel_name=None, **kwargs):
+        kernels = os.environ["JUPYTER_PATH"].split(os.pathsep)[0]
+        seen.append((kernel_name, os.environ["OMP_NUM_THREADS"], os.environ["MKL_NUM_THREADS"],
+                     (Path(kernels) / "kernels" / kernel_name / "kernel.json").is_file()))
+        if notebook.stem == "bad":
+            raise NotebookExecutionError(notebook, output, 1, "ValueError", "deliberate")
+
+    monkeypatch.setattr(reproduce_module, "run_notebook", run_notebook)
+    good, bad = (_write_notebook(tmp_path / f"{name}.ipynb", ["pass"]) for name in ("good", "bad"))
+    run = dict(out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", log=_quiet, progress=False, threads=3)
+    reproduce("smoke", notebooks=[good], **run)
+    assert seen == [("gmmseg-python", "3", "3", True)]
+    assert dict(os.environ) == before and list((tmp_path / "tmp").iterdir()) == []
+    with pytest.raises(NotebookExecutionError):
+        reproduce("smoke", notebooks=[bad], **run)
+    assert dict(os.environ) == before and list((tmp_path / "tmp").iterdir()) == []
+    with DirectoryLock(tmp_path / "out", name="reproduce.lock"), pytest.raises(OSError, match="is in use"):
+        reproduce("smoke", notebooks=[good], **run)
+    assert dict(os.environ) == before and list((tmp_path / "tmp").iterdir()) == []
