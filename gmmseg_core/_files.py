@@ -14,6 +14,12 @@ from pathlib import Path
 LOG_REFRESH_S = 30.0   # seconds between progress-bar redraws when stderr is a file or a CI log
 
 
+def temporary_path(path) -> Path:
+    """The temporary file :func:`atomic_write` writes before it replaces ``path``: ``<name>.tmp`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 def atomic_write(path, write) -> Path:
     """``write(tmp)`` on a temporary file beside ``path``, then ``os.replace(tmp, path)``.
 
@@ -34,7 +40,7 @@ def atomic_write(path, write) -> Path:
         ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -25,7 +25,7 @@ process ends, however it ends, so a directory left by a crashed or killed run (w
 Without ``fcntl`` (Windows) nothing is locked.
 
 The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
-disk leaves each whole, old or new. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
+disk leaves each whole, old or new, and the next training there deletes the temporary file a kill left behind. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
 row a kill tore.
 
 Determinism and resume: the data order is a pure function of (seed, step): the image stream is the
@@ -76,12 +76,14 @@ from gmmseg_core._files import (
     atomic_write,
     atomic_write_text,
     progress_bar,
+    temporary_path,
 )
 from gmmseg_core.config import TrainConfig, without_data_cache_dirs
 
 __all__ = ["TrainConfig", "train", "load_run", "train_cached", "build_model_from_spec", "dataset_kwargs_for"]
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "metrics.json", "config.json", "log.csv")    # those a training replaces with atomic_write
 NONFINITE_FP16_STEPS = 10  # with fp16 autocast, consecutive non-finite losses before training stops
 WAIT_FOR_RANK_0 = timedelta(hours=2)  # under DDP, how long the other processes wait while rank 0 evaluates or saves
 
@@ -470,6 +472,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 own_group = True
             host = _host_group()
         lock = _lock_run_dir(cfg.run_dir, rank == 0, host)
+        if lock is not None:
+            _remove_stale_temporaries(cfg.run_dir)
         try:
             return _train(cfg, stop_after, on_step, train_kwargs, rank, world, device, ddp, host)
         finally:
@@ -493,6 +497,14 @@ def _check_run_dir_free(run_dir) -> None:
     only rank 0 checks: the others would find its lock."""
     if int(os.environ.get("RANK", 0)) == 0 and Path(run_dir).is_dir():
         DirectoryLock(run_dir).acquire(_IN_USE_ADVICE).release()
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete what a write of the run's own files that was killed midway left in ``run_dir`` (the temporary files
+    of :func:`~gmmseg_core._files.atomic_write`; ``checkpoint.pt.tmp`` can take hundreds of MB). Only for the
+    holder of the run directory's lock: no other training writes these files meanwhile."""
+    for name in RUN_FILES:
+        temporary_path(run_dir / name).unlink(missing_ok=True)
 
 
 def _lock_run_dir(run_dir: Path, master: bool, host) -> DirectoryLock | None:

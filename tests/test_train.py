@@ -1416,3 +1416,19 @@ def test_the_command_lines_check_for_a_running_training_is_left_to_rank_0_under_
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(DirectoryInUseError):
             _check_run_dir_free(tmp_path)
+
+
+def test_a_training_deletes_the_temporary_files_a_killed_write_left_only_while_it_holds_the_run_directory(tmp_path):
+    cfg = tiny_cfg(tmp_path, iters=1)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True)
+    stale = ["checkpoint.pt.tmp", "metrics.json.tmp", "config.json.tmp", "log.csv.tmp"]
+    others = ["eval_scenes_val.json.tmp", "notes.tmp", "checkpoint.pt.bak"]     # not the training's own
+    for name in stale + others:
+        (run_dir / name).write_bytes(b"torn")
+    with DirectoryLock(run_dir), pytest.raises(DirectoryInUseError):    # another training holds it: left alone
+        train(cfg)
+    assert all((run_dir / name).exists() for name in stale + others)
+    train(cfg)
+    assert not any((run_dir / name).exists() for name in stale)
+    assert all((run_dir / name).read_bytes() == b"torn" for name in others)
