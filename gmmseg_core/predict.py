@@ -99,10 +99,20 @@ def find_images(inputs: Iterable) -> list[Path]:
     return found
 
 
+def _rgb(image) -> np.ndarray:
+    """A Pillow image as (H, W, 3) uint8 RGB."""
+    if image.mode.startswith("I"):
+        # 16-bit grey ("I;16", "I" in older Pillow): its high byte, as Pillow reads 16-bit colour; Pillow's own
+        # conversion would clip every value above 255 to white
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+
+
 def read_image(path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (grey, palette and RGBA images are converted; alpha is dropped),
-    turned upright as its EXIF orientation says (as image viewers show it: a camera's portrait photo is often
-    stored sideways with such a tag).
+    """An image file as (H, W, 3) uint8 RGB (grey, 16-bit grey, palette and RGBA images are converted; alpha is
+    dropped), turned upright as its EXIF orientation says (as image viewers show it: a camera's portrait photo is
+    often stored sideways with such a tag).
 
     Raises ``ValueError`` naming the file when Pillow cannot read it.
     """
@@ -110,8 +120,7 @@ def read_image(path) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
-            upright = ImageOps.exif_transpose(im)
-            return np.asarray(upright if upright.mode == "RGB" else upright.convert("RGB"), dtype=np.uint8)
+            return _rgb(ImageOps.exif_transpose(im))
     except (OSError, Image.DecompressionBombError) as err:     # not an image, truncated, unreadable
         raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
 

@@ -318,3 +318,10 @@ def test_a_run_whose_data_is_elsewhere_is_labelled_with_its_recorded_classes(tmp
     assert classes[:2] == ["class 0", "class 1"] and palette.shape == (150, 3)
     classes, palette, dataset = run_labelling(TrainConfig(dataset_kwargs={"num_images": 1}), 8, {})
     assert classes == scenes.classes and np.array_equal(palette, scenes.palette) and dataset.name == "scenes"
+
+
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    grey, low = _random_image((6, 7), seed=3), _random_image((6, 7), seed=4)
+    Image.fromarray(grey.astype(np.uint16) * 256 + low).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "depth.png").mode == "I;16"
+    assert np.array_equal(read_image(tmp_path / "depth.png"), np.repeat(grey[..., None], 3, axis=-1))
