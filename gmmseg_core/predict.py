@@ -165,23 +165,28 @@ def output_stems(paths: Sequence, endings: Sequence[str] = ("_labels.png", ".npz
     return out
 
 
-def check_mode(mode: str, crop_size=None, stride=None) -> None:
+def check_mode(mode: str, crop_size=None, stride=None) -> tuple:
     """``ValueError`` for inference options :func:`~gmmseg_core.evaluate.predict` would refuse, before any
     image is read: an unknown ``mode``, window options without ``"slide"``, a missing or bad ``crop_size``, a
-    bad ``stride`` or one larger than the window."""
+    bad ``stride`` or one larger than the window.
+
+    Returns ``(crop_size, stride)``, each a ``[height, width]`` list of ints, or None where not given.
+    """
     if mode not in ("whole", "slide"):
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "whole":
         if crop_size is not None or stride is not None:
             raise ValueError("crop_size and stride apply to mode 'slide'")
-        return
+        return None, None
     if crop_size is None:
         raise ValueError("mode 'slide' needs crop_size (the window size)")
     ch, cw = check_size_pair("crop_size", crop_size)
-    if stride is not None:
-        sh, sw = check_size_pair("stride", stride)
-        if sh > ch or sw > cw:
-            raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension")
+    if stride is None:
+        return [ch, cw], None
+    sh, sw = check_size_pair("stride", stride)
+    if sh > ch or sw > cw:
+        raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension")
+    return [ch, cw], [sh, sw]
 
 
 def _normalizer():
@@ -366,7 +371,8 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
 
     Returns
     -------
-    dict: ``classes``, ``scorers``, ``mode``, ``crop_size``, ``stride`` and ``images``, a list with per image
+    dict: ``classes``, ``scorers``, ``mode``, ``crop_size`` and ``stride`` (``[height, width]``, None where not
+    given), ``heatmap_cmap``, ``heatmap_scale`` and ``images``, a list with per image
     ``input`` (its path), ``stem`` (its outputs' name, see :func:`output_stems`), ``size`` ([H, W]),
     ``files`` and ``scale``; also written to ``<out_dir>/predictions.json``.
     """
@@ -374,7 +380,7 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
     if num_classes is not None and len(classes) != int(num_classes):
         raise ValueError(f"{len(classes)} class names for a model that predicts {int(num_classes)} classes")
     scorers = _scorers(model, scorers, sml_stats)
-    check_mode(mode, crop_size, stride)
+    window = check_mode(mode, crop_size, stride)      # as plain ints for the JSON summary
     inputs = [Path(p) for p in inputs]
     paths = find_images(inputs)
     check_images(paths)
@@ -393,7 +399,7 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
         written = write_prediction(prediction, out_dir, stem, palette, classes, save_arrays=save_arrays)
         images.append({"input": str(prediction.path), "stem": stem, "size": list(prediction.labels.shape),
                        **written})
-    summary = {"classes": list(classes), "scorers": scorers, "mode": mode, "crop_size": crop_size,
-               "stride": stride, "heatmap_cmap": HEATMAP_CMAP, "heatmap_scale": "per image", "images": images}
+    summary = {"classes": list(classes), "scorers": scorers, "mode": mode, "crop_size": window[0],
+               "stride": window[1], "heatmap_cmap": HEATMAP_CMAP, "heatmap_scale": "per image", "images": images}
     atomic_write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -325,3 +325,15 @@ def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     Image.fromarray(grey.astype(np.uint16) * 256 + low).save(tmp_path / "depth.png")
     assert Image.open(tmp_path / "depth.png").mode == "I;16"
     assert np.array_equal(read_image(tmp_path / "depth.png"), np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_the_summary_records_numpy_window_sizes_as_plain_pairs(model, tmp_path):
+    _save(tmp_path / "a.png", _random_image((20, 30, 3)))
+    classes = [str(i) for i in range(8)]
+    summary = predict_files(model, [tmp_path / "a.png"], tmp_path / "out", classes, np.zeros((8, 3), np.uint8),
+                            scorers=["msp"], mode="slide", crop_size=np.int64(16), stride=np.array([8, 12]))
+    assert (summary["crop_size"], summary["stride"]) == ([16, 16], [8, 12])
+    assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == summary
+    default = predict_files(model, [tmp_path / "a.png"], tmp_path / "out", classes, np.zeros((8, 3), np.uint8),
+                            scorers=["msp"], mode="slide", crop_size=(12, 16))
+    assert (default["crop_size"], default["stride"]) == ([12, 16], None)
