@@ -374,7 +374,8 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
     dict: ``classes``, ``scorers``, ``mode``, ``crop_size`` and ``stride`` (``[height, width]``, None where not
     given), ``heatmap_cmap``, ``heatmap_scale`` and ``images``, a list with per image
     ``input`` (its path), ``stem`` (its outputs' name, see :func:`output_stems`), ``size`` ([H, W]),
-    ``files`` and ``scale``; also written to ``<out_dir>/predictions.json``.
+    ``files`` and ``scale``; also written to ``<out_dir>/predictions.json`` once every image is done (a call
+    that stops early leaves none, rather than an earlier call's).
     """
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and len(classes) != int(num_classes):
@@ -391,6 +392,8 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
         raise ValueError(f"the output directory {str(out_dir)!r} is an input folder: a later call would read its "
                          "label maps and heat maps as images; write them to another folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    # an earlier call's summary would describe outputs that this call replaces, also if this one stops early
+    (out_dir / SUMMARY).unlink(missing_ok=True)
     stems = output_stems(paths, ["_labels.png", *(f"_{s}.png" for s in scorers), ".npz"])
     images = []
     predictions = predict_images(model, paths, scorers=scorers, sml_stats=sml_stats, normalizer=normalizer,

@@ -337,3 +337,17 @@ def test_the_summary_records_numpy_window_sizes_as_plain_pairs(model, tmp_path):
     default = predict_files(model, [tmp_path / "a.png"], tmp_path / "out", classes, np.zeros((8, 3), np.uint8),
                             scorers=["msp"], mode="slide", crop_size=(12, 16))
     assert (default["crop_size"], default["stride"]) == ([12, 16], None)
+
+
+def test_a_call_that_stops_early_leaves_no_summary_of_an_earlier_call(model, tmp_path):
+    classes, palette = [str(i) for i in range(8)], np.zeros((8, 3), np.uint8)
+    _save(tmp_path / "in" / "a.png", _random_image((8, 8, 3)))
+    predict_files(model, [tmp_path / "in"], tmp_path / "out", classes, palette, scorers=["msp"])
+    assert (tmp_path / "out" / "predictions.json").exists()
+    _save(tmp_path / "in" / "b.png", _random_image((8, 8, 3), seed=1))
+    torn = tmp_path / "in" / "c.png"
+    torn.write_bytes((tmp_path / "in" / "b.png").read_bytes()[:60])     # a header, then nothing
+    with pytest.raises(ValueError, match="cannot read the image .*c.png"):
+        predict_files(model, [tmp_path / "in"], tmp_path / "out", classes, palette, scorers=["energy"])
+    assert (tmp_path / "out" / "b_energy.png").exists()        # the images before the failure are written
+    assert not (tmp_path / "out" / "predictions.json").exists()
