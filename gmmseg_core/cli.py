@@ -398,7 +398,14 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from gmmseg_core.data import build_dataset
     from gmmseg_core.evaluate import collect_sml_statistics
-    from gmmseg_core.predict import check_images, check_mode, find_images, predict_files, run_labelling
+    from gmmseg_core.predict import (
+        check_images,
+        check_mode,
+        check_out_dir,
+        find_images,
+        predict_files,
+        run_labelling,
+    )
     from gmmseg_core.scoring import SCORERS
     from gmmseg_core.train import _check_device, dataset_kwargs_for, is_finished, load_run
 
@@ -414,8 +421,7 @@ def cmd_predict(args) -> int:
     if unknown:
         raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
     out_dir = Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {str(out_dir)!r} is a file, not a folder")
+    check_out_dir(out_dir, args.inputs)
     check_images(find_images(args.inputs))      # missing inputs, empty folders and non-images, before loading
     model, cfg, metrics = load_run(args.run_dir, device=args.device)
     if not is_finished(args.run_dir):

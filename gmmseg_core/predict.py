@@ -4,6 +4,8 @@
 ``read_image``         one file as an (H, W, 3) uint8 RGB array (Pillow)
 ``check_images``       the files' headers, to report a file that is not an image before predicting anything
 ``output_stems``       a distinct output name for each input, also when two inputs share a file name
+``check_mode``         the inference options' errors, before any image is read
+``check_out_dir``      an output folder that is a file or an input folder, refused before anything is written
 ``predict_images``     labels and anomaly scores of each image, one image at a time
 ``write_prediction``   ``<stem>_labels.png``, ``<stem>_<scorer>.png`` and optionally ``<stem>.npz``
 ``predict_files``      all of the above for a run's model; ``gmmseg predict`` calls it
@@ -44,7 +46,7 @@ from gmmseg_core.evaluate import _eval_mode, default_scorers, predict
 from gmmseg_core.scoring import compute_scores, scorer_names
 
 __all__ = ["IMAGE_SUFFIXES", "HEATMAP_CMAP", "ImagePrediction", "find_images", "read_image", "check_images",
-           "output_stems", "check_mode", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
+           "output_stems", "check_mode", "check_out_dir", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
            "predict_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -187,6 +189,17 @@ def check_mode(mode: str, crop_size=None, stride=None) -> tuple:
     if sh > ch or sw > cw:
         raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension")
     return [ch, cw], [sh, sw]
+
+
+def check_out_dir(out_dir, inputs: Iterable) -> None:
+    """``ValueError`` when ``out_dir`` is a file or one of the ``inputs`` folders (whose images a later call would
+    take the outputs for)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"the output directory {str(out_dir)!r} is a file")
+    if any(Path(p).is_dir() and Path(p).resolve() == out_dir.resolve() for p in inputs):
+        raise ValueError(f"the output directory {str(out_dir)!r} is an input folder: a later call would read its "
+                         "label maps and heat maps as images; write them to another folder")
 
 
 def _normalizer():
@@ -386,11 +399,7 @@ def predict_files(model, inputs: Iterable, out_dir, classes: Sequence[str], pale
     paths = find_images(inputs)
     check_images(paths)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"the output directory {str(out_dir)!r} is a file")
-    if any(p.is_dir() and p.resolve() == out_dir.resolve() for p in inputs):
-        raise ValueError(f"the output directory {str(out_dir)!r} is an input folder: a later call would read its "
-                         "label maps and heat maps as images; write them to another folder")
+    check_out_dir(out_dir, inputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     # an earlier call's summary would describe outputs that this call replaces, also if this one stops early
     (out_dir / SUMMARY).unlink(missing_ok=True)

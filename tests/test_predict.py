@@ -237,7 +237,13 @@ def test_missing_runs_inputs_and_empty_folders_are_reported(tmp_path, run_dir, c
         err = capsys.readouterr().err
         assert err.startswith("gmmseg predict: error: ") and message in err, err
     assert main(["predict", str(run_dir), str(image), "--out-dir", str(tmp_path / "file")]) == 2
-    assert f"--out-dir {str(tmp_path / 'file')!r} is a file" in capsys.readouterr().err
+    assert f"the output directory {str(tmp_path / 'file')!r} is a file" in capsys.readouterr().err
+    (tmp_path / "photos").mkdir()
+    _save(tmp_path / "photos" / "b.png", _random_image((8, 8, 3)))
+    # refused before the run is read (its sml statistics can take minutes): a missing run is not reached
+    assert main(["predict", str(tmp_path / "no_run"), str(tmp_path / "photos"), "--out-dir",
+                 str(tmp_path / "photos")]) == 2
+    assert f"the output directory {str(tmp_path / 'photos')!r} is an input folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
