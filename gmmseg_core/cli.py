@@ -71,8 +71,8 @@ names clash (a/x.png, b/x.jpg) get x, x_2, ... ; files of the same names from an
 Images are turned upright as their EXIF orientation says, normalised as the datasets do and predicted at their
 own size (the outputs have that size); the model has learnt the scale of its training images, so bring photos
 near that resolution first (the run's config.json says which: dataset_kwargs.image_size, the scenes default
-being 64x128). The default scorers are
-msp max_logit energy entropy, and gmm for a GMM run; sml is fitted on the run's training data when asked for.
+being 64x128). The default scorers are msp max_logit energy entropy, and gmm for a GMM run; sml is fitted on
+the run's training data when asked for.
 
 examples:
   gmmseg predict runs/my_run photos/ --out-dir predictions
