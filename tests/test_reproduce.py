@@ -515,3 +515,29 @@ def test_the_callers_environment_is_restored_and_the_private_kernelspec_removed_
     with DirectoryLock(tmp_path / "out", name="reproduce.lock"), pytest.raises(OSError, match="is in use"):
         reproduce("smoke", notebooks=[good], **run)
     assert dict(os.environ) == before and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_notebook_runs_on_a_private_kernelspec_that_is_gone_afterwards(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    from gmmseg_core.reproduce import run_notebook
+
+    found = KernelSpecManager.get_kernel_spec
+
+    def without_python3(self, name):     # as when the python3 kernelspec runs another interpreter
+        if name == "python3":
+            raise NoSuchKernel(name)
+        return found(self, name)
+
+    monkeypatch.setattr(KernelSpecManager, "get_kernel_spec", without_python3)
+    monkeypatch.delenv("JUPYTER_PATH", raising=False)
+    nb = _write_notebook(tmp_path / "which.ipynb", [
+        "import json, os, pathlib, sys\n"
+        "pathlib.Path(figures_dir, 'seen.json').write_text(json.dumps([sys.executable, os.environ['JUPYTER_PATH']]))"])
+    run_notebook(nb, tmp_path / "out" / "which.ipynb", {"figures_dir": str(tmp_path)}, progress=False)
+    python, kernels = json.loads((tmp_path / "seen.json").read_text())
+    assert python == sys.executable and Path(kernels).name.startswith("gmmseg-kernels-")
+    assert "JUPYTER_PATH" not in os.environ and not Path(kernels).exists()
