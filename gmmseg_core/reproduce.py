@@ -402,8 +402,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         ``data_root``, ``figures_dir``, ``cache_dir``, ``out_dir``), raises ``ValueError`` before anything runs
         or is created.
     threads : int, optional
-        Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``). Default: 1 on
-        the CPU, the library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
+        Intra-op threads of each notebook kernel (``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, set while the
+        notebooks run; the caller's values are back when ``reproduce`` returns). Default: 1 on the CPU, the
+        library default on CUDA. The CPU models are tiny, so extra threads buy little, and on a
         shared machine oversubscribed threads that spin-wait for each other make every step 10-100x slower.
     keep_going : bool
         After a failing notebook, run the later ones anyway (a notebook trains the models it needs that an
