@@ -65,9 +65,10 @@ and .jpeg files (not hidden ones, nor those of its subfolders) are taken in name
                         pale yellow = its highest; scaled per image, so colours compare pixels of one image,
                         not images: use --save-arrays or predictions.json's scales for that)
   <stem>.npz            with --save-arrays: labels (H, W), one float32 (H, W) array per scorer, classes
-and predictions.json lists the inputs, their outputs, the class names and each heat map's scale. Inputs whose
-names clash (a/x.png, b/x.jpg) get x, x_2, ... ; files of the same names from an earlier call are replaced;
---out-dir may not be an input folder (a later call would take the outputs for images).
+and predictions.json, written once every image is done, lists the inputs, their outputs, the class names and
+each heat map's scale. Inputs whose names clash (a/x.png, b/x.jpg) get x, x_2, ... ; files of the same names
+from an earlier call are replaced; --out-dir may not be an input folder (a later call would take the outputs
+for images).
 Images are turned upright as their EXIF orientation says, normalised as the datasets do and predicted at their
 own size (the outputs have that size); the model has learnt the scale of its training images, so bring photos
 near that resolution first (the run's config.json says which: dataset_kwargs.image_size, the scenes default
