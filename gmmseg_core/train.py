@@ -472,9 +472,9 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
                 own_group = True
             host = _host_group()
         lock = _lock_run_dir(cfg.run_dir, rank == 0, host)
-        if lock is not None:
-            _remove_stale_temporaries(cfg.run_dir)
         try:
+            if lock is not None:
+                _remove_stale_temporaries(cfg.run_dir)
             return _train(cfg, stop_after, on_step, train_kwargs, rank, world, device, ddp, host)
         finally:
             if lock is not None:
