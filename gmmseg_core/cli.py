@@ -141,6 +141,17 @@ def _version() -> str:
         return "unknown"
 
 
+def _add_inference_arguments(p) -> None:
+    """The options ``gmmseg evaluate`` and ``gmmseg predict`` share: sml statistics, inference mode, device."""
+    p.add_argument("--sml-images", type=int, default=200,
+                   help="training images for the sml statistics, spread evenly over the split (default 200; "
+                        "0 = all)")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
+    p.add_argument("--crop-size", type=int, help="window size for --mode slide")
+    p.add_argument("--stride", type=int, help="window stride for --mode slide (default 2/3 of --crop-size)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gmmseg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MAIN_EPILOG,
@@ -174,15 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply; "
                         "sml is fitted on the training split)")
-    p.add_argument("--sml-images", type=int, default=200,
-                   help="training images for the sml statistics, spread evenly over the split (default 200; "
-                        "0 = all)")
+    _add_inference_arguments(p)
     p.add_argument("--streaming", action="store_true", help="histogram-based anomaly metrics (bounded memory)")
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
-    p.add_argument("--crop-size", type=int, help="window size for --mode slide")
-    p.add_argument("--stride", type=int, help="window stride for --mode slide")
     p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--output", help="JSON file for the results (default <run_dir>/eval_<dataset>_<split>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -196,14 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorers", nargs="+", metavar="NAME",
                    help="anomaly scorers: msp max_logit energy entropy sml gmm (default: all that apply but sml, "
                         "which is fitted on the training split when named)")
-    p.add_argument("--sml-images", type=int, default=200,
-                   help="training images for the sml statistics, spread evenly over the split (default 200; "
-                        "0 = all)")
+    _add_inference_arguments(p)
     p.add_argument("--data-root", help="root of the training data for the sml statistics (default: the run's)")
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="inference mode (default whole)")
-    p.add_argument("--crop-size", type=int, help="window size for --mode slide")
-    p.add_argument("--stride", type=int, help="window stride for --mode slide (default 2/3 of --crop-size)")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
     p.add_argument("--save-arrays", action="store_true", help="also write <stem>.npz with the labels and scores")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
