@@ -1086,18 +1086,7 @@ class GaussianMixture:
         return -2.0 * log_likelihood + self._n_parameters() * math.log(n_samples)
 
     def aic(self, X):
-        """Akaike information criterion on ``X``: ``-2 sum_n log p(x_n) + 2 p`` (lower is better).
-
-        ``p`` is the parameter count of :meth:`_n_parameters` (no mixing weights for Sinkhorn EM).
-
-        Parameters
-        ----------
-        X : Tensor or array-like, shape (N, D)
-            At least one sample.
-
-        Returns
-        -------
-        float
-        """
+        """Akaike information criterion on ``X`` (N, D): ``-2 sum_n log p(x_n) + 2 p`` (lower is better), a float;
+        ``X`` and ``p`` as in :meth:`bic`. It penalises size less than BIC once ``N >= 8`` (``log N > 2``)."""
         log_likelihood, _ = self._total_log_likelihood(X)
         return -2.0 * log_likelihood + 2.0 * self._n_parameters()
