@@ -54,6 +54,8 @@ import os
 import pickle
 import random
 import signal
+import socket
+import sys
 import threading
 import time
 import warnings
@@ -915,17 +917,39 @@ def _cached_run_config(cfg: TrainConfig, cache_dir) -> TrainConfig:
     return cfg.replace(out_dir=str(cache_dir), run_name=cfg.default_run_name(), resume=True)
 
 
-def train_cached(cfg: TrainConfig, cache_dir="runs/cache") -> Path:
+CACHE_WAIT_POLL_S = 2.0   # how often train_cached looks again while another process trains the same run
+
+
+def train_cached(cfg: TrainConfig, cache_dir="runs/cache", wait: bool = True) -> Path:
     """Train ``cfg`` unless an identical finished run is in ``cache_dir``; returns its run directory.
 
     The run directory is ``cache_dir / cfg.default_run_name()`` (it ends with ``cfg.cache_key()``), so every
     config differing only in run-location fields (``out_dir``, ``run_name``, ``resume``, workers, logging) maps
     to the same directory. An unfinished run there is resumed from its last checkpoint.
+
+    When another process is training that run (a second notebook, a ``gmmseg reproduce`` beside this one: it holds
+    the run directory's lock), ``wait=True`` says so once on stderr, waits for that process to end, then returns
+    the run if it finished or resumes it if not; ``wait=False`` raises :class:`DirectoryInUseError` at once, as
+    :func:`train` does. Under DDP, and when the lock's holder is this very process, it never waits.
     """
     run_cfg = _cached_run_config(cfg, cache_dir)
-    if is_finished(run_cfg.run_dir):
-        return run_cfg.run_dir
-    return train(run_cfg)
+    distributed = int(os.environ.get("RANK", -1)) != -1 or (dist.is_available() and dist.is_initialized())
+    told = False
+    while True:
+        if is_finished(run_cfg.run_dir):
+            return run_cfg.run_dir
+        try:
+            return train(run_cfg)
+        except DirectoryInUseError as err:     # raised before train() reads or writes anything in the directory
+            holder = err.holder or {}
+            if not wait or distributed or (holder.get("pid"), holder.get("host")) == (os.getpid(), socket.gethostname()):
+                raise
+            if not told:
+                who = f"process {holder['pid']}" if "pid" in holder else "another process"
+                print(f"train_cached: {who} is training this configuration in {str(run_cfg.run_dir)!r}; waiting "
+                      "for it to end", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(CACHE_WAIT_POLL_S)
 
 
 def _train_cached_in_worker(cfg_dict: dict, cache_dir: str, threads: int) -> str:

@@ -1291,7 +1291,7 @@ def test_a_second_training_in_a_run_directory_fails_at_once_and_a_killed_ones_lo
         message = (rf"the directory '{re.escape(str(cfg.run_dir))}' is in use by process {holder.pid} on host "
                    rf"'{re.escape(socket.gethostname())}' \(since .*Z\).*overwrite each other's checkpoint and log")
         for attempt in (lambda: train(cfg), lambda: train(cfg.replace(resume=True)),
-                        lambda: train_cached(cfg, tmp_path)):          # the same directory: the cache entry of cfg
+                        lambda: train_cached(cfg, tmp_path, wait=False)):  # the same directory: cfg's cache entry
             with pytest.raises(DirectoryInUseError, match=message):
                 attempt()
         assert [p.name for p in cfg.run_dir.iterdir()] == ["train.lock"]    # nothing written or removed
@@ -1309,6 +1309,40 @@ def test_a_cached_training_in_use_is_told_to_use_another_cache_dir(tmp_path):
     with DirectoryLock(tmp_path / "cache" / cfg.default_run_name()):    # as a notebook training it elsewhere
         with pytest.raises(DirectoryInUseError, match=r"through train_cached, .* another cache_dir\)$"):
             train_cached(cfg, tmp_path / "cache")
+
+
+_BRIEF_HOLDER = """
+import sys, time
+from gmmseg_core._files import DirectoryLock
+lock = DirectoryLock(sys.argv[1]).acquire()
+print(flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
+"""
+
+
+def test_a_cached_training_waits_for_another_process_training_it_then_trains(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from gmmseg_core import train as train_module
+
+    monkeypatch.setattr(train_module, "CACHE_WAIT_POLL_S", 0.05)
+    cfg = tiny_cfg(tmp_path, iters=1, head="softmax", head_kwargs={})
+    run_dir = tmp_path / "cache" / cfg.default_run_name()
+    holder = subprocess.Popen([sys.executable, "-c", _BRIEF_HOLDER, str(run_dir), "1.0"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        holder.stdout.readline()                       # it holds the lock now
+        start = time.perf_counter()
+        assert train_cached(cfg, tmp_path / "cache") == run_dir and is_finished(run_dir)
+        assert holder.poll() is not None or time.perf_counter() - start >= 0.5   # it waited for the holder
+        err = capsys.readouterr().err
+        assert err.count(f"train_cached: process {holder.pid} is training this configuration in") == 1
+    finally:
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == 0
 
 
 def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
