@@ -152,6 +152,35 @@ def _add_inference_arguments(p) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
 
 
+def _check_inference_arguments(args) -> None:
+    """``ValueError`` for what ``gmmseg evaluate`` and ``gmmseg predict`` both refuse before loading the run: a
+    negative ``--sml-images``, window options without ``--mode slide``, an unknown scorer."""
+    from gmmseg_core.scoring import SCORERS
+
+    if args.sml_images < 0:
+        raise ValueError(f"--sml-images must be >= 0 (0 = all training images), got {args.sml_images}")
+    if args.mode == "whole" and (args.crop_size is not None or args.stride is not None):
+        raise ValueError("--crop-size and --stride apply to --mode slide")
+    unknown = sorted(set(args.scorers or ()) - set(SCORERS))
+    if unknown:
+        raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
+
+
+def _check_loaded_run(args, model, command: str, outputs: str) -> bool:
+    """After ``gmmseg evaluate`` / ``gmmseg predict`` loaded ``args.run_dir``'s model: a note on stderr when the run
+    is not finished (still training, or stopped before its end), ``ValueError`` for ``--scorers gmm`` on a softmax
+    model. Returns whether the run is finished."""
+    from gmmseg_core.train import is_finished
+
+    finished = is_finished(args.run_dir)
+    if not finished:        # e.g. a training still running there: its outputs are not the finished model's
+        print(f"gmmseg {command}: note: the run in {str(args.run_dir)!r} is not finished (still training, or "
+              f"stopped before its end): these are the {outputs} of its last checkpoint", file=sys.stderr)
+    if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
+        raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
+    return finished
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gmmseg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MAIN_EPILOG,
@@ -321,8 +350,7 @@ def cmd_evaluate(args) -> int:
         evaluate_closed_set,
         format_table,
     )
-    from gmmseg_core.scoring import SCORERS
-    from gmmseg_core.train import _check_device, _write_json, dataset_kwargs_for, is_finished, load_run
+    from gmmseg_core.train import _check_device, _write_json, dataset_kwargs_for, load_run
 
     _check_device(args.device)
     output = Path(args.output) if args.output else None
@@ -332,20 +360,9 @@ def cmd_evaluate(args) -> int:
                    None)
     if blocked is not None:     # checked before the evaluation, whose results would otherwise be lost
         raise ValueError(f"--output {str(output)!r} cannot be written: {str(blocked)!r} is a file")
-    if args.sml_images < 0:
-        raise ValueError(f"--sml-images must be >= 0 (0 = all training images), got {args.sml_images}")
-    if args.mode == "whole" and (args.crop_size is not None or args.stride is not None):
-        raise ValueError("--crop-size and --stride apply to --mode slide")
-    unknown = sorted(set(args.scorers or ()) - set(SCORERS))
-    if unknown:
-        raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
+    _check_inference_arguments(args)
     model, cfg, _ = load_run(args.run_dir, device=args.device)
-    finished = is_finished(args.run_dir)
-    if not finished:        # e.g. a training still running there: its results are not the finished model's
-        print(f"gmmseg evaluate: note: the run in {str(args.run_dir)!r} is not finished (still training, or "
-              "stopped before its end): these are the results of its last checkpoint", file=sys.stderr)
-    if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
-        raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
+    finished = _check_loaded_run(args, model, "evaluate", "results")
     name = args.dataset or cfg.dataset
     root = args.data_root if args.data_root is not None else (cfg.data_root if name == cfg.dataset else None)
     kw = {}
@@ -406,29 +423,18 @@ def cmd_predict(args) -> int:
         predict_files,
         run_labelling,
     )
-    from gmmseg_core.scoring import SCORERS
-    from gmmseg_core.train import _check_device, dataset_kwargs_for, is_finished, load_run
+    from gmmseg_core.train import _check_device, dataset_kwargs_for, load_run
 
     _check_device(args.device)
-    if args.sml_images < 0:
-        raise ValueError(f"--sml-images must be >= 0 (0 = all training images), got {args.sml_images}")
-    if args.mode == "whole" and (args.crop_size is not None or args.stride is not None):
-        raise ValueError("--crop-size and --stride apply to --mode slide")
+    _check_inference_arguments(args)
     if args.mode == "slide" and args.crop_size is None:
         raise ValueError("--mode slide needs --crop-size (the window size)")
     check_mode(args.mode, args.crop_size, args.stride)
-    unknown = sorted(set(args.scorers or ()) - set(SCORERS))
-    if unknown:
-        raise ValueError(f"--scorers {unknown} are not scorers; choose from {sorted(SCORERS)}")
     out_dir = Path(args.out_dir)
     check_out_dir(out_dir, args.inputs)
     check_images(find_images(args.inputs))      # missing inputs, empty folders and non-images, before loading
     model, cfg, metrics = load_run(args.run_dir, device=args.device)
-    if not is_finished(args.run_dir):
-        print(f"gmmseg predict: note: the run in {str(args.run_dir)!r} is not finished (still training, or "
-              "stopped before its end): these are the predictions of its last checkpoint", file=sys.stderr)
-    if "gmm" in (args.scorers or ()) and not getattr(model, "is_generative", False):
-        raise ValueError("--scorers gmm needs a GMM head; this run was trained with the softmax head")
+    _check_loaded_run(args, model, "predict", "predictions")
     sml_stats = None
     if "sml" in (args.scorers or ()):
         root = args.data_root if args.data_root is not None else cfg.data_root

@@ -71,6 +71,20 @@ def _pair(v, name) -> tuple[int, int]:
     return check_size_pair(name, v)
 
 
+def slide_window(crop_size, stride=None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((crop_h, crop_w), (stride_h, stride_w))`` of :func:`predict`'s ``"slide"`` mode, ``ValueError`` for what it
+    refuses: a missing or bad ``crop_size``, a bad ``stride`` or one larger than the window (default stride:
+    2/3 of the window)."""
+    ch, cw = _pair(crop_size, "crop_size")
+    if stride is None:
+        stride = (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    sh, sw = _pair(stride, "stride")
+    if sh > ch or sw > cw:
+        raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension: the pixels "
+                         "between two windows would get no prediction")
+    return (ch, cw), (sh, sw)
+
+
 @torch.no_grad()
 def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, stride=None,
             with_likelihood: bool | None = None) -> dict:
@@ -102,13 +116,7 @@ def predict(model, images: torch.Tensor, mode: str = "whole", crop_size=None, st
         return _forward(model, images, generative)
     if mode != "slide":
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
-    ch, cw = _pair(crop_size, "crop_size")
-    if stride is None:
-        stride = (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
-    sh, sw = _pair(stride, "stride")
-    if sh > ch or sw > cw:
-        raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension: the pixels "
-                         "between two windows would get no prediction")
+    (ch, cw), (sh, sw) = slide_window(crop_size, stride)
     B, _, H, W = images.shape
     rows = max(H - ch + sh - 1, 0) // sh + 1
     cols = max(W - cw + sw - 1, 0) // sw + 1

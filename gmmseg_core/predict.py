@@ -40,14 +40,14 @@ import numpy as np
 import torch
 
 from gmmseg_core._files import atomic_write, atomic_write_text, progress_bar
-from gmmseg_core.data.base import IGNORE_INDEX, SegmentationDataset, check_size_pair, make_palette
+from gmmseg_core.data.base import IGNORE_INDEX, SegmentationDataset, make_palette
 from gmmseg_core.data.classnames import CITYSCAPES_PALETTE
-from gmmseg_core.evaluate import _eval_mode, default_scorers, predict
+from gmmseg_core.evaluate import _eval_mode, default_scorers, predict, slide_window
 from gmmseg_core.scoring import compute_scores, scorer_names
 
 __all__ = ["IMAGE_SUFFIXES", "HEATMAP_CMAP", "ImagePrediction", "find_images", "read_image", "check_images",
-           "output_stems", "check_mode", "check_out_dir", "predict_images", "heatmap", "colorize_labels", "write_prediction", "run_labelling",
-           "predict_files"]
+           "output_stems", "check_mode", "check_out_dir", "predict_images", "heatmap", "colorize_labels",
+           "write_prediction", "run_labelling", "predict_files"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HEATMAP_CMAP = "magma"
@@ -180,15 +180,8 @@ def check_mode(mode: str, crop_size=None, stride=None) -> tuple:
         if crop_size is not None or stride is not None:
             raise ValueError("crop_size and stride apply to mode 'slide'")
         return None, None
-    if crop_size is None:
-        raise ValueError("mode 'slide' needs crop_size (the window size)")
-    ch, cw = check_size_pair("crop_size", crop_size)
-    if stride is None:
-        return [ch, cw], None
-    sh, sw = check_size_pair("stride", stride)
-    if sh > ch or sw > cw:
-        raise ValueError(f"stride {(sh, sw)} must not exceed crop_size {(ch, cw)} in either dimension")
-    return [ch, cw], [sh, sw]
+    crop, step = slide_window(crop_size, stride)
+    return list(crop), (None if stride is None else list(step))
 
 
 def check_out_dir(out_dir, inputs: Iterable) -> None:
