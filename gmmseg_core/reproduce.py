@@ -196,18 +196,20 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
     NotebookExecutionError
         When a cell raises or the kernel dies; the message names the notebook and the cell.
     """
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     if kernel_name is None:
         with _kernel() as kernel_name:
             return run_notebook(notebook, output_path, parameters, kernel_name=kernel_name, progress=progress)
-    notebook = Path(notebook)
-    output_path = Path(output_path)
+    with _environ({"MPLBACKEND": "Agg"}):  # figures are files; no display in the kernel
+        return _execute_notebook(Path(notebook), Path(output_path), parameters, kernel_name, progress)
+
+
+def _execute_notebook(notebook: Path, output_path: Path, parameters: dict, kernel_name: str, progress: bool) -> float:
+    """:func:`run_notebook`'s work on an existing kernelspec, with its environment set; returns the seconds."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
     output_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    env_backend = os.environ.get("MPLBACKEND")
-    os.environ["MPLBACKEND"] = "Agg"  # figures are files; no display in the kernel
     sockets = tempfile.TemporaryDirectory(prefix="gmmseg-kernel-") if os.name == "posix" else None
     km = None
     if sockets is not None:
@@ -248,10 +250,6 @@ def run_notebook(notebook, output_path, parameters: dict, kernel_name: str | Non
                 km.shutdown_kernel(now=not kernel_idle)
         if sockets is not None:
             sockets.cleanup()
-        if env_backend is None:
-            os.environ.pop("MPLBACKEND", None)
-        else:
-            os.environ["MPLBACKEND"] = env_backend
         if interrupted:      # whatever papermill made of the killed kernel (a dead-kernel error, or nothing)
             raise KeyboardInterrupt(f"signal {interrupts.signum}")
     return time.perf_counter() - start
