@@ -280,13 +280,11 @@ def heatmap(score: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def colorize_labels(labels: np.ndarray, palette) -> np.ndarray:
-    """Label map (H, W) -> RGB (H, W, 3) uint8 in ``palette`` (C, 3); ids outside it (ignore) are black."""
-    palette = np.asarray(palette, dtype=np.uint8)
-    labels = np.asarray(labels)
-    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
-    valid = (labels >= 0) & (labels < len(palette))
-    out[valid] = palette[labels[valid]]
-    return out
+    """Label map (H, W) -> RGB (H, W, 3) uint8 in ``palette`` (C, 3) uint8; ids outside it are black, and no id
+    is ignored (with more than 255 classes, 255 is a class): :func:`gmmseg_core.plots.colorize` in bytes."""
+    from gmmseg_core.plots import colorize
+
+    return np.rint(colorize(labels, np.asarray(palette, dtype=np.uint8), ignore_index=-1) * 255).astype(np.uint8)
 
 
 def _write_png(path: Path, rgb: np.ndarray) -> Path:
