@@ -14,6 +14,11 @@ from pathlib import Path
 LOG_REFRESH_S = 30.0   # seconds between progress-bar redraws when stderr is a file or a CI log
 
 
+def utc_timestamp() -> str:
+    """The current time as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC), as the run records (lock files, timings) write it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def temporary_path(path) -> Path:
     """The temporary file :func:`atomic_write` writes before it replaces ``path``: ``<name>.tmp`` beside it."""
     path = Path(path)
@@ -170,7 +175,7 @@ class DirectoryLock:
                 break
             os.close(fd)          # its holder removed that file on release, between the open and the lock
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                             "since": utc_timestamp()})
         with suppress(OSError):          # a full disk: the lock holds all the same, its record stays empty
             os.ftruncate(fd, 0)
             os.write(fd, record.encode())

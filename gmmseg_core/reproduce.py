@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ._checks import check_int
-from ._files import DirectoryLock, atomic_write_text
+from ._files import DirectoryLock, atomic_write_text, utc_timestamp
 from .profiles import NOTEBOOKS, PROFILES, notebook_parameters
 
 
@@ -516,8 +516,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                     continue
                 log(f"[{i}/{len(paths)}] {name}: start ({profile} profile)", flush=True)
                 start, error = time.perf_counter(), None
-                entry = result["notebooks"][name] = {**record, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                        time.gmtime())}
+                entry = result["notebooks"][name] = {**record, "started": utc_timestamp()}
                 result["total_seconds"] = round(start - total_start, 2)
                 _write_timings(timings, result, earlier)      # a kill -9 from here on leaves it unfinished
                 try:
