@@ -189,13 +189,19 @@ def _fashion_look_alike(folder, top, gzipped=True):
                 f.write(data + array.astype(np.uint8).tobytes())
 
 
-def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp_path, monkeypatch):
+def _fashion_with_a_system_copy(tmp_path, monkeypatch):
+    """A fashion TrainConfig on a machine whose system Fashion-MNIST copy is a look-alike under tmp_path/system
+    (no $GMMSEG_DATA)."""
     from gmmseg_core.data import composites
 
     monkeypatch.delenv("GMMSEG_DATA", raising=False)
     monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
     _fashion_look_alike(tmp_path / "system", top=6)
-    fashion = tiny_cfg(tmp_path, dataset="fashion")
+    return tiny_cfg(tmp_path, dataset="fashion")
+
+
+def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp_path, monkeypatch):
+    fashion = _fashion_with_a_system_copy(tmp_path, monkeypatch)
     key = fashion.cache_key()
     (tmp_path / "cityscapes").mkdir()                    # a root with other data sets only: the system copy
     assert fashion.replace(data_root=str(tmp_path / "cityscapes")).cache_key() == key
@@ -211,10 +217,7 @@ def test_a_fashion_run_is_keyed_by_the_sprites_it_reads_not_by_its_data_root(tmp
 def test_a_fashion_run_without_a_data_root_is_keyed_by_what_gmmseg_data_makes_it_read(tmp_path, monkeypatch):
     from gmmseg_core.data import composites
 
-    monkeypatch.delenv("GMMSEG_DATA", raising=False)
-    monkeypatch.setattr(composites, "FASHION_DIRS", [str(tmp_path / "system")])
-    _fashion_look_alike(tmp_path / "system", top=6)
-    fashion = tiny_cfg(tmp_path, dataset="fashion")
+    fashion = _fashion_with_a_system_copy(tmp_path, monkeypatch)
     default = fashion.cache_key()
     assert composites.fashion_root_key(None) is None          # the default run's key holds no data root
     (tmp_path / "cityscapes").mkdir()
