@@ -268,6 +268,10 @@ class GMMHead(nn.Module):
 
         self.embed = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
                                    nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
+        # The convolution sees channels-last input (see ``embedding``), so its weight gradient comes out with
+        # channels-last strides; a weight stored the same way (identical bytes for a 1x1 kernel) keeps DDP's
+        # gradient buckets aliasing it, where a mismatch made DDP warn and copy every step.
+        self.embed[0].to(memory_format=torch.channels_last)
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.class_normalizer = nn.LayerNorm(num_classes) if self.class_norm else None
 

@@ -48,6 +48,7 @@ acts at once.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -217,6 +218,18 @@ def _saved_rng_state(ckpt: dict, rank: int, world: int) -> dict:
     processes, rank 0's otherwise (a one-process checkpoint, or one written by another number of processes)."""
     per_rank = ckpt.get("rank_rng")
     return per_rank[rank] if per_rank is not None and len(per_rank) == world else ckpt["rng"]
+
+
+def _no_buffer_sync() -> dict:
+    """DistributedDataParallel's keyword that turns off the buffer broadcast before every forward.
+
+    torch 2.14 deprecates ``broadcast_buffers`` for ``forward_sync_buffers``, which still broadcasts the buffers
+    once when DDP is built: harmless here, since every process then holds the same buffers anyway (one seeded
+    initialisation, or one checkpoint), and it costs one copy of the GMM memory per run instead of one per step.
+    """
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters:
+        return dict(forward_sync_buffers=False)
+    return dict(broadcast_buffers=False)
 
 
 def _host_group():
@@ -694,11 +707,11 @@ def _train(cfg: TrainConfig, stop_after, on_step, train_kwargs: dict, rank: int,
     stop = _StopRequest(enabled=not ddp)
     try:
         if ddp:
-            # No buffer broadcast: the GMM head gathers its update inputs across processes, so its buffers (means,
-            # variances, the memory) are identical everywhere without copying the memory every step; BatchNorm
-            # running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
+            # No buffer broadcast before each forward: the GMM head gathers its update inputs across processes, so
+            # its buffers (means, variances, the memory) stay identical everywhere without copying the memory every
+            # step; BatchNorm running statistics stay per process (rank 0's are saved), as without SyncBatchNorm.
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None, broadcast_buffers=False)
+                                                        else None, **_no_buffer_sync())
         stop.install()
         for images, labels in _batches(loader, stop):
             t0 = time.perf_counter()
