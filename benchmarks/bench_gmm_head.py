@@ -41,6 +41,7 @@ SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
 QUICK = dict(batch=1, height=16, width=16, in_channels=16, classes=4, components=3, dim=8, memory=64)
 INTERVAL, MAX_PER_COMPONENT, EPS, ITERS = 5, 20, 0.05, 3
+WARMUP = 2       # untimed repetitions of every part, before the timed ones, on both paths
 
 
 # ----------------------------------------------------------------------------- the released code's style
@@ -138,7 +139,9 @@ def _reference_sinkhorn(out, iters=ITERS, eps=EPS):
 
 
 # ----------------------------------------------------------------------------- one path, in this process
-def _timeit(fn, device, repeats):
+def _timeit(fn, device, repeats, warmup):
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         synchronize(device)
@@ -159,8 +162,17 @@ def _data(cfg, device):
     return features.to(device), labels.to(device)
 
 
-def run_path(path, cfg, device, steps):
-    """Time one path; returns a dict of seconds (and the CUDA peak)."""
+def run_path(path, cfg, device, steps, warmup=WARMUP):
+    """Time one path; returns a dict of seconds (and the CUDA peak).
+
+    Each part runs ``warmup`` untimed times, then ``steps`` timed times (the best is kept), the same for both
+    paths: a training process repeats the step thousands of times, and the first calls pay for the allocator
+    finding its footing (on Linux, glibc returns the freshly freed blocks of tens of MB to the system until its
+    threshold has adapted, and every new block is then faulted in page by page).
+    """
+    def timeit(fn):
+        return _timeit(fn, device, steps, warmup)
+
     from gmmseg_core.heads import GMMHead
     from gmmseg_core.mixture import diag_gaussian_log_prob
 
@@ -175,8 +187,8 @@ def run_path(path, cfg, device, steps):
     if path == "reference":
         head = ReferenceHead(cfg["in_channels"], C, K, D, M).to(device)
         setup_peak, setup_rss = _maxrss_bytes(), _mark_rss()
-        out["loglik_fwd_s"] = _timeit(lambda: head.log_prob(x), device, steps)
-        out["embed_s"] = _timeit(lambda: head.embedding(features).sum().backward(), device, steps)
+        out["loglik_fwd_s"] = timeit(lambda: head.log_prob(x))
+        out["embed_s"] = timeit(lambda: head.embedding(features).sum().backward())
         state = {}
 
         def fwd_bwd():
@@ -184,10 +196,10 @@ def run_path(path, cfg, device, steps):
             loss.backward()
             state.update(emb=emb, gt=gt, qs=qs)
 
-        out["fwd_bwd_s"] = _timeit(fwd_bwd, device, steps)
-        out["e_push_s"] = _timeit(lambda: head.enqueue(state["emb"], state["gt"], state["qs"]), device, steps)
+        out["fwd_bwd_s"] = timeit(fwd_bwd)
+        out["e_push_s"] = timeit(lambda: head.enqueue(state["emb"], state["gt"], state["qs"]))
         classes = [c for c in state["gt"].unique().tolist() if c != 255]
-        out["m_step_s"] = _timeit(lambda: head.m_step(classes), device, steps)
+        out["m_step_s"] = timeit(lambda: head.m_step(classes))
     else:
         head = GMMHead(cfg["in_channels"], C, embed_dim=D, num_components=K, variant="official", memory_size=M)
         head = head.to(device)
@@ -197,10 +209,10 @@ def run_path(path, cfg, device, steps):
             head.memory_count.fill_(M)
             head.refresh_memory_statistics()
         setup_peak, setup_rss = _maxrss_bytes(), _mark_rss()
-        out["loglik_fwd_s"] = _timeit(lambda: diag_gaussian_log_prob(x, head.means.view(-1, D),
-                                                                     head.variances.view(-1, D)), device, steps)
+        out["loglik_fwd_s"] = timeit(lambda: diag_gaussian_log_prob(x, head.means.view(-1, D),
+                                                                     head.variances.view(-1, D)))
         head.train()
-        out["embed_s"] = _timeit(lambda: head.embedding(features).sum().backward(), device, steps)
+        out["embed_s"] = timeit(lambda: head.embedding(features).sum().backward())
         head._cache = None
         state = {}
 
@@ -216,13 +228,12 @@ def run_path(path, cfg, device, steps):
             head._cache = saved                    # the forward's cache, E-step included (as in reference)
             head.update(features, labels, None)
 
-        out["fwd_bwd_s"] = _timeit(fwd_bwd, device, steps)
+        out["fwd_bwd_s"] = timeit(fwd_bwd)
         saved = head._cache
-        out["e_push_s"] = _timeit(e_push, device, steps)
-        out["m_step_s"] = _timeit(lambda: head.m_step(torch.ones(C, dtype=torch.bool, device=device)), device,
-                                  steps)
+        out["e_push_s"] = timeit(e_push)
+        out["m_step_s"] = timeit(lambda: head.m_step(torch.ones(C, dtype=torch.bool, device=device)))
     w = torch.randn(D, C * K, device=device)
-    out["matmul_s"] = _timeit(lambda: x @ w, device, steps)
+    out["matmul_s"] = timeit(lambda: x @ w)
     out["step_s"] = out["fwd_bwd_s"] + out["e_push_s"] + out["m_step_s"] / INTERVAL
     out["step_added_rss_bytes"] = _peak_rss_since_mark(setup_rss) - setup_rss
     out["maxrss_bytes"] = max(setup_peak, _maxrss_bytes())    # the mark may have reset the kernel's peak
@@ -266,14 +277,15 @@ def _worker(args):
     device = torch.device(args.device)
     cfg = QUICK if args.quick else FULL
     rss0 = _maxrss_bytes()
-    out = run_path(args.worker, cfg, device, args.steps)
+    out = run_path(args.worker, cfg, device, args.steps, args.warmup)
     out["maxrss_at_start_bytes"] = rss0
     print("RESULT " + json.dumps(out))
 
 
 def _spawn(path, args):
     cmd = [sys.executable, "-m", "benchmarks.bench_gmm_head", "--worker", path, "--device", args.device,
-           "--steps", str(args.steps), "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+    cmd += ["--quick"] if args.quick else []
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
                          env=dict(os.environ), check=False)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -358,6 +370,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny sizes; do not write RESULTS.md")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=3, help="repetitions per part (the best is kept)")
+    parser.add_argument("--warmup", type=int, default=WARMUP,
+                        help="untimed repetitions per part before the timed ones (both paths alike)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="worker processes per path, alternated; the best time of all is kept")
     parser.add_argument("--threads", type=int, default=1,
@@ -377,7 +391,7 @@ def main(argv=None):
         try:
             for path in ("reference", "ours"):
                 rss0 = _mark_rss()                 # the peak RSS from here on is this path's (Linux)
-                results[path] = run_path(path, cfg, torch.device(args.device), args.steps)
+                results[path] = run_path(path, cfg, torch.device(args.device), args.steps, args.warmup)
                 results[path].update(maxrss_at_start_bytes=rss0)
         finally:
             torch.set_num_threads(threads)

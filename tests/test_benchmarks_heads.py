@@ -32,8 +32,8 @@ def test_both_paths_run_their_training_step_equally_often(monkeypatch):
 
         monkeypatch.setattr(cls, "forward", counted)
     for path in calls:
-        bench_gmm_head.run_path(path, bench_gmm_head.QUICK, torch.device("cpu"), steps=2)
-    assert calls == {"reference": 2, "ours": 2}        # no untimed warm-up on one side only
+        bench_gmm_head.run_path(path, bench_gmm_head.QUICK, torch.device("cpu"), steps=2, warmup=3)
+    assert calls == {"reference": 5, "ours": 5}        # the same untimed warm-up on both sides
 
 
 def _can_reset_peak_rss():
@@ -92,7 +92,7 @@ def test_in_process_run_uses_the_thread_count_it_reports(monkeypatch, tmp_path):
     monkeypatch.setattr(bench_gmm_head, "RESULTS", tmp_path / "RESULTS.md")
     seen = []
 
-    def timed(path, cfg, device, steps):
+    def timed(path, cfg, device, steps, warmup):
         seen.append(torch.get_num_threads())
         return _parts(1.0, 0.1, 2 ** 30)
 
@@ -109,7 +109,7 @@ def test_section_reports_the_load_from_before_the_run(monkeypatch, tmp_path, cap
     monkeypatch.setattr(bench_gmm_head, "RESULTS", tmp_path / "RESULTS.md")
     load = {"now": 0.3}
 
-    def timed(path, cfg, device, steps):
+    def timed(path, cfg, device, steps, warmup):
         load["now"] = 9.5                              # the benchmark's own work
         return _parts(1.0, 0.1, 2 ** 30)
 
