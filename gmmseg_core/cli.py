@@ -304,6 +304,22 @@ def _finished_step(run_dir):
     return (json.loads((run_dir / "metrics.json").read_text()).get("final") or {}).get("step")
 
 
+def _checkpoint_step(run_dir):
+    """The step of the checkpoint in ``run_dir``, None when there is none or it cannot be read (``train`` then
+    names the problem). Memory-mapped: the model and memory bank are not read."""
+    import torch
+
+    from gmmseg_core.train import CHECKPOINT
+
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["step"])
+    except Exception:  # noqa: BLE001 - any damage: train() reports it with its own message
+        return None
+
+
 def _first_process() -> bool:
     """False in the processes of rank >= 1 that ``torchrun`` starts: they train, but only rank 0 reports
     (errors are reported by every process)."""
@@ -327,6 +343,10 @@ def cmd_train(args) -> int:
     if cfg.resume and not cfg.run_dir.exists() and report:   # (train() warns about a run that left no checkpoint)
         print(f"no run {str(cfg.run_dir)!r} to resume: training from step 0", file=sys.stderr)
     finished_at = _finished_step(cfg.run_dir) if cfg.resume else None
+    resumed_at = _checkpoint_step(cfg.run_dir) if cfg.resume and finished_at != cfg.iters else None
+    if resumed_at is not None and resumed_at < cfg.iters and report:   # (the progress bar starts there too)
+        print(f"resuming the run in {str(cfg.run_dir)!r} from its checkpoint at step {resumed_at} of {cfg.iters}",
+              file=sys.stderr)
     run_dir = train(cfg)
     if not report:      # only rank 0 reports (every process returns once the run's files are written)
         return 0

@@ -545,8 +545,11 @@ def test_resuming_a_finished_run_says_that_nothing_was_trained(tmp_path, capsys)
     assert main([*args, "--resume"]) == 0
     assert f"the run in {str(tmp_path / 'r')!r} was already finished at step 2: nothing trained" in \
         capsys.readouterr().err
-    assert main([*args, "--resume", "--iters", "3"]) == 0              # continued: trained, nothing to say
-    assert "already finished" not in capsys.readouterr().err
+    assert main([*args, "--resume", "--iters", "3"]) == 0              # continued: trained from its checkpoint
+    err = capsys.readouterr().err
+    assert "already finished" not in err
+    assert f"resuming the run in {str(tmp_path / 'r')!r} from its checkpoint at step 2 of 3" in err
+    assert main(args) == 2 and "from its checkpoint" not in capsys.readouterr().err   # no --resume: refused
 
 
 def test_train_in_a_run_directory_another_training_holds_fails_at_once_and_changes_nothing(tmp_path, capsys):
