@@ -14,7 +14,7 @@ over classes and components in Python. ``ours`` is :class:`gmmseg_core.heads.GMM
 Every path runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``) is its own; on CUDA the
 peak is ``torch.cuda.max_memory_allocated``. ``--quick`` runs tiny sizes and does not write RESULTS.md.
 
-    python -m benchmarks.bench_gmm_head [--quick] [--device cuda] [--steps 3]
+    python -m benchmarks.bench_gmm_head [--quick] [--device cuda] [--steps 3] [--warmup 2]
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def _section(results, cfg, args, before=None):
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "
              f"{cfg['batch'] * cfg['height'] * cfg['width']:,} pixels, {cfg['classes']} classes x "
              f"{cfg['components']} components, D = {cfg['dim']}, memory {cfg['memory']:,} per component, "
-             f"{cfg['in_channels']} input channels; best of {args.steps} runs per part "
+             f"{cfg['in_channels']} input channels; best of {args.steps} runs per part, after {args.warmup} untimed, "
              + ("with both paths in this process, one after the other (each path's peaks from a reset at its "
                 "start)." if args.inprocess else f"in each of {args.rounds} alternated worker processes per path."),
              "",

@@ -63,7 +63,7 @@ def _parts(step_s, embed_s, peak):
 
 def test_section_keeps_a_decimal_for_ratios_below_ten():
     results = {"reference": _parts(1.6, 0.16, 2 ** 31), "ours": _parts(0.8, 0.1, 2 ** 30)}
-    args = argparse.Namespace(device="cpu", threads=1, steps=3, rounds=2, inprocess=False)
+    args = argparse.Namespace(device="cpu", threads=1, steps=3, warmup=2, rounds=2, inprocess=False)
     text = bench_gmm_head._section(results, bench_gmm_head.QUICK, args)
     rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("|")}
     assert rows["| **whole head per step**"].endswith("| 2.0x |")
@@ -75,9 +75,10 @@ def test_section_keeps_a_decimal_for_ratios_below_ten():
 
 def test_in_process_section_does_not_speak_of_worker_processes():
     results = {"reference": _parts(1.6, 0.16, 2 ** 31), "ours": _parts(0.8, 0.1, 2 ** 30)}
-    args = argparse.Namespace(device="cpu", threads=1, steps=3, rounds=2, inprocess=True)
+    args = argparse.Namespace(device="cpu", threads=1, steps=3, warmup=2, rounds=2, inprocess=True)
     text = bench_gmm_head._section(results, bench_gmm_head.QUICK, args)
     assert "worker process" not in text and "both paths in this process" in text
+    assert "best of 3 runs per part, after 2 untimed," in text
 
 
 def test_gpu_check_reports_each_paths_step_memory_on_the_cpu():
