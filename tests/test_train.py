@@ -1469,3 +1469,22 @@ def test_a_training_deletes_the_temporary_files_a_killed_write_left_only_while_i
     train(cfg)
     assert not any((run_dir / name).exists() for name in stale)
     assert all((run_dir / name).read_bytes() == b"torn" for name in others)
+
+
+def test_ddp_is_asked_for_no_buffer_broadcast_in_the_words_of_its_torch(monkeypatch):
+    import torch.nn as nn
+
+    from gmmseg_core import train as train_module
+
+    class OldDDP:       # the keywords of torch before 2.14
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, process_group=None):
+            pass
+
+    class NewDDP:       # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers
+        def __init__(self, module, device_ids=None, broadcast_buffers=True, forward_sync_buffers=None):
+            pass
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", OldDDP)
+    assert train_module._no_buffer_sync() == {"broadcast_buffers": False}
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", NewDDP)
+    assert train_module._no_buffer_sync() == {"forward_sync_buffers": False}
