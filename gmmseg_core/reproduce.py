@@ -371,6 +371,32 @@ def _write_timings(path: Path, result: dict, earlier: dict) -> None:
                                        indent=2))
 
 
+def _unreadable_datasets(paths, profile, parameters, declared, data_root) -> dict:
+    """``{dataset: (reason, [notebook, ...])}`` for the data sets of the notebooks' ``datasets`` parameters that
+    cannot be read here, tried as notebook 03 tries them (one image of the train and val splits): those notebooks
+    leave such a data set out of their tables and figures, which would otherwise be said only in a table's notes
+    once the run has ended. A misspelt data set name raises here, before anything runs, as it would in the
+    notebook."""
+    from gmmseg_core.data import build_dataset, dataset_info
+
+    reasons, users = {}, {}
+    for path in paths:
+        extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(path, ())}
+        params = {**notebook_parameters(profile, path.stem), **extra}
+        for name in params.get("datasets") or ():
+            dataset_info(name)
+            users.setdefault(name, []).append(path.stem)
+            if name in reasons:
+                continue
+            reasons[name] = None
+            try:
+                for split in ("train", "val"):
+                    build_dataset(name, split, root=data_root, num_images=1, image_size=params.get("image_size"))
+            except Exception as err:  # noqa: BLE001 - whatever stops the notebook reading it
+                reasons[name] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+    return {name: (reason, users[name]) for name, reason in reasons.items() if reason is not None}
+
+
 def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, figures_dir=None,
               cache_dir=None, notebooks=None, parameters: dict | None = None, threads: int | None = None,
               keep_going: bool = False, resume: bool = False, log=print, progress: bool = True) -> dict:
@@ -482,6 +508,9 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
               "complete": False}
+    for name, (reason, users) in _unreadable_datasets(paths, profile, parameters, declared, data_root).items():
+        log(f"note: the data set {name!r} cannot be read here ({reason}); {', '.join(users)} will leave it out of "
+            "their tables and figures", flush=True)
     timings = out_dir / TIMINGS
     failures = []
     global _INTERRUPTS

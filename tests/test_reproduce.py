@@ -541,3 +541,32 @@ def test_a_notebook_runs_on_a_private_kernelspec_that_is_gone_afterwards(tmp_pat
     python, kernels = json.loads((tmp_path / "seen.json").read_text())
     assert python == sys.executable and Path(kernels).name.startswith("gmmseg-kernels-")
     assert "JUPYTER_PATH" not in os.environ and not Path(kernels).exists()
+
+
+def test_a_data_set_that_cannot_be_read_is_named_before_any_notebook_runs(tmp_path, monkeypatch):
+    from contextlib import nullcontext
+
+    import gmmseg_core.reproduce as reproduce_module
+    from gmmseg_core.data import composites
+
+    monkeypatch.delenv("GMMSEG_DATA", raising=False)
+    monkeypatch.setattr(composites, "FASHION_DIRS", (str(tmp_path / "no-fashion-here"),))
+    lines = []
+    monkeypatch.setattr(reproduce_module, "run_notebook", lambda nb, *a, **k: lines.append(f"ran {nb.stem}"))
+    monkeypatch.setattr(reproduce_module, "_kernel", lambda: nullcontext("python3"))
+    folders = dict(out_dir=tmp_path / "out", figures_dir=tmp_path / "fig")
+    reproduce("smoke", notebooks=["01", "03", "04"], log=lambda msg, **k: lines.append(msg), **folders)
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and lines.index(notes[0]) < lines.index("ran 01_discriminative_vs_generative")
+    assert notes[0].startswith("note: the data set 'fashion' cannot be read here (FileNotFoundError: Fashion-MNIST "
+                               "files train-images-idx3-ubyte[.gz]")
+    assert notes[0].endswith("; 03_closed_set, 04_anomaly will leave it out of their tables and figures")
+
+    lines.clear()               # a run without it says nothing; a misspelt name stops the run before it starts
+    reproduce("smoke", notebooks=["03"], parameters={"datasets": ["scenes"]}, log=lambda msg, **k: lines.append(msg),
+              **folders)
+    assert not [line for line in lines if line.startswith("note:")] and "ran 03_closed_set" in lines
+    lines.clear()
+    with pytest.raises(ValueError, match="unknown dataset 'fashon'"):
+        reproduce("smoke", notebooks=["03"], parameters={"datasets": ["fashon"]}, **folders)
+    assert lines == []
