@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.results import RESULTS, cpu_cores, start_load, write_section
+from gmmseg_core._machine import cpu_description
 from gmmseg_core.data import build_dataset, train_transforms
 
 SECTION = "bench_data"
@@ -122,7 +123,8 @@ def run(quick: bool = False) -> tuple[list[tuple[str, str, dict]], dict]:
 def format_section(rows, info) -> str:
     today = datetime.date.today().isoformat()
     lines = [
-        f"Machine: {info['cores']}-core CPU, torch {torch.__version__}, {today}; 1-minute load average at the start "
+        f"Machine: {info['cores']}-core CPU ({cpu_description()}), torch {torch.__version__}, {today}; 1-minute load "
+        "average at the start "
         f"{info['load']:.1f}" + (" (the machine was shared with other work: absolute rates are noisy)."
                                  if info["load"] > 1.0 else "."),
         "",

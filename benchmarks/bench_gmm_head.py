@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import resource
 import subprocess
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.results import RESULTS, cpu_cores, load_caveat, start_load, synchronize, write_section
+from gmmseg_core._machine import cpu_description
 
 SECTION = "bench_gmm_head"
 FULL = dict(batch=2, height=192, width=192, in_channels=64, classes=19, components=5, dim=64, memory=32000)
@@ -322,7 +322,7 @@ def _section(results, cfg, args, before=None):
             ("of which the embedding (fwd + bwd; same layers, ours channels-last)", "embed_s"),
             ("**GMM part per step** (whole head minus embedding)", "gmm_step_s")]
     gpu = f" and {torch.cuda.get_device_name(args.device)}" if torch.device(args.device).type == "cuda" else ""
-    lines = [f"Machine: {cpu_cores()}-core CPU ({platform.processor() or platform.machine()}){gpu}, torch "
+    lines = [f"Machine: {cpu_cores()}-core CPU ({cpu_description()}){gpu}, torch "
              f"{torch.__version__}, {args.threads} thread(s) per worker, device `{args.device}`; "
              f"{time.strftime('%Y-%m-%d %H:%M')}. Load before the run: `{uptime}`." + load_caveat(load), "",
              f"Scale: {cfg['batch']} x {cfg['height']} x {cfg['width']} = "

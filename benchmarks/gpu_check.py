@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from gmmseg_core._files import atomic_write_text
+from gmmseg_core._machine import cpu_description
 
 HERE = Path(__file__).resolve().parent
 
@@ -395,8 +396,7 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(device=str(device), torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                date=time.strftime("%Y-%m-%d %H:%M"),
-               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-               or platform.machine())
+               device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description())
     report = dict(environment=env, quick=args.quick, checks={}, complete=False)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:

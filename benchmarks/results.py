@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import re
 from pathlib import Path
 
 import torch
 
 from gmmseg_core._files import atomic_write_text
+from gmmseg_core._machine import cpu_description
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -33,7 +33,7 @@ def machine_note(threads):
     """One line: CPU count, torch version, threads, load average before the run."""
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     return (
-        f"{cpu_cores()}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"{cpu_cores()}-core CPU ({cpu_description()}), torch {torch.__version__}, "
         f"{threads} thread(s); load average before the run (1, 5, 15 min): {load}"
     )
 
@@ -64,7 +64,7 @@ def start_load() -> float:
 
 def machine_line(how: str = "ratios were measured interleaved in one run", load: float | None = None,
                  device="cpu") -> str:
-    """``Machine: <cores>-core CPU[ and <GPU>], torch <version>, <date>``, the load and ``how`` the numbers were
+    """``Machine: <cores>-core CPU (<model>, <SIMD level>)[ and <GPU>], torch <version>, <date>``, the load and ``how`` the numbers were
     taken.
 
     ``load`` is the 1-minute load average at the start (from :func:`start_load`); None reads it now, which is only
@@ -74,7 +74,8 @@ def machine_line(how: str = "ratios were measured interleaved in one run", load:
     load = start_load() if load is None else load
     shared = "the machine was shared with other work, so absolute times are noisy; " if load > cores else ""
     gpu = f" and one {torch.cuda.get_device_name(device)}" if torch.device(device).type == "cuda" else ""
-    return (f"Machine: {cores}-core CPU{gpu}, torch {torch.__version__}, {datetime.date.today().isoformat()}; "
+    return (f"Machine: {cores}-core CPU ({cpu_description()}){gpu}, torch {torch.__version__}, "
+            f"{datetime.date.today().isoformat()}; "
             f"1-minute load average at the start {load:.1f} ({shared}{how}).")
 
 

@@ -371,6 +371,18 @@ def _write_timings(path: Path, result: dict, earlier: dict) -> None:
                                        indent=2))
 
 
+def _machine(device) -> dict:
+    """What ``timings.json`` records of the machine: another processor trains slightly different models, so the
+    figures of a run are only reproducible on one like it."""
+    import torch
+
+    from gmmseg_core._machine import cpu_description
+
+    gpu = torch.device(device).type == "cuda" if device else False
+    return {"cpu": cpu_description(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if gpu else None}
+
+
 def _unreadable_datasets(paths, profile, parameters, declared, data_root) -> dict:
     """``{dataset: (reason, [notebook, ...])}`` for the data sets of the notebooks' ``datasets`` parameters that
     cannot be read here, tried as notebook 03 tries them (one image of the train and val splits): those notebooks
@@ -507,7 +519,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
-              "complete": False}
+              "machine": _machine(device), "complete": False}
     for name, (reason, users) in _unreadable_datasets(paths, profile, parameters, declared, data_root).items():
         log(f"note: the data set {name!r} cannot be read here ({reason}); {', '.join(users)} will leave it out of "
             "their tables and figures", flush=True)

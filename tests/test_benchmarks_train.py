@@ -141,7 +141,9 @@ def test_runs_with_other_settings_keep_the_recorded_section_and_name_their_gpu(m
         torch.set_num_threads(threads)
     assert [name for name, _ in written] == ["bench_train_step (2 threads)",
                                              "bench_train_step (cuda, gpu profile, 2 threads)", "bench_train_step"]
-    assert "Machine: " in written[1][1] and "CPU and one Test GPU, torch" in written[1][1]
+    from gmmseg_core._machine import cpu_description
+
+    assert "Machine: " in written[1][1] and f"CPU ({cpu_description()}) and one Test GPU, torch" in written[1][1]
     assert "Test GPU" not in written[0][1]
 
 

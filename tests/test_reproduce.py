@@ -570,3 +570,21 @@ def test_a_data_set_that_cannot_be_read_is_named_before_any_notebook_runs(tmp_pa
     with pytest.raises(ValueError, match="unknown dataset 'fashon'"):
         reproduce("smoke", notebooks=["03"], parameters={"datasets": ["fashon"]}, **folders)
     assert lines == []
+
+
+def test_timings_name_the_machine_whose_kernels_drew_the_figures(tmp_path, monkeypatch):
+    from contextlib import nullcontext
+
+    import torch
+
+    import gmmseg_core.reproduce as reproduce_module
+    from gmmseg_core._machine import cpu_description
+
+    monkeypatch.setattr(reproduce_module, "run_notebook", lambda *a, **k: None)
+    monkeypatch.setattr(reproduce_module, "_kernel", lambda: nullcontext("python3"))
+    nb = _write_notebook(tmp_path / "ok.ipynb", ["pass"])
+    result = reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", log=_quiet)
+    machine = json.loads((tmp_path / "out" / "timings.json").read_text())["machine"]
+    assert machine == result["machine"] and machine["cpu"] == cpu_description() and machine["gpu"] is None
+    assert machine["torch"] == torch.__version__ and machine["cpu_cores"] >= 1
+    assert cpu_description().endswith(", " + torch.backends.cpu.get_cpu_capability())   # the kernels' SIMD level
