@@ -588,3 +588,15 @@ def test_timings_name_the_machine_whose_kernels_drew_the_figures(tmp_path, monke
     assert machine == result["machine"] and machine["cpu"] == cpu_description() and machine["gpu"] is None
     assert machine["torch"] == torch.__version__ and machine["cpu_cores"] >= 1
     assert cpu_description().endswith(", " + torch.backends.cpu.get_cpu_capability())   # the kernels' SIMD level
+
+
+def test_a_cuda_run_records_its_gpu(monkeypatch):
+    import torch
+
+    import gmmseg_core.reproduce as reproduce_module
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(device) or "Test GPU")
+    assert reproduce_module._machine("cuda:1")["gpu"] == "Test GPU" and asked == [torch.device("cuda:1")]
+    assert reproduce_module._machine("cuda")["gpu"] == "Test GPU"
+    assert reproduce_module._machine(None)["gpu"] is None and reproduce_module._machine("cpu")["gpu"] is None
