@@ -64,8 +64,8 @@ def start_load() -> float:
 
 def machine_line(how: str = "ratios were measured interleaved in one run", load: float | None = None,
                  device="cpu") -> str:
-    """``Machine: <cores>-core CPU (<model>, <SIMD level>)[ and <GPU>], torch <version>, <date>``, the load and ``how`` the numbers were
-    taken.
+    """``Machine: <cores>-core CPU (<model>, <SIMD level>)[ and <GPU>], torch <version>, <date>``, the load and
+    ``how`` the numbers were taken.
 
     ``load`` is the 1-minute load average at the start (from :func:`start_load`); None reads it now, which is only
     the start when nothing has run yet. A CUDA ``device`` adds its name.

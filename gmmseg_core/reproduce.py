@@ -383,18 +383,16 @@ def _machine(device) -> dict:
             "gpu": torch.cuda.get_device_name(torch.device(device)) if gpu else None}
 
 
-def _unreadable_datasets(paths, profile, parameters, declared, data_root) -> dict:
-    """``{dataset: (reason, [notebook, ...])}`` for the data sets of the notebooks' ``datasets`` parameters that
-    cannot be read here, tried as notebook 03 tries them (one image of the train and val splits): those notebooks
-    leave such a data set out of their tables and figures, which would otherwise be said only in a table's notes
-    once the run has ended. A misspelt data set name raises here, before anything runs, as it would in the
-    notebook."""
+def _unreadable_datasets(notebook_params: dict, data_root) -> dict:
+    """``{dataset: (reason, [notebook, ...])}`` for the data sets named by the notebooks' ``datasets`` parameters
+    (``notebook_params``: ``{notebook path: its parameters}``) that cannot be read here, tried as notebook 03 tries
+    them (one image of the train and val splits): those notebooks leave such a data set out of their tables and
+    figures, which would otherwise be said only in a table's notes once the run has ended. A misspelt data set
+    name raises here, before anything runs, as it would in the notebook."""
     from gmmseg_core.data import build_dataset, dataset_info
 
     reasons, users = {}, {}
-    for path in paths:
-        extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(path, ())}
-        params = {**notebook_parameters(profile, path.stem), **extra}
+    for path, params in notebook_params.items():
         for name in params.get("datasets") or ():
             dataset_info(name)
             users.setdefault(name, []).append(path.stem)
@@ -518,9 +516,12 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
     threads = check_int("threads", threads, optional=True)
     run_params = {"device": device or "cpu", "data_root": str(data_root) if data_root else None,
                   "figures_dir": str(figures_dir), "cache_dir": str(cache_dir), "out_dir": str(out_dir)}
+    notebook_params = {path: {**notebook_parameters(profile, path.stem), **run_params,
+                              **{k: v for k, v in (parameters or {}).items() if k in declared.get(path, ())}}
+                       for path in paths}
     result = {"profile": profile, "notebooks": {}, "figures_dir": str(figures_dir), "out_dir": str(out_dir),
               "machine": _machine(device), "complete": False}
-    for name, (reason, users) in _unreadable_datasets(paths, profile, parameters, declared, data_root).items():
+    for name, (reason, users) in _unreadable_datasets(notebook_params, data_root).items():
         log(f"note: the data set {name!r} cannot be read here ({reason}); {', '.join(users)} will leave it out of "
             "their tables and figures", flush=True)
     timings = out_dir / TIMINGS
@@ -545,9 +546,7 @@ def reproduce(profile: str = "cpu", data_root=None, device=None, out_dir=None, f
         with interrupts.installed(), _kernel() as kernel, _environ(thread_vars):
             _INTERRUPTS = interrupts
             for i, nb_path in enumerate(paths, 1):
-                name = nb_path.stem
-                extra = {k: v for k, v in (parameters or {}).items() if k in declared.get(nb_path, ())}
-                params = {**notebook_parameters(profile, name), **run_params, **extra}
+                name, params = nb_path.stem, notebook_params[nb_path]
                 output = out_dir / nb_path.name
                 record = _notebook_record(nb_path, output, params)
                 if resume and _finished_earlier(earlier.get(name), record):
