@@ -25,8 +25,8 @@ process ends, however it ends, so a directory left by a crashed or killed run (w
 Without ``fcntl`` (Windows) nothing is locked.
 
 The JSON files and the checkpoint are written atomically (a temporary file, then ``os.replace``): a kill or a full
-disk leaves each whole, old or new, and the next training there deletes the temporary file a kill left behind. ``log.csv`` is appended to; a resume drops its rows past the checkpoint and a
-row a kill tore.
+disk leaves each whole, old or new, and the next training there deletes the temporary file a kill left behind.
+``log.csv`` is appended to; a resume drops its rows past the checkpoint and a row a kill tore.
 
 Determinism and resume: the data order is a pure function of (seed, step): the image stream is the
 concatenation of epoch-seeded permutations (or class-balanced epochs), step ``s`` of a run with global batch
