@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -320,17 +319,11 @@ def _checkpoint_step(run_dir):
         return None
 
 
-def _first_process() -> bool:
-    """False in the processes of rank >= 1 that ``torchrun`` starts: they train, but only rank 0 reports
-    (errors are reported by every process)."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def cmd_train(args) -> int:
-    from gmmseg_core.train import CHECKPOINT, _check_run_dir_free, train
+    from gmmseg_core.train import CHECKPOINT, _check_run_dir_free, _launched_rank, train
 
     cfg = _train_config(args)
-    report = _first_process()
+    report = not _launched_rank()    # torchrun's ranks >= 1 train, but only rank 0 reports (errors: every process)
     if args.print_config:
         if report:
             print(cfg.to_json())

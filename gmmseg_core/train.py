@@ -202,6 +202,12 @@ def _rng_state() -> dict:
     return state
 
 
+def _launched_rank() -> int | None:
+    """The rank ``torchrun`` gave this process (its ``RANK`` variable), None when it was not started so."""
+    rank = os.environ.get("RANK")
+    return None if rank is None else int(rank)
+
+
 def _rng_states(host, rank: int, world: int) -> list[dict] | None:
     """Every process's ``_rng_state()`` in rank order, gathered on rank 0 over ``host`` (None on the other ranks);
     ``[_rng_state()]`` without DDP (``host`` None)."""
@@ -458,7 +464,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, on_step=None) -> Path
     # -- distributed set-up (every collective is a no-op in a single process) ---------------------------------
     # a process group made by the caller counts as much as torchrun's environment: the head gathers over it anyway
     group_ready = dist.is_available() and dist.is_initialized()
-    ddp = group_ready or int(os.environ.get("RANK", -1)) != -1
+    ddp = group_ready or _launched_rank() is not None
     own_group = False
     if ddp:
         if group_ready:
@@ -510,7 +516,7 @@ def _check_run_dir_free(run_dir) -> None:
     """Raise :class:`DirectoryInUseError` naming the process that trains in ``run_dir``, if one does (a check for
     a clear message before other checks of the directory; :func:`train` takes the lock itself). Under torchrun
     only rank 0 checks: the others would find its lock."""
-    if int(os.environ.get("RANK", 0)) == 0 and Path(run_dir).is_dir():
+    if not _launched_rank() and Path(run_dir).is_dir():
         DirectoryLock(run_dir).acquire(_IN_USE_ADVICE).release()
 
 
@@ -881,7 +887,7 @@ def _check_device(name) -> None:
         if not torch.cuda.is_available():
             raise ValueError(f"device={name!r}, but this torch ({torch.__version__}) sees no CUDA device; "
                              "use device='cpu' or None")
-        under_torchrun = int(os.environ.get("RANK", -1)) != -1   # each process then takes cuda:LOCAL_RANK
+        under_torchrun = _launched_rank() is not None   # each process then takes cuda:LOCAL_RANK
         if device.index is not None and not under_torchrun and device.index >= torch.cuda.device_count():
             raise ValueError(f"device={name!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
 
@@ -946,7 +952,7 @@ def train_cached(cfg: TrainConfig, cache_dir="runs/cache", wait: bool = True) ->
     :func:`train` does. Under DDP, and when the lock's holder is this very process, it never waits.
     """
     run_cfg = _cached_run_config(cfg, cache_dir)
-    distributed = int(os.environ.get("RANK", -1)) != -1 or (dist.is_available() and dist.is_initialized())
+    distributed = _launched_rank() is not None or (dist.is_available() and dist.is_initialized())
     told = False
     while True:
         if is_finished(run_cfg.run_dir):
