@@ -140,9 +140,12 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
         return
     counts, ranks = _group_ranks(group, num_groups)
     kept = (ranks >= counts[group] - size).nonzero().squeeze(1)      # the last `size` rows of each group
-    slot = (group * size + (ptr[group] + ranks) % size)[kept]
+    every_row = kept.numel() == group.numel()                         # the usual case: no ring overflows
+    slot = group * size + (ptr[group] + ranks) % size
+    if not every_row:
+        slot = slot[kept]
     flat = memory.view(num_groups * size, -1)
-    new = values[kept].to(memory.dtype)
+    new = (values if every_row else values[kept]).to(memory.dtype)
     if stats is not None:
         total, total_sq = stats
         old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
@@ -151,6 +154,7 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
         total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
     flat.index_copy_(0, slot, new)
     for buffer, rows in extras:
-        buffer.view(num_groups * size, -1).index_copy_(0, slot, rows[kept].reshape(kept.numel(), -1).to(buffer.dtype))
+        rows = rows if every_row else rows[kept]
+        buffer.view(num_groups * size, -1).index_copy_(0, slot, rows.reshape(kept.numel(), -1).to(buffer.dtype))
     ptr.copy_((ptr + counts) % size)
     count.copy_((count + counts).clamp(max=size))
