@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import bench_anomaly_metrics, bench_train_step, run_all
@@ -64,6 +65,24 @@ def test_rest_column_compares_steps_without_update_head_on_both_sides():
     assert _row(text, "softmax")[5] == "+0.0"
     assert _row(text, "gmm paper")[5] == "+6.5"          # (50 - 4) - (40 - 0.5)
     assert _row(text, "gmm official")[5] == "+6.5"       # (48 - 2) - (40 - 0.5)
+
+
+def test_overhead_pairs_each_cycle_with_the_softmax_cycle_it_ran_beside():
+    # cycles of 2 steps; the machine slows down in the third cycle, for both heads alike
+    times = {"softmax": [10, 10, 20, 20, 30, 30], "gmm paper": [25, 25, 21, 21, 33, 33]}
+    update = {"softmax": [0] * 6, "gmm paper": [1, 3, 1, 3, 1, 3]}
+    per = bench_train_step.summarise(times, update, 2)["gmm paper"]
+    assert per["overhead"] == pytest.approx(0.1)             # paired (1.5, 0.05, 0.1), not 25 / 20 - 1
+    assert per["overhead_quartiles"] == pytest.approx((0.075, 0.8))
+    assert per["step_s"] == 25 and per["update_s"] == 2
+
+
+def test_verdict_marks_a_target_inside_the_range_over_cycles():
+    verdict = bench_train_step.target_verdict
+    assert verdict({"overhead": 0.10, "overhead_quartiles": (0.08, 0.12)}) == "yes"
+    assert verdict({"overhead": 0.14, "overhead_quartiles": (0.12, 0.16)}) == "yes (edge)"
+    assert verdict({"overhead": 0.16, "overhead_quartiles": (0.14, 0.18)}) == "**no** (edge)"
+    assert verdict({"overhead": 0.20, "overhead_quartiles": (0.18, 0.22)}) == "**no**"
 
 
 def test_section_places_each_variants_e_step_in_the_phase_that_runs_it(monkeypatch):
