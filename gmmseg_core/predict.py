@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def _rgb(image) -> np.ndarray:
     return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
+@contextmanager
+def _opened_image(path) -> Iterator:
+    """``PIL.Image.open(path)`` as a context, where Pillow's errors for a file it cannot read, on opening or inside
+    the block (not an image, truncated, unreadable, a decompression bomb), become a ``ValueError`` naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            yield im
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
+
+
 def read_image(path) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB (grey, 16-bit grey, palette and RGBA images are converted; alpha is
     dropped), turned upright as its EXIF orientation says (as image viewers show it: a camera's portrait photo is
@@ -118,26 +132,18 @@ def read_image(path) -> np.ndarray:
 
     Raises ``ValueError`` naming the file when Pillow cannot read it.
     """
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    try:
-        with Image.open(path) as im:
-            return _rgb(ImageOps.exif_transpose(im))
-    except (OSError, Image.DecompressionBombError) as err:     # not an image, truncated, unreadable
-        raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
+    with _opened_image(path) as im:
+        return _rgb(ImageOps.exif_transpose(im))
 
 
 def check_images(paths: Iterable) -> None:
     """``ValueError`` naming the first of ``paths`` that Pillow does not recognise as an image, found from the
     files' headers only (fast; a file damaged further on fails when :func:`read_image` reads it)."""
-    from PIL import Image
-
     for path in paths:
-        try:
-            with Image.open(path):
-                pass
-        except (OSError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot read the image {str(path)!r}: {err}") from err
+        with _opened_image(path):
+            pass
 
 
 def output_stems(paths: Sequence, endings: Sequence[str] = ("_labels.png", ".npz")) -> list[str]:
