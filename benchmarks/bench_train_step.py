@@ -82,7 +82,21 @@ def run(archs, widths, image_size, batch_size, embed_dim, num_components, update
                         times[name].append(time.perf_counter() - t0)
                         update[name].append(t_update)
             results[(arch, width)] = summarise(times, update, update_interval)
+            for name, step in steps.items():
+                results[(arch, width)][name]["ops_per_step"] = count_ops(step, images, labels, update_interval)
     return results
+
+
+def count_ops(step, images, labels, steps) -> float:
+    """Aten operations dispatched per step over ``steps`` untimed steps (``torch.profiler``; every nesting level,
+    views included): at the cpu profile's sizes each costs microseconds whatever its size, so this count, more
+    than the arithmetic, sets what a head adds to a small network's step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(images, labels)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
 
 
 def summarise(times, update, update_interval) -> dict:
@@ -138,7 +152,8 @@ def format_results(results, args) -> str:
              f"interquartile range; *(edge)* marks a verdict whose range holds the target. "
              f"Target: GMM overhead <= 15%.", "",
              "| arch | width | head | step (ms) | of which update_head (ms) | rest minus softmax step (ms) | "
-             "overhead vs softmax | its range over cycles (IQR) | target met |", "|---|---|---|---|---|---|---|---|---|"]
+             "overhead vs softmax | its range over cycles (IQR) | target met | aten ops per step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for (arch, width), per in results.items():
         for name, r in per.items():
             met = "" if name == "softmax" else target_verdict(r)
@@ -146,15 +161,19 @@ def format_results(results, args) -> str:
             spread = "" if name == "softmax" else f"{100 * q1:+.1f} to {100 * q3:+.1f}%"
             # like for like: the step without update_head, against the softmax step without its (no-op) one
             rest = (r["step_s"] - r["update_s"]) - (per["softmax"]["step_s"] - per["softmax"]["update_s"])
+            ops = f"{r['ops_per_step']:.0f}" if "ops_per_step" in r else ""
             lines.append(f"| {arch} | {width} | {name} | {1000 * r['step_s']:.1f} | {1000 * r['update_s']:.1f} | "
-                         f"{1000 * rest:+.1f} | {100 * r['overhead']:+.1f}% | {spread} | {met} |")
+                         f"{1000 * rest:+.1f} | {100 * r['overhead']:+.1f}% | {spread} | {met} | {ops} |")
     lines += ["", "\"rest minus softmax step\" is the extra cost of the GMM head's forward, backward and optimiser "
               "step (embedding, log-densities of all C x K components at feature resolution; for the official "
               "variant also its component loss and the Sinkhorn E-step that loss needs) over the softmax head's "
               "1x1 convolution, both without update_head; \"update_head\" is the EM bookkeeping after the step "
               "(memory push, M-step amortised; for the paper variant also the Sinkhorn E-step). Absolute step "
               "times vary between runs on this shared machine (by up to 1.7x at width 8 between two days), "
-              "overheads by a few points; compare heads within one run."]
+              "overheads by a few points; compare heads within one run. \"aten ops per step\" counts the operations "
+              "torch dispatched in an untimed cycle (every nesting level, views included): on a CPU each costs "
+              "microseconds whatever its size, so at small sizes this count, more than the arithmetic, sets a "
+              "head's extra time."]
     lines += ["", "The GMM head's extra time per step (step minus the softmax step, both variants) by backbone width, "
               "and the widths at which both variants meet the target:", ""]
     for arch in dict.fromkeys(a for a, _ in results):
@@ -163,8 +182,12 @@ def format_results(results, args) -> str:
             if a != arch:
                 continue
             gmm = [r for name, r in per.items() if name != "softmax"]
-            extra.append(f"width {width}: " + " / ".join(f"{1000 * (r['step_s'] - per['softmax']['step_s']):+.1f}"
-                                                         for r in gmm) + " ms")
+            more = f"width {width}: " + " / ".join(f"{1000 * (r['step_s'] - per['softmax']['step_s']):+.1f}"
+                                                   for r in gmm) + " ms"
+            if all("ops_per_step" in r for r in per.values()):
+                more += " (" + " / ".join(f"{r['ops_per_step'] - per['softmax']['ops_per_step']:+.0f}"
+                                          for r in gmm) + " aten ops)"
+            extra.append(more)
             if all(r["overhead"] <= 0.15 for r in gmm):
                 met.append(str(width))
         verdict = f"target met at width {', '.join(met)}" if met else "target missed at every width measured"

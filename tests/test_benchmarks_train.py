@@ -22,6 +22,8 @@ def test_bench_train_step_quick(capsys):
     out = capsys.readouterr().out
     for name in ("softmax", "gmm paper", "gmm official"):
         assert f"| fcn | 4 | {name} |" in out
+    ops = {name: int(_row(out, name)[-1].strip(" |")) for name in ("softmax", "gmm paper", "gmm official")}
+    assert 0 < ops["softmax"] < min(ops["gmm paper"], ops["gmm official"])      # the GMM head dispatches more
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == before
 
 
