@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 SECTION = "bench_cpu_repro"
-SETTINGS = {
+SETTINGS = {     # every variable of gmmseg_core._machine.KERNEL_CAP_VARIABLES
     "default": {},
     "avx2-capped": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2",
                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
@@ -70,7 +70,10 @@ def train_one(arch: str, kind: str, profile: str) -> dict:
 
 def run_setting(setting: str, arch: str, kind: str, profile: str) -> dict:
     """:func:`train_one` in a fresh interpreter with ``SETTINGS[setting]`` in its environment."""
-    env = {**os.environ, **SETTINGS[setting], "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    from gmmseg_core._machine import KERNEL_CAP_VARIABLES
+
+    inherited = {k: v for k, v in os.environ.items() if k not in KERNEL_CAP_VARIABLES}   # "default" means none
+    env = {**inherited, **SETTINGS[setting], "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     code = (f"import json; from benchmarks.bench_cpu_repro import train_one; "
             f"print(json.dumps(train_one({arch!r}, {kind!r}, {profile!r})))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

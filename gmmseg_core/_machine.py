@@ -6,6 +6,7 @@ BLAS pick them by processor and SIMD level), so a recorded result names its mach
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -32,3 +33,14 @@ def cpu_description() -> str:
     except (ImportError, AttributeError):   # a torch without the query
         level = ""
     return f"{name}, {level}" if level else name
+
+
+# Environment variables that cap the instruction set of torch's own CPU kernels, oneDNN's and MKL's (or put MKL on
+# its processor-independent path): trainings under different caps round differently.
+KERNEL_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def kernel_caps() -> dict:
+    """The kernel caps set in this process's environment, ``{variable: value}`` (empty when none is)."""
+    return {name: os.environ[name] for name in KERNEL_CAP_VARIABLES if name in os.environ}
+

@@ -376,11 +376,11 @@ def _machine(device) -> dict:
     figures of a run are only reproducible on one like it."""
     import torch
 
-    from gmmseg_core._machine import cpu_description
+    from gmmseg_core._machine import cpu_description, kernel_caps
 
     gpu = torch.device(device).type == "cuda" if device else False
     return {"cpu": cpu_description(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(torch.device(device)) if gpu else None}
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if gpu else None, "kernel_caps": kernel_caps()}
 
 
 def _unreadable_datasets(notebook_params: dict, data_root) -> dict:

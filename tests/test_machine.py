@@ -28,3 +28,12 @@ def test_without_proc_cpuinfo_the_description_falls_back_to_what_platform_knows(
     assert _machine.cpu_description() == f"riscv64, {torch.backends.cpu.get_cpu_capability()}"
     monkeypatch.delattr(torch.backends.cpu, "get_cpu_capability")       # a torch without the query
     assert _machine.cpu_description() == "riscv64"
+
+
+def test_kernel_caps_are_the_cap_variables_set_in_the_environment(monkeypatch):
+    for name in _machine.KERNEL_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert _machine.kernel_caps() == {}
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                       # not a kernel cap
+    assert _machine.kernel_caps() == {"ONEDNN_MAX_CPU_ISA": "AVX2"}

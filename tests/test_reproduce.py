@@ -582,10 +582,12 @@ def test_timings_name_the_machine_whose_kernels_drew_the_figures(tmp_path, monke
 
     monkeypatch.setattr(reproduce_module, "run_notebook", lambda *a, **k: None)
     monkeypatch.setattr(reproduce_module, "_kernel", lambda: nullcontext("python3"))
+    monkeypatch.setenv("MKL_CBWR", "AVX2")                          # a kernel cap: the run says it was set
     nb = _write_notebook(tmp_path / "ok.ipynb", ["pass"])
     result = reproduce("smoke", notebooks=[nb], out_dir=tmp_path / "out", figures_dir=tmp_path / "fig", log=_quiet)
     machine = json.loads((tmp_path / "out" / "timings.json").read_text())["machine"]
     assert machine == result["machine"] and machine["cpu"] == cpu_description() and machine["gpu"] is None
+    assert machine["kernel_caps"].get("MKL_CBWR") == "AVX2"
     assert machine["torch"] == torch.__version__ and machine["cpu_cores"] >= 1
     assert cpu_description().endswith(", " + torch.backends.cpu.get_cpu_capability())   # the kernels' SIMD level
 
