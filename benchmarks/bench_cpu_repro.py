@@ -7,9 +7,10 @@ choices (``default``) and once with every library capped at AVX2 (``avx2-capped`
 ``ONEDNN_MAX_CPU_ISA``, ``MKL_CBWR`` and ``MKL_ENABLE_INSTRUCTIONS``), each training in a fresh process (the
 variables act when the libraries load), one thread, and records the SHA-256 of every trained weight and buffer.
 
-Run it on two machines with the same torch version (the libraries' kernels change between releases too) and
-compare the ``## bench_cpu_repro`` sections: equal fingerprints under a setting mean that setting reproduces
-cpu-profile trainings across those machines.
+Run it on two machines with the same torch version (the libraries' kernels change between releases too): a run
+compares its fingerprints with those of the section it replaces and says, in the new section, under which settings
+they agree. Equal fingerprints under a setting mean that setting reproduces cpu-profile trainings across those
+machines.
 
     python -m benchmarks.bench_cpu_repro            # cpu profile sizes (about 2 minutes), updates RESULTS.md
     python -m benchmarks.bench_cpu_repro --quick    # smoke sizes, prints only
@@ -21,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -83,6 +85,37 @@ def run_setting(setting: str, arch: str, kind: str, profile: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def recorded_fingerprints(body: str | None) -> tuple[str | None, dict]:
+    """The machine line and the ``{(setting, model): first 16 hex digits}`` of a recorded section's body."""
+    if not body:
+        return None, {}
+    machine = next((line for line in body.splitlines() if line.startswith("Machine:")), None)
+    rows = re.findall(r"^\| ([\w-]+) \| ([^|]+?) \| [^|]+ \| `([0-9a-f]+)` \|", body, re.M)
+    return machine, {(setting, model): fingerprint for setting, model, fingerprint in rows}
+
+
+def comparison(rows: list[dict], recorded: dict) -> dict:
+    """Per setting: ``(equal, compared)``, the models whose fingerprint equals the recorded one, out of those
+    recorded for that setting."""
+    out = {}
+    for r in rows:
+        old = recorded.get((r["setting"], f"{r['arch']} {r['kind']}"))
+        if old is not None:
+            equal, compared = out.get(r["setting"], (0, 0))
+            out[r["setting"]] = (equal + (r["fingerprint"][:len(old)] == old), compared + 1)
+    return out
+
+
+def format_comparison(result: dict, machine: str | None) -> str:
+    """One sentence on how this run's fingerprints compare with the replaced section's ('' when nothing compared)."""
+    if not result:
+        return ""
+    where = machine.removeprefix("Machine: ").split(";")[0] if machine else "an unrecorded machine"
+    return (f"Compared with the fingerprints this section held before (recorded on {where}): "
+            + "; ".join(f"{setting} equal for {equal} of {compared} models" for setting, (equal, compared)
+                        in result.items()) + ".")
+
+
 def format_results(rows: list[dict], profile: str) -> str:
     lines = [f"One training per model and setting: the {profile} profile's `scenes` models (seed 0), each in a fresh "
              "process on one thread. `default` leaves every library its own kernel choice; `avx2-capped` caps "
@@ -102,9 +135,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke-profile sizes, print only (no RESULTS.md)")
     args = parser.parse_args(argv)
-    from benchmarks.results import machine_line, start_load, write_section
+    from benchmarks.results import machine_line, read_section, start_load, write_section
 
     load = start_load()
+    before = recorded_fingerprints(read_section(SECTION)) if not args.quick else (None, {})
     profile = "smoke" if args.quick else "cpu"
     rows = []
     for setting in SETTINGS:
@@ -113,6 +147,8 @@ def main(argv=None) -> int:
             print(f"{setting} {arch} {kind}: {rows[-1]['fingerprint'][:16]} ({100 * rows[-1]['miou']:.2f}% mIoU)",
                   flush=True)
     text = format_results(rows, profile)
+    compared = format_comparison(comparison(rows, before[1]), before[0])
+    text += "\n\n" + compared if compared else ""
     print(text)
     if not args.quick:
         write_section(SECTION, machine_line(how="each training in its own process", load=load) + "\n\n" + text)

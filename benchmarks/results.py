@@ -16,6 +16,15 @@ from gmmseg_core._machine import cpu_description
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
+def read_section(name, path=RESULTS) -> str | None:
+    """The body of the ``## name`` section of ``path`` (without its heading), or None when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    found = re.search(rf"^## {re.escape(name)}\n(.*?)(?=^## |\Z)", path.read_text(), re.S | re.M)
+    return found.group(1).strip() if found else None
+
+
 def write_section(name, body, path=RESULTS):
     """Replace (or append) the ``## name`` section of ``path`` with ``body``, leaving the other sections alone."""
     path = Path(path)

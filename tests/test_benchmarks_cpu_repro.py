@@ -22,3 +22,25 @@ def test_a_training_in_a_fresh_process_matches_one_in_this_process():
     there = bench_cpu_repro.run_setting("default", "fcn", "gmm_official", "smoke")
     assert 0.0 <= here["miou"] <= 1.0
     assert there["fingerprint"] == here["fingerprint"] and there["miou"] == here["miou"]
+
+
+def test_a_run_says_under_which_settings_it_agrees_with_the_section_it_replaces():
+    body = "\n".join([
+        "Machine: 2-core CPU (Some CPU, AVX512), torch 2.14.1, 2026-11-27; 1-minute load average at the start 0.5.",
+        "", bench_cpu_repro.format_results([
+            dict(setting="default", arch="fcn", kind="softmax", miou=0.5, fingerprint="a" * 64, cpu="Some CPU, AVX512"),
+            dict(setting="avx2-capped", arch="fcn", kind="softmax", miou=0.5, fingerprint="b" * 64, cpu="x, AVX2"),
+        ], "cpu")])
+    machine, recorded = bench_cpu_repro.recorded_fingerprints(body)
+    assert machine.startswith("Machine: 2-core CPU (Some CPU")
+    assert recorded == {("default", "fcn softmax"): "a" * 16, ("avx2-capped", "fcn softmax"): "b" * 16}
+    now = [dict(setting="default", arch="fcn", kind="softmax", fingerprint="c" * 64),      # another machine's
+           dict(setting="avx2-capped", arch="fcn", kind="softmax", fingerprint="b" * 64),
+           dict(setting="avx2-capped", arch="segformer", kind="softmax", fingerprint="d" * 64)]   # not recorded
+    result = bench_cpu_repro.comparison(now, recorded)
+    assert result == {"default": (0, 1), "avx2-capped": (1, 1)}
+    sentence = bench_cpu_repro.format_comparison(result, machine)
+    assert "recorded on 2-core CPU (Some CPU, AVX512), torch 2.14.1, 2026-11-27)" in sentence
+    assert "default equal for 0 of 1 models; avx2-capped equal for 1 of 1 models" in sentence
+    assert bench_cpu_repro.format_comparison({}, machine) == ""
+    assert bench_cpu_repro.recorded_fingerprints(None) == (None, {})

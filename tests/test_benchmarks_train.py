@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import bench_anomaly_metrics, bench_train_step, run_all
 from benchmarks import results as results_module
-from benchmarks.results import write_section
+from benchmarks.results import read_section, write_section
 from gmmseg_core.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,8 @@ def test_run_all_discovers_benchmarks_and_update_section(tmp_path):
     write_section("bench_x", "second", results)
     text = results.read_text()
     assert "keep me" in text and "second" in text and "first" not in text and text.count("## bench_x") == 1
+    assert read_section("bench_x", results) == "second" and read_section("other", results) == "keep me"
+    assert read_section("bench_y", results) is None and read_section("bench_x", tmp_path / "none.md") is None
 
 
 def _result(step_ms, update_ms, softmax_ms):
