@@ -12,7 +12,7 @@ compares its fingerprints with those of the section it replaces and says, in the
 they agree. Equal fingerprints under a setting mean that setting reproduces cpu-profile trainings across those
 machines.
 
-    python -m benchmarks.bench_cpu_repro            # cpu profile sizes (about 2 minutes), updates RESULTS.md
+    python -m benchmarks.bench_cpu_repro            # cpu profile sizes (about a minute), updates RESULTS.md
     python -m benchmarks.bench_cpu_repro --quick    # smoke sizes, prints only
 """
 
@@ -40,11 +40,13 @@ MODELS = (("deeplabv3plus", "gmm_paper"), ("segformer", "softmax"))
 
 def state_fingerprint(state: dict) -> str:
     """SHA-256 (hex) over the names, dtypes, shapes and bytes of a state dict's tensors, in sorted name order."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(state):
         tensor = state[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())     # any dtype, bfloat16 too
     return digest.hexdigest()
 
 

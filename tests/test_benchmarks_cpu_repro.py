@@ -14,6 +14,8 @@ def test_fingerprint_sees_every_bit_and_ignores_key_order():
     assert bench_cpu_repro.state_fingerprint(flipped) != bench_cpu_repro.state_fingerprint(state)
     reshaped = dict(state, **{"a.weight": state["a.weight"].reshape(3, 2)})    # same bytes, other shape
     assert bench_cpu_repro.state_fingerprint(reshaped) != bench_cpu_repro.state_fingerprint(state)
+    half = {"w": torch.ones(3, dtype=torch.bfloat16), "empty": torch.zeros(0), "flag": torch.tensor(True)}
+    assert len(bench_cpu_repro.state_fingerprint(half)) == 64                # dtypes numpy lacks, empty tensors
 
 
 def test_a_training_in_a_fresh_process_matches_one_in_this_process():
