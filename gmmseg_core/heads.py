@@ -70,8 +70,9 @@ spaced part of the latest batch only, and each M-step sees that batch alone. For
 Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
 correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process
 keeps identical parameters without broadcasting them (the released code runs Sinkhorn per GPU and then
-gathers). The extra loss uses the local E-step. Wrap the model with ``DistributedDataParallel(...,
-broadcast_buffers=False)``: the memory is large and already identical everywhere.
+gathers). The extra loss uses the local E-step. Wrap the model in ``DistributedDataParallel`` without the buffer
+broadcast before every forward (``forward_sync_buffers=False`` from torch 2.14 on, ``broadcast_buffers=False``
+before; ``gmmseg_core.train`` picks the one its torch has): the memory is large and already identical everywhere.
 """
 
 from __future__ import annotations
