@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                   flush=True)
     text = format_results(rows, profile)
     compared = format_comparison(comparison(rows, before[1]), before[0])
-    text += "\n\n" + compared if compared else ""
+    if compared:
+        text += "\n\n" + compared
     print(text)
     if not args.quick:
         write_section(SECTION, machine_line(how="each training in its own process", load=load) + "\n\n" + text)

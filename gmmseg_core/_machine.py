@@ -43,4 +43,3 @@ KERNEL_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR",
 def kernel_caps() -> dict:
     """The kernel caps set in this process's environment, ``{variable: value}`` (empty when none is)."""
     return {name: os.environ[name] for name in KERNEL_CAP_VARIABLES if name in os.environ}
-
