@@ -34,12 +34,14 @@ VARIANTS = (("softmax", {}), ("gmm paper", {"variant": "paper"}), ("gmm official
 
 
 def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_components, update_interval,
-              device="cpu"):
+              device="cpu", model_kwargs=None):
+    """A training step of a fresh seeded model (``model_kwargs`` go to the backbone; default ``width=width``)."""
     torch.manual_seed(0)
     hk = dict(head_kwargs)
     if head == "gmm":
         hk.update(embed_dim=embed_dim, num_components=num_components, update_interval=update_interval)
-    model = build_model(arch, head, num_classes=num_classes, width=width, head_kwargs=hk).to(device)
+    backbone_kwargs = dict(width=width) if model_kwargs is None else model_kwargs
+    model = build_model(arch, head, num_classes=num_classes, head_kwargs=hk, **backbone_kwargs).to(device)
     model.train()
     opt = adamw(model.parameters(), lr=1e-4)  # as gmmseg_core.train builds it
 
@@ -71,21 +73,27 @@ def run(archs, widths, image_size, batch_size, embed_dim, num_components, update
         for width in widths:
             steps = {name: make_step(arch, kw, "softmax" if name == "softmax" else "gmm", ds.num_classes, width,
                                      embed_dim, num_components, update_interval, device) for name, kw in VARIANTS}
-            times = {name: [] for name in steps}
-            update = {name: [] for name in steps}
-            for i in range(warmup + cycles * update_interval):
-                for name, step in steps.items():
-                    synchronize(device)
-                    t0 = time.perf_counter()
-                    t_update = step(images, labels)
-                    synchronize(device)
-                    if i >= warmup:
-                        times[name].append(time.perf_counter() - t0)
-                        update[name].append(t_update)
-            results[(arch, width)] = summarise(times, update, update_interval)
+            results[(arch, width)] = time_interleaved(steps, images, labels, warmup, cycles, update_interval, device)
             for name, step in steps.items():
                 results[(arch, width)][name]["ops_per_step"] = count_ops(step, images, labels, update_interval)
     return results
+
+
+def time_interleaved(steps, images, labels, warmup, cycles, update_interval, device="cpu") -> dict:
+    """:func:`summarise` of ``steps`` (head name -> :func:`make_step`'s step, ``"softmax"`` among them) run round
+    robin on one batch: ``warmup`` untimed steps each, then ``cycles`` cycles of ``update_interval`` steps."""
+    times = {name: [] for name in steps}
+    update = {name: [] for name in steps}
+    for i in range(warmup + cycles * update_interval):
+        for name, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            t_update = step(images, labels)
+            synchronize(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+                update[name].append(t_update)
+    return summarise(times, update, update_interval)
 
 
 def count_ops(step, images, labels, steps) -> float:

@@ -18,6 +18,9 @@ Checks
                finite losses and seconds per step
 ``gmm_head``   ``bench_gmm_head``'s reference and ours, in this process, with the device's peak memory
 ``train_step`` ``bench_train_step`` at the gpu profile's sizes: the GMM head's overhead over softmax
+``full_step``  the same overhead in full-size networks (smp SegFormer MiT-B5 and DeepLabV3+ ResNet-101, 2 images
+               of 768x768, 19 classes, D = 64, K = 5: one GPU of the released training), with each step's peak
+               memory
 ``launches``   kernel launches and host synchronisations per training step, per head (``torch.profiler``)
 ``profile``    the gpu profile's trainings, shortened: seconds per step (data loading included), an extrapolated
                notebook-03 runtime, and bf16 / DataLoader workers tried on one model
@@ -218,6 +221,57 @@ def check_train_step(device, quick):
     return out
 
 
+FULL_STEP_ARCHS = ("smp:Segformer:mit_b5", "smp:DeepLabV3Plus:resnet101")
+
+
+def check_full_step(device, quick):
+    """The GMM head's cost in a training step of a full-size network: one GPU's share of the released training.
+
+    The released configuration trains SegFormer MiT-B5 with 2 images of 768x768 per GPU (73,728 feature pixels,
+    the paper scale of ``gmm_head``), 19 classes, K = 5, D = 64 and 32,000 memory rows per component (official
+    variant; the paper variant keeps its default memory). The same step as ``train_step`` (forward, backward,
+    AdamW, ``update_head``), heads interleaved on one synthetic batch (random images, labels constant on 32x32
+    blocks), for smp's SegFormer MiT-B5 and DeepLabV3+ ResNet-101 without pretrained weights (the speed does not
+    depend on them). On CUDA also each step's peak memory above what the models hold.
+    """
+    from benchmarks import bench_train_step as bench
+    from gmmseg_core.heads import OFFICIAL_MEMORY_SIZE
+
+    dev = torch.device(device)
+    archs, size, batch, classes, d, k = (("smp:Segformer:mit_b0",), (32, 32), 2, 4, 4, 2) if quick else \
+        (FULL_STEP_ARCHS, (768, 768), 2, 19, 64, 5)
+    memory, interval, reps, warmup = (64, 1, 2, 1) if quick else (OFFICIAL_MEMORY_SIZE, 5, 50, 3)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).to(dev)
+    blocks = torch.randint(0, classes, (batch, size[0] // 32, size[1] // 32), generator=g)
+    labels = blocks.repeat_interleave(32, dim=1).repeat_interleave(32, dim=2).to(dev)
+    variants = (("softmax", "softmax", {}), ("gmm paper", "gmm", {"variant": "paper"}),
+                ("gmm official", "gmm", {"variant": "official", "memory_size": memory}))
+    out = {}
+    for arch in archs:
+        steps = {name: bench.make_step(arch, kw, head, classes, None, d, k, interval, dev,
+                                       model_kwargs=dict(encoder_weights=None)) for name, head, kw in variants}
+        per = bench.time_interleaved(steps, images, labels, warmup, max(1, reps // interval), interval, dev)
+        if dev.type == "cuda":
+            for name, step in steps.items():
+                torch.cuda.synchronize(dev)
+                held = torch.cuda.memory_allocated(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
+                step(images, labels)
+                per[name]["step_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - held) / 2**30
+        out[arch] = {name: dict(step_ms=1000 * r["step_s"], update_ms=1000 * r["update_s"], overhead=r["overhead"],
+                                overhead_quartiles=r["overhead_quartiles"],
+                                **({"step_peak_gib": r["step_peak_gib"]} if "step_peak_gib" in r else {}))
+                     for name, r in per.items()}
+        del steps
+    out["summary"] = (f"batch {batch} of {size[0]}x{size[1]}, {classes} classes, D={d}, K={k}: " + "; ".join(
+        f"{arch} softmax {per['softmax']['step_ms']:.1f} ms, GMM paper / official "
+        + " / ".join(f"{100 * r['overhead']:+.1f}%" for name, r in per.items() if name != "softmax")
+        for arch, per in out.items()))
+    out["ok"] = True
+    return out
+
+
 def check_profile(device, quick, work, settings=None, iters=None, n_images=None, n_val=None):
     """The gpu profile's trainings, shortened, to turn its runtime into a measured estimate.
 
@@ -363,7 +417,7 @@ def check_notebooks(device, quick, out_dir):
 # The gpu profile, shortened for the notebooks check: every notebook on the device in about 7 minutes (H100).
 SHORT_GPU = dict(train_iters=100, num_train_images=48, num_val_images=16, seeds=[0], n_starts=10)
 
-CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step", "launches", "profile")
+CHECKS = ("loglik", "sinkhorn", "head", "train", "gmm_head", "train_step", "full_step", "launches", "profile")
 EXTRA_CHECKS = ("notebooks",)
 
 

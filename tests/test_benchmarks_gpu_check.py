@@ -17,6 +17,10 @@ def test_quick_run_on_cpu_writes_a_passing_report(tmp_path, capsys):
     # the CPU compared with itself: the head's state must agree exactly
     for variant in ("paper", "official"):
         assert report["checks"]["head"][variant]["means"] == 0.0
+    # an smp network with each head, timed side by side: the GMM rows carry their overhead over softmax
+    full = report["checks"]["full_step"]["smp:Segformer:mit_b0"]
+    assert list(full) == ["softmax", "gmm paper", "gmm official"] and full["softmax"]["overhead"] == 0.0
+    assert all(r["step_ms"] > 0 and r["overhead"] > -1 for r in full.values())
     assert report["complete"] is True
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| train |" in md and md in capsys.readouterr().out
