@@ -2,6 +2,8 @@
 
 A step is what ``gmmseg_core.train.train`` does per iteration: ``forward_train``, backward, AdamW step, then the
 head's EM bookkeeping (``update_head``: Sinkhorn E-step, memory push, M-step every ``update_interval`` steps).
+Each of these phases is timed too (the device is synchronised after each), and a second table splits the GMM
+head's extra time among them.
 The variants run interleaved (round robin) on the same batch so machine load hits them alike; a step's time is
 amortised over a cycle of ``update_interval`` steps (one M-step each) and the median over cycles is reported. The
 overhead is paired: each cycle's GMM step over the same cycle's softmax step, whose median and interquartile range
@@ -31,6 +33,7 @@ from gmmseg_core.train import adamw
 
 TARGET = 0.15         # the GMM head's overhead over softmax that the target allows
 VARIANTS = (("softmax", {}), ("gmm paper", {"variant": "paper"}), ("gmm official", {"variant": "official"}))
+PHASES = ("forward", "backward", "optimizer", "update_head")    # of a training step, in order
 
 
 def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_components, update_interval,
@@ -46,16 +49,23 @@ def make_step(arch, head_kwargs, head, num_classes, width, embed_dim, num_compon
     opt = adamw(model.parameters(), lr=1e-4)  # as gmmseg_core.train builds it
 
     def step(images, labels):
-        """One step; returns the seconds spent in update_head (the device is synchronised around it)."""
+        """One step; returns the seconds of each of its :data:`PHASES` (the device is synchronised after each)."""
+        marks = [time.perf_counter()]
+
+        def mark():
+            synchronize(device)
+            marks.append(time.perf_counter())
+
         out = model.forward_train(images, labels)
+        mark()
         out["loss"].backward()
+        mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        t0 = time.perf_counter()
+        mark()
         model.update_head(out["features"], labels)  # as gmmseg_core.train does
-        synchronize(device)
-        return time.perf_counter() - t0
+        mark()
+        return {phase: b - a for phase, a, b in zip(PHASES, marks, marks[1:])}
 
     return step
 
@@ -83,17 +93,18 @@ def time_interleaved(steps, images, labels, warmup, cycles, update_interval, dev
     """:func:`summarise` of ``steps`` (head name -> :func:`make_step`'s step, ``"softmax"`` among them) run round
     robin on one batch: ``warmup`` untimed steps each, then ``cycles`` cycles of ``update_interval`` steps."""
     times = {name: [] for name in steps}
-    update = {name: [] for name in steps}
+    phases = {name: {phase: [] for phase in PHASES} for name in steps}
     for i in range(warmup + cycles * update_interval):
         for name, step in steps.items():
             synchronize(device)
             t0 = time.perf_counter()
-            t_update = step(images, labels)
+            spent = step(images, labels)
             synchronize(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
-                update[name].append(t_update)
-    return summarise(times, update, update_interval)
+                for phase in PHASES:
+                    phases[name][phase].append(spent[phase])
+    return summarise(times, {name: p["update_head"] for name, p in phases.items()}, update_interval, phases)
 
 
 def count_ops(step, images, labels, steps) -> float:
@@ -108,16 +119,22 @@ def count_ops(step, images, labels, steps) -> float:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")) / steps
 
 
-def summarise(times, update, update_interval) -> dict:
+def summarise(times, update, update_interval, phases=None) -> dict:
     """Per head: ``step_s`` and ``update_s`` (medians over cycles of ``update_interval`` steps of each cycle's mean
     step, so every cycle holds one M-step), ``overhead`` (median over cycles of the cycle's step over the softmax
-    head's step in the same cycle) and ``overhead_quartiles`` (its first and third quartiles).
+    head's step in the same cycle) and ``overhead_quartiles`` (its first and third quartiles); with ``phases``
+    also ``extra_phase_s``: per phase, the median over cycles of the cycle's phase time minus the softmax head's
+    in the same cycle.
 
-    ``times`` and ``update`` map each head (``"softmax"`` among them) to its measured steps in order, in seconds.
+    ``times`` and ``update`` map each head (``"softmax"`` among them) to its measured steps in order, in seconds;
+    ``phases`` maps each head to ``{phase: seconds per step}`` (:data:`PHASES`).
     """
     def cycle_means(values):
         return [statistics.fmean(values[c * update_interval:(c + 1) * update_interval])
                 for c in range(len(values) // update_interval)]
+
+    def paired_extra(mine, theirs):
+        return statistics.median([a - b for a, b in zip(cycle_means(mine), cycle_means(theirs))])
 
     softmax = cycle_means(times["softmax"])
     per = {}
@@ -126,6 +143,9 @@ def summarise(times, update, update_interval) -> dict:
         paired = [g / s - 1 for g, s in zip(mine, softmax)]
         per[name] = {"step_s": statistics.median(mine), "update_s": statistics.median(cycle_means(update[name])),
                      "overhead": statistics.median(paired), "overhead_quartiles": quartiles(paired)}
+        if phases is not None:
+            per[name]["extra_phase_s"] = {phase: paired_extra(phases[name][phase], phases["softmax"][phase])
+                                          for phase in phases[name]}
     return per
 
 
@@ -206,7 +226,26 @@ def format_results(results, args) -> str:
                 met.append(str(width))
         verdict = f"target met at width {', '.join(met)}" if met else "target missed at every width measured"
         lines.append(f"- {arch}: {'; '.join(extra)}; {verdict}.")
+    lines += phase_table(results)
     return "\n".join(lines)
+
+
+def phase_table(results) -> list[str]:
+    """Markdown lines: where each GMM variant's extra time goes, phase by phase (nothing for results recorded
+    without the phases)."""
+    rows = [(arch, width, name, r["extra_phase_s"]) for (arch, width), per in results.items()
+            for name, r in per.items() if name != "softmax" and "extra_phase_s" in r]
+    if not rows:
+        return []
+    lines = ["", "Where the GMM head's extra time goes: per phase of the step, the median over cycles of the phase's "
+             "time minus the softmax head's in the same cycle (ms per step; the phases' medians need not add up "
+             "to the step's). \"forward\" is forward_train (backbone, head, losses), \"optimizer\" AdamW's step "
+             "and zero_grad.", "",
+             "| arch | width | head | " + " | ".join(PHASES) + " |", "|---|---|---|" + "---|" * len(PHASES)]
+    for arch, width, name, extra in rows:
+        lines.append(f"| {arch} | {width} | {name} | "
+                     + " | ".join(f"{1000 * extra[phase]:+.2f}" for phase in PHASES) + " |")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -25,6 +25,27 @@ def test_bench_train_step_quick(capsys):
     ops = {name: int(_row(out, name)[-1].strip(" |")) for name in ("softmax", "gmm paper", "gmm official")}
     assert 0 < ops["softmax"] < min(ops["gmm paper"], ops["gmm official"])      # the GMM head dispatches more
     assert (ROOT / "benchmarks" / "RESULTS.md").read_text() == before
+    phase_rows = [line for line in out.splitlines() if line.startswith("| fcn | 4 | gmm ") and line.count("|") == 8]
+    assert len(phase_rows) == 2                                   # one per GMM variant, a cell per phase
+
+
+def test_step_times_each_phase():
+    step = bench_train_step.make_step("fcn", {"variant": "paper"}, "gmm", 4, 4, 4, 2, 1)
+    spent = step(torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32)))
+    assert tuple(spent) == bench_train_step.PHASES and all(t > 0 for t in spent.values())
+
+
+def test_phase_extras_pair_each_cycle_with_the_softmax_cycle_it_ran_beside():
+    times = {"softmax": [10, 10, 20, 20, 30, 30], "gmm paper": [14, 14, 25, 25, 33, 33]}
+    phases = {"softmax": {"forward": [4, 4, 8, 8, 12, 12], "update_head": [0] * 6},
+              "gmm paper": {"forward": [5, 5, 10, 10, 13, 13], "update_head": [3, 1, 3, 1, 3, 1]}}
+    per = bench_train_step.summarise(times, {k: v["update_head"] for k, v in phases.items()}, 2, phases)
+    assert per["gmm paper"]["extra_phase_s"] == {"forward": 1, "update_head": 2}     # cycle extras 1, 2, 1
+    assert per["softmax"]["extra_phase_s"] == {"forward": 0, "update_head": 0}
+    phased = dict(per["gmm paper"], extra_phase_s=dict.fromkeys(bench_train_step.PHASES, 0.0015))
+    text = _format({("fcn", 4): {"softmax": per["softmax"] | {"extra_phase_s": {}}, "gmm paper": phased}})
+    assert "| fcn | 4 | gmm paper | +1.50 | +1.50 | +1.50 | +1.50 |" in text
+    assert "Where the GMM head's extra time goes" not in _format({("fcn", 4): {"softmax": _result(40.0, 0.0, 40.0)}})
 
 
 def test_bench_anomaly_metrics_quick_agrees_with_sklearn():
