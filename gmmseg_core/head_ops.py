@@ -12,9 +12,17 @@ Not everything gains from this. A hand-written component cross-entropy (log-sum-
 spread over tens of nats, ``exp`` then produces denormal numbers, and torch's fused log-softmax kernels handle
 those about three times faster than ``exp_`` on a block (73,728 x 95 values on a CPU: 114 ms against 323 ms).
 
-- :class:`L2Normalize`: ``F.normalize(x, dim=-1)``.
-- :class:`ComponentLogProbMax`: the component log-densities and their maximum over each class's components
-  (the released head's class score), with one backward for both.
+At the cpu profile's sizes (a few thousand pixels) the cost is of another kind: every op costs microseconds
+whatever its size, and some take slow paths for a layout (a reduction or an arg-max over a short last or middle
+dimension, a norm over the channels of an NCHW map). The operations below avoid those paths, and they keep the
+class maps in the logits' NCHW layout so that no transpose is copied forward or backward.
+
+- :class:`L2Normalize`: ``F.normalize(x, dim=dim)``.
+- :class:`ChannelLayerNorm`: ``F.layer_norm`` over dimension 1 of an NCHW map (the classes of the logits).
+- :func:`first_max`: ``torch.max(t, dim)`` by a running comparison over a short dimension.
+- :func:`gaussian_terms` and :class:`ComponentLogProbMaps`: the component log-densities as maps in the logits'
+  layout, and their reduction over each class's components (the paper's log-sum-exp or the released head's
+  maximum), with one backward for both.
 """
 
 from __future__ import annotations
@@ -25,68 +33,233 @@ from gmmseg_core import mixture
 
 
 class L2Normalize(torch.autograd.Function):
-    """``x / max(||x||, eps)`` over the last dimension with a three-op backward; ``eps = 1e-12``, or the smallest
-    normal number of a dtype where 1e-12 rounds to 0 (float16: a zero row would become 0 / 0 = NaN).
+    """``x / max(||x||, eps)`` over dimension ``dim`` (default the last) with a three-op backward; ``eps = 1e-12``,
+    or the smallest normal number of a dtype where 1e-12 rounds to 0 (float16: a zero row would become 0 / 0 = NaN).
 
-    Same values as ``F.normalize(x, dim=-1)`` (which gives NaN for float16's zero rows); autograd's backward of
+    Same values as ``F.normalize(x, dim=dim)`` (which gives NaN for float16's zero rows); autograd's backward of
     that expression takes about five times as long (norm, clamp, division and their masks are differentiated one
-    by one). The row-wise dot product goes through ``linalg.vecdot``; ``(grad * out).sum(-1)`` takes the same time
-    on torch 2.14 (73,728 x 64 on a CPU: 10-13 ms for the whole backward with either).
+    by one). The norm and the dot product are sums of products, not ``linalg.vector_norm`` and
+    ``linalg.vecdot``: over the channels of an NCHW map those take a slow path on a CPU (about 20x the time of
+    the sum at the cpu profile's sizes), and over the last dimension they are no faster.
     """
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, dim=-1):
         eps = max(1e-12, torch.finfo(x.dtype).tiny)
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps)
+        norm = (x * x).sum(dim, keepdim=True).sqrt_().clamp_min_(eps)
         out = x / norm
+        ctx.dim = dim
         ctx.save_for_backward(out, norm)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out, norm = ctx.saved_tensors
-        radial = torch.linalg.vecdot(grad, out).unsqueeze(-1)
-        return torch.addcmul(grad, out, radial, value=-1.0).div_(norm)
+        radial = (grad * out).sum(ctx.dim, keepdim=True)
+        return torch.addcmul(grad, out, radial, value=-1.0).div_(norm), None
 
 
-class ComponentLogProbMax(torch.autograd.Function):
-    """``comp = diag_gaussian_log_prob(x, means, variances)`` and ``comp.view(N, C, K).amax(-1)``.
+class ChannelLayerNorm(torch.autograd.Function):
+    """LayerNorm over dimension 1 of ``x (B, C, ...)`` with a per-channel affine ``weight``, ``bias (C,)``.
 
-    Inputs ``x (N, D)``, ``means`` and ``variances (C*K, D)`` and ``K``; outputs ``comp (N, C*K)`` and the
-    maxima ``(N, C)``. Gradients flow to ``x`` only (the head's Gaussians are fitted by EM, not by gradients;
-    asking for theirs is an error). The released head uses both outputs: the maxima are its class scores, and
-    its component loss reads ``comp``. Autograd would meet the two gradients in a dense ``(N, C*K)`` sum; here
-    the gradient of each maximum is added to its entry block by block, inside the log-likelihood's blocked
-    backward. It goes to the first maximal entry, as ``torch.max`` picks it; ties between real-valued
-    log-densities do not occur in practice.
+    Same values as ``F.layer_norm(x.movedim(1, -1), (C,), weight, bias, eps).movedim(-1, 1)`` (biased variance,
+    ``eps`` inside the square root), without its two layout copies: the statistics are reductions over dimension
+    1, which on a CPU run across contiguous rows of pixels, where a LayerNorm over rows of a few class scores
+    pays a fixed cost per row.
     """
 
     @staticmethod
-    def forward(ctx, x, means, variances, num_components):
-        ctx.set_materialize_grads(False)
-        comp = mixture._log_prob_table(x, means, variances)
-        values, index = comp.view(x.shape[0], -1, num_components).max(dim=-1)
-        ctx.save_for_backward(x, means, variances, index)
-        return comp, values
+    def forward(ctx, x, weight, bias, eps):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = x.mean(1, keepdim=True)
+        centred = x - mean
+        rstd = (centred * centred).mean(1, keepdim=True).add_(eps).rsqrt_()
+        normed = centred.mul_(rstd)
+        ctx.save_for_backward(normed, rstd, weight)
+        return torch.addcmul(bias.view(shape), normed, weight.view(shape))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_comp, grad_values):
-        x, means, variances, index = ctx.saved_tensors
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("ComponentLogProbMax gives no gradient to the means and variances; use "
-                               "mixture.diag_gaussian_log_prob and amax for that")
-        if not ctx.needs_input_grad[0] or (grad_comp is None and grad_values is None):
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        others = [0] + list(range(2, grad.dim()))
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            g = grad * weight.view(shape)
+            # dx = rstd (g - mean_c g - normed mean_c(g normed))
+            dot = (g * normed).mean(1, keepdim=True)
+            grad_x = (g - g.mean(1, keepdim=True)).addcmul_(normed, dot, value=-1.0).mul_(rstd)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).sum(others)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(others)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _pixel_blocks(batch, pixels, row_elements, device):
+    """``(b0, b1, p0, p1)`` blocks of a ``(batch, pixels)`` grid of rows, each ~``mixture._BLOCK_ELEMENTS`` values
+    on a CPU (one block elsewhere): whole images together while they fit, else row ranges of one image."""
+    if device.type != "cpu":
+        yield 0, batch, 0, pixels
+        return
+    rows = max(1, mixture._BLOCK_ELEMENTS // row_elements)
+    if rows >= pixels:
+        per_block = rows // pixels
+        for b0 in range(0, batch, per_block):
+            yield b0, min(b0 + per_block, batch), 0, pixels
+        return
+    for b in range(batch):
+        for p0 in range(0, pixels, rows):
+            yield b, b + 1, p0, min(p0 + rows, pixels)
+
+
+def first_max(t, dim):
+    """``t.max(dim)``: the maxima and the first index of each, by a running comparison over the slices along
+    ``dim``.
+
+    For a short dimension (a few components) this is several times faster on a CPU than ``max``, whose search
+    over a middle dimension, or over a last one of a few values, takes a slow path; each slice here is a large
+    map. A NaN gives a NaN maximum, as ``max`` does (its index may differ).
+    """
+    values = t.select(dim, 0).clone()
+    index = torch.zeros(values.shape, dtype=torch.long, device=values.device)
+    for k in range(1, t.shape[dim]):
+        candidate = t.select(dim, k)
+        index.masked_fill_(candidate > values, k)          # strictly greater: ties keep the first index
+        torch.maximum(values, candidate, out=values)
+    return values, index
+
+
+def _is_rows(x):
+    """Whether ``x (B, D, P)`` is the transpose of contiguous ``(B, P, D)`` rows (channels-last embeddings)."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def gaussian_terms(means, variances):
+    """The products' right-hand sides for :class:`ComponentLogProbMaps`, from means and variances ``(M, D)``.
+
+    Returns ``shift (D,)`` (the mean of the means), ``lhs (M, 2D+1)`` = ``[mu / var, -1 / (2 var), const]`` with
+    ``mu`` the means minus ``shift``, and ``rhs_t (2D, M)`` = ``[mu / var, 1 / var]`` transposed. They depend on
+    the Gaussians only, so a head computes them once per M-step rather than once per forward.
+    """
+    dim = means.shape[1]
+    shift = means.mean(0)
+    mc = means - shift
+    prec = variances.reciprocal()
+    mc_prec = mc * prec
+    const = -0.5 * (dim * mixture._LOG_2PI + variances.log().sum(1) + (mc * mc_prec).sum(1))
+    lhs = torch.cat([mc_prec, -0.5 * prec, const.unsqueeze(1)], 1)
+    rhs_t = torch.cat([mc_prec, prec], 1).T.contiguous()
+    return shift, lhs, rhs_t
+
+
+class ComponentLogProbMaps(torch.autograd.Function):
+    """Component log-densities of every pixel as maps ``(B, C*K, P)``, and optionally their reduction over each
+    class's ``K`` components ``(B, C, P)``: the maximum, or the log-sum-exp.
+
+    Inputs ``x (B, D, P)`` (the embeddings of ``P`` pixels per image: contiguous channels-first maps, or the
+    transpose of contiguous ``(B, P, D)`` rows; either is read, and its gradient written, in its own layout),
+    ``terms`` (:func:`gaussian_terms` of the means and variances ``(C*K, D)``), ``K`` and ``reduce`` (``"max"``,
+    ``"logsumexp"`` or None). Same values as ``diag_gaussian_log_prob(x.transpose(1, 2).reshape(-1, D), means,
+    variances)`` transposed per image to ``(B, C*K, P)``, and as its ``view(B, C, K, P).amax(2)`` or
+    ``torch.logsumexp(..., 2)``. That is the layout of the class logits ``(B, C, h, w)``: the reduction over the
+    components yields them directly, over contiguous rows of pixels, and the component cross-entropy reads the
+    maps as an ``(B, C*K, h, w)`` input. Computed per block of pixels as one ``(C*K, 2D+1) @ (2D+1, n)`` product
+    of ``[mu / var, -1 / (2 var), const]`` with ``[x - s; (x - s)^2; 1]`` (``s`` the mean of the means, as in
+    :mod:`gmmseg_core.mixture`), whose right-hand side is stacked from the channels without a transpose.
+
+    Gradients flow to ``x`` only: the head's Gaussians are fitted by EM, not by gradients (``terms`` that require
+    a gradient are an error). The gradient of the reduction is added to the maps' gradient block by block, inside
+    the product's backward, rather than in a dense sum: a maximum's to its first maximal entry (as ``torch.max``
+    picks it), a log-sum-exp's through the component weights ``exp(comp - lse)`` kept from the forward (one
+    product instead of autograd's recomputed exponentials).
+    """
+
+    @staticmethod
+    def forward(ctx, x, terms, num_components, reduce):
+        ctx.set_materialize_grads(False)
+        shift, lhs, rhs_t = terms
+        if any(t.requires_grad for t in terms):
+            raise RuntimeError("ComponentLogProbMaps gives no gradient to the means and variances; use "
+                               "mixture.diag_gaussian_log_prob for that")
+        if reduce not in ("max", "logsumexp", None):
+            raise ValueError(f"reduce must be 'max', 'logsumexp' or None, got {reduce!r}")
+        batch, dim, pixels = x.shape
+        rows = _is_rows(x)
+        comp = torch.empty(batch, lhs.shape[0], pixels, dtype=x.dtype, device=x.device)
+        buf = None
+        for b0, b1, p0, p1 in _pixel_blocks(batch, pixels, 2 * dim + 1, x.device):
+            if buf is None:                 # [x - s, (x - s)^2, 1] per pixel, in x's own layout
+                shape = (b1 - b0, p1 - p0, 2 * dim + 1) if rows else (b1 - b0, 2 * dim + 1, p1 - p0)
+                buf = torch.empty(shape, dtype=x.dtype, device=x.device)
+                (buf[..., 2 * dim] if rows else buf[:, 2 * dim]).fill_(1.0)    # the constant's, kept
+            if rows:                        # f: (b, 2D+1, n) views of the buffer either way
+                f = buf[: b1 - b0, : p1 - p0].transpose(1, 2)
+                torch.sub(x[b0:b1, :, p0:p1].transpose(1, 2), shift, out=f[:, :dim].transpose(1, 2))
+            else:
+                f = buf[: b1 - b0, :, : p1 - p0]
+                torch.sub(x[b0:b1, :, p0:p1], shift.unsqueeze(1), out=f[:, :dim])
+            torch.mul(f[:, :dim], f[:, :dim], out=f[:, dim:2 * dim])
+            if b1 - b0 == 1:
+                torch.mm(lhs, f[0], out=comp[b0, :, p0:p1])
+            else:
+                torch.matmul(lhs, f, out=comp[b0:b1])
+        per_class = comp.view(batch, -1, num_components, pixels)
+        scores = kept = None
+        if reduce == "max":
+            scores, kept = first_max(per_class, 2)                              # kept: the maxima's entries
+        elif reduce == "logsumexp":
+            top = per_class.amax(dim=2, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # 0 if not finite, as logsumexp
+            kept = (per_class - top).exp_()
+            total = kept.sum(dim=2, keepdim=True)
+            scores = (total.log() + top).squeeze(2)
+            kept = kept.div_(total).view_as(comp)                               # kept: the component weights
+        ctx.num_components, ctx.reduce = num_components, reduce
+        ctx.save_for_backward(x, shift, rhs_t, kept)
+        return comp, scores
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_comp, grad_scores):
+        x, shift, rhs_t, kept = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_comp is None and grad_scores is None):
             return None, None, None, None
-        shift = means.mean(0)
-        prec = variances.reciprocal()
-        n_classes = index.shape[1]
-
-        def add_max_gradient(start, stop, block):      # block (n, C*K): the gradient of the maxima at their entries
-            if grad_values is not None:
-                block.view(stop - start, n_classes, -1).scatter_add_(
-                    -1, index[start:stop].unsqueeze(-1), grad_values[start:stop].unsqueeze(-1))
-
-        grad_x = mixture._grad_x_blocked(grad_comp, x, shift, (means - shift) * prec, prec,
-                                         add_to_block=add_max_gradient)
+        batch, dim, pixels = x.shape
+        n_comp, K = rhs_t.shape[1], ctx.num_components
+        rows = _is_rows(x)
+        grad_x = torch.empty_like(x)                                            # x's strides, either layout
+        merge = grad_scores is not None
+        buf = None
+        for b0, b1, p0, p1 in _pixel_blocks(batch, pixels, max(2 * dim, n_comp), x.device):
+            if merge:                       # the reduction's gradient added to (a copy of) the maps' block
+                if buf is None:
+                    buf = torch.empty(b1 - b0, n_comp, p1 - p0, dtype=x.dtype, device=x.device)
+                g = buf[: b1 - b0, :, : p1 - p0]
+                per_class = g.view(b1 - b0, -1, K, p1 - p0)
+                upstream = grad_scores[b0:b1, :, p0:p1].unsqueeze(2)
+                if ctx.reduce == "max":
+                    if grad_comp is None:
+                        g.zero_()
+                    else:
+                        g.copy_(grad_comp[b0:b1, :, p0:p1])
+                    per_class.scatter_add_(2, kept[b0:b1, :, p0:p1].unsqueeze(2), upstream)
+                else:
+                    weights = kept[b0:b1, :, p0:p1].view_as(per_class)
+                    if grad_comp is None:
+                        torch.mul(weights, upstream, out=per_class)
+                    else:
+                        torch.addcmul(grad_comp[b0:b1, :, p0:p1].view_as(per_class), weights, upstream,
+                                      out=per_class)
+            else:
+                g = grad_comp[b0:b1, :, p0:p1]
+            if rows:                        # as (b, n, D) rows, the layout of x and of its gradient
+                both = torch.matmul(g.transpose(1, 2), rhs_t.T)                 # (b, n, 2D)
+                centred = x[b0:b1, :, p0:p1].transpose(1, 2) - shift
+                torch.addcmul(both[..., :dim], centred, both[..., dim:], value=-1.0,
+                              out=grad_x[b0:b1, :, p0:p1].transpose(1, 2))
+            else:
+                both = torch.matmul(rhs_t, g)                                   # (b, 2D, n)
+                centred = x[b0:b1, :, p0:p1] - shift.unsqueeze(1)
+                torch.addcmul(both[:, :dim], centred, both[:, dim:], value=-1.0, out=grad_x[b0:b1, :, p0:p1])
         return grad_x, None, None, None

@@ -88,8 +88,14 @@ from torch import Tensor, nn
 from gmmseg_core import mixture
 from gmmseg_core._checks import check_int, is_finite_real, is_real
 from gmmseg_core.distributed import all_gather_rows, world_size
-from gmmseg_core.head_ops import ComponentLogProbMax, L2Normalize
-from gmmseg_core.memory import group_counts, ranks_in_group, ring_push, select_evenly_spaced
+from gmmseg_core.head_ops import (
+    ChannelLayerNorm,
+    ComponentLogProbMaps,
+    L2Normalize,
+    first_max,
+    gaussian_terms,
+)
+from gmmseg_core.memory import group_counts, ring_push, select_evenly_spaced
 
 IGNORE_INDEX = 255
 
@@ -269,10 +275,13 @@ class GMMHead(nn.Module):
 
         self.embed = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
                                    nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
-        # The convolution sees channels-last input (see ``embedding``), so its weight gradient comes out with
-        # channels-last strides; a weight stored the same way (identical bytes for a 1x1 kernel) keeps DDP's
-        # gradient buckets aliasing it, where a mismatch made DDP warn and copy every step.
-        self.embed[0].to(memory_format=torch.channels_last)
+        # Which side of the 1x1 convolution is copied to channels-last (see ``_embedding_maps``): the input when it
+        # has no more channels than the embedding, else the output. The weight is stored the same way (identical
+        # bytes for a 1x1 kernel): a channels-last weight would make the convolution of an NCHW input
+        # channels-last, and a weight whose strides differ from its gradient's made DDP warn and copy every step.
+        self._channels_last_input = in_channels <= embed_dim
+        if self._channels_last_input:
+            self.embed[0].to(memory_format=torch.channels_last)
         self.embed_norm = nn.LayerNorm(embed_dim)
         self.class_normalizer = nn.LayerNorm(num_classes) if self.class_norm else None
 
@@ -289,12 +298,14 @@ class GMMHead(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("seen", torch.zeros(C, dtype=torch.bool))
         self._cache: dict | None = None
+        self._terms: tuple | None = None      # the Gaussians' product terms, see _gaussian_terms
 
     def __getstate__(self):
         # The forward's cache only serves an update with that very features tensor, which a copy never gets;
         # it holds the batch's autograd graph, which deepcopy refuses and pickle would store.
         state = super().__getstate__()
         state["_cache"] = None
+        state["_terms"] = None
         return state
 
     def extra_repr(self) -> str:
@@ -304,14 +315,33 @@ class GMMHead(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embedding(self, features: Tensor) -> Tensor:
-        """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``."""
-        _check_features(features, self.embed[0].in_channels)
-        # Channels-last from the convolution on: every later op (BatchNorm, ReLU, LayerNorm over D, L2) then
-        # runs on contiguous (pixels, D) rows, forward and backward (about 1.6x faster on CPU than NCHW).
-        features = self.dropout(features)
-        x = self.embed(features.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-        return L2Normalize.apply(self.embed_norm(x))
+        """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``, contiguous, in float32
+        or wider."""
+        return self._embedding_maps(features).permute(0, 2, 3, 1)
 
+    def _embedding_maps(self, features: Tensor) -> Tensor:
+        """:meth:`embedding` as maps ``(B, D, h, w)``: a channels-last view of its contiguous rows."""
+        _check_features(features, self.embed[0].in_channels)
+        # Every op after the convolution works on contiguous (pixels, D) rows: BatchNorm and ReLU on a
+        # channels-last view, then the LayerNorm over D and the L2 normalisation (fused kernels over rows, at the
+        # released sizes faster on a CPU than reductions over the channels of NCHW maps). The copy to that layout
+        # takes the smaller side of the convolution. With more input channels than D (every in-house model, and
+        # smp's decoders), the convolution runs in the backbone's layout (NCHW) and its D output channels are
+        # copied; its gradient then goes back into the backbone as NCHW too (a channels-last one made the
+        # backbone's NCHW layers several times slower in the backward on a CPU). Otherwise the input is copied,
+        # and the convolution is one large product (Cf = D = 64: about 20% faster on a CPU than the other way).
+        conv, batch_norm, relu = self.embed
+        features = self.dropout(features)
+        if self._channels_last_input:
+            x = conv(features.contiguous(memory_format=torch.channels_last))
+        else:
+            x = conv(features).contiguous(memory_format=torch.channels_last)
+        rows = relu(batch_norm(x)).permute(0, 2, 3, 1)                                  # (B, h, w, D)
+        rows = rows.to(torch.promote_types(rows.dtype, torch.float32))   # from here on as the log-densities
+        norm = self.embed_norm
+        rows = F.layer_norm(rows, norm.normalized_shape, norm.weight.to(rows.dtype), norm.bias.to(rows.dtype),
+                            norm.eps)
+        return L2Normalize.apply(rows).permute(0, 3, 1, 2)
     def _flat_gaussian_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Embeddings ``x (..., D)`` as rows ``(N, D)``, and the means and variances ``(C*K, D)``, in one dtype:
         float32, or wider for a wider head (autocast's half precision never reaches the log-densities)."""
@@ -325,30 +355,52 @@ class GMMHead(nn.Module):
             logp = mixture.diag_gaussian_log_prob(*self._flat_gaussian_inputs(x))
         return logp.reshape(*x.shape[:-1], self.num_classes, self.num_components)
 
-    def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Class scores ``(..., C)`` (the reduction over each class's components) and the component
-        log-densities ``(..., C, K)`` of embeddings ``x (..., D)``."""
+    def _gaussian_terms(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`gaussian_terms` of the current means and variances in ``dtype``, computed once per change of
+        either (their version counters move with every in-place update: the M-step, ``load_state_dict``)."""
+        means, variances = self.means, self.variances
+        cached = getattr(self, "_terms", None)
+        if (cached is None or cached[0] is not means or cached[1] is not variances
+                or cached[2] != (means._version, variances._version, dtype)):
+            with torch.no_grad():
+                D = self.embed_dim
+                terms = gaussian_terms(means.reshape(-1, D).to(dtype), variances.reshape(-1, D).to(dtype))
+            # the tensors themselves are kept, not their addresses: a new tensor at a freed one's address with the
+            # same version count must not pass for it
+            cached = self._terms = (means, variances, (means._version, variances._version, dtype), terms)
+        return cached[3]
+
+    def _maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Class scores ``(B, C, h, w)`` (the reduction over each class's components) and the component
+        log-densities ``(B, C, K, h, w)`` of embedding maps ``x (B, D, h, w)``, both contiguous."""
+        B, D, h, w = x.shape
         C, K = self.num_classes, self.num_components
-        gaussians_fixed = not (self.means.requires_grad or self.variances.requires_grad)
-        if self.reduce == "max" and torch.is_grad_enabled() and x.requires_grad and gaussians_fixed:
-            # one backward for the maxima and whatever reads the log-densities (the component loss); the
-            # general path below serves an ablation that trains the Gaussians by gradient
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                comp, scores = ComponentLogProbMax.apply(*self._flat_gaussian_inputs(x), K)
-            return scores.reshape(*x.shape[:-1], C), comp.reshape(*x.shape[:-1], C, K)
-        comp = self.component_log_prob(x)
-        if self.reduce == "max":
-            return comp.amax(dim=-1), comp
-        return torch.logsumexp(comp, dim=-1) - math.log(K), comp
+        dtype = torch.promote_types(torch.float32, self.means.dtype)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if torch.is_grad_enabled() and (self.means.requires_grad or self.variances.requires_grad):
+                # an ablation that trains the Gaussians by gradient: the general differentiable log-density
+                flat, means, variances = self._flat_gaussian_inputs(x.permute(0, 2, 3, 1))
+                comp = mixture.diag_gaussian_log_prob(flat, means, variances).view(B, h * w, C * K).transpose(1, 2)
+                scores = None
+            else:
+                comp, scores = ComponentLogProbMaps.apply(x.flatten(2).to(dtype),
+                                                          self._gaussian_terms(dtype), K, self.reduce)
+                scores = scores.view(B, C, h, w)
+            comp = comp.reshape(B, C, K, h, w)
+            if scores is None:
+                scores = comp.amax(dim=2) if self.reduce == "max" else torch.logsumexp(comp, dim=2)
+            if self.reduce == "logsumexp":
+                scores = scores - math.log(K)
+        return scores, comp
 
     def _normalize_classes(self, scores: Tensor) -> Tensor:
-        """The LayerNorm across classes (``class_norm``) in the scores' dtype: float32 even for a head cast to
-        half precision, whose log-densities are float32 (see ``_flat_gaussian_inputs``)."""
+        """The LayerNorm across the classes of scores ``(B, C, h, w)`` (``class_norm``), in the scores' dtype:
+        float32 even for a head cast to half precision, whose log-densities are float32 (see
+        ``_flat_gaussian_inputs``)."""
         norm = self.class_normalizer
         if norm is None:
             return scores
-        return F.layer_norm(scores, norm.normalized_shape, norm.weight.to(scores.dtype), norm.bias.to(scores.dtype),
-                            norm.eps)
+        return ChannelLayerNorm.apply(scores, norm.weight.to(scores.dtype), norm.bias.to(scores.dtype), norm.eps)
 
     def forward(self, features: Tensor, return_component_logp: bool = False):
         """Class logits ``(B, C, h, w)``.
@@ -365,15 +417,13 @@ class GMMHead(nn.Module):
             ``log p(x|c)`` (paper), or that score normalised across classes when ``class_norm``.
         component_logp : Tensor (B, C, K, h, w), only if ``return_component_logp``
         """
-        x = self.embedding(features)
-        scores, comp = self._scores(x)                            # (B, h, w, C), (B, h, w, C, K)
-        scores = self._normalize_classes(scores)
-        # NCHW-contiguous: the upsampling and cross-entropy that follow are ~2x faster on that layout (CPU)
-        logits = scores.permute(0, 3, 1, 2).contiguous()
+        x = self._embedding_maps(features)                        # (B, D, h, w)
+        scores, comp = self._maps(x)                              # (B, C, h, w), (B, C, K, h, w)
+        logits = self._normalize_classes(scores)
         if self.training and torch.is_grad_enabled():
             self._cache = dict(features=features, x=x.detach(), comp=comp, logits=logits.detach())
         if return_component_logp:
-            return logits, comp.permute(0, 3, 4, 1, 2)
+            return logits, comp
         return logits
 
     def class_log_likelihood(self, features: Tensor) -> Tensor:
@@ -382,8 +432,8 @@ class GMMHead(nn.Module):
         With ``reduce="logsumexp"`` this is the mixture density with ``pi = 1/K``; with ``reduce="max"`` it is the
         largest component log-density (the released code's class score).
         """
-        scores, _ = self._scores(self.embedding(features))
-        return scores.permute(0, 3, 1, 2)
+        scores, _ = self._maps(self._embedding_maps(features))
+        return scores
 
     # ------------------------------------------------------------------ E-step and extra loss
     def _cached(self, features: Tensor) -> dict:
@@ -392,10 +442,9 @@ class GMMHead(nn.Module):
         if cache is not None and cache["features"] is features:
             return cache
         with torch.no_grad(), _frozen_batchnorm(self.embed):
-            x = self.embedding(features)
-            scores, comp = self._scores(x)
-            scores = self._normalize_classes(scores)
-        return dict(features=features, x=x, comp=comp, logits=scores.permute(0, 3, 1, 2))
+            x = self._embedding_maps(features)
+            scores, comp = self._maps(x)
+        return dict(features=features, x=x, comp=comp, logits=self._normalize_classes(scores))
 
     def e_step(self, logp: Tensor, labels: Tensor) -> Tensor:
         """Responsibilities of each pixel over its own class's components.
@@ -410,10 +459,10 @@ class GMMHead(nn.Module):
         Returns
         -------
         Tensor (n, K)
-            Rows sum to 1 (one-hot when ``hard_assign``). With ``em="sinkhorn"`` one batched Sinkhorn call over
-            the classes (pixels padded to the largest class and masked) balances the components of every class,
-            as far as ``sinkhorn_iters`` iterations get: fully while they overlap, partly once they separate
-            (see :mod:`gmmseg_core.mixture`).
+            Rows sum to 1 (one-hot when ``hard_assign``). With ``em="sinkhorn"`` one Sinkhorn problem per class,
+            all solved in one call (``mixture.grouped_sinkhorn``), balances the components of every class, as far
+            as ``sinkhorn_iters`` iterations get: fully while they overlap, partly once they separate (see
+            :mod:`gmmseg_core.mixture`).
         """
         return self._e_step(logp, labels)[0]
 
@@ -423,24 +472,14 @@ class GMMHead(nn.Module):
         if logp.numel() == 0:
             return logp.new_zeros(0, K), labels.new_zeros(0)
         if self.em == "classic":
-            resp = torch.softmax(logp, dim=-1)
+            resp = torch.softmax(logp.T, dim=0).T          # over K, along rows of pixels when logp is a (K, n).T
         else:
-            # pixel i goes to row rank[i] of its class's slot: (present classes, largest class, K), masked
-            counts, rank = ranks_in_group(labels, self.num_classes)
-            present = counts.nonzero().squeeze(1)
-            slot_of_class = torch.full_like(counts, -1)
-            slot_of_class[present] = torch.arange(present.numel(), device=labels.device)
-            width = int(counts.max())
-            row = slot_of_class[labels] * width + rank          # flat row of the padded table: one index
-            padded = logp.new_zeros(present.numel(), width, K)
-            mask = torch.zeros(padded.shape[:2], dtype=torch.bool, device=logp.device)
-            padded.view(-1, K).index_copy_(0, row, logp)
-            mask.view(-1).index_fill_(0, row, True)
-            scale = padded.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(logp.dtype).tiny)
-            q = mixture.sinkhorn(padded / scale, epsilon=self.sinkhorn_epsilon, n_iters=self.sinkhorn_iters,
-                                 mask=mask)
-            resp = q.view(-1, K).index_select(0, row)
-        component = _argmax_last(resp)
+            # each class's scores divided by their largest magnitude (the released code's scale-free epsilon)
+            scale = logp.new_zeros(self.num_classes).scatter_reduce_(0, labels, logp.abs().amax(1), "amax")
+            scaled = logp / scale.clamp_min_(torch.finfo(logp.dtype).tiny).index_select(0, labels).unsqueeze(1)
+            resp = mixture.grouped_sinkhorn(scaled, labels, self.num_classes, epsilon=self.sinkhorn_epsilon,
+                                            n_iters=self.sinkhorn_iters)
+        component = first_max(resp, 1)[1]
         if self.hard_assign:
             # scatter rather than F.one_hot, which checks the index range on the host (a GPU synchronisation)
             resp = torch.zeros_like(resp).scatter_(1, component.unsqueeze(1), 1.0)
@@ -452,12 +491,17 @@ class GMMHead(nn.Module):
             return cache["assign"]
         x, comp = cache["x"], cache["comp"].detach()
         _check_labels(labels, x.shape[0])
-        y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
-        valid = (y >= 0) & (y < self.num_classes) & (y != self.ignore_index)
+        C, K, P = self.num_classes, self.num_components, x.shape[2] * x.shape[3]
+        y = resize_labels(labels.to(x.device), tuple(x.shape[2:4])).reshape(-1)
+        valid = (y >= 0) & (y < C) & (y != self.ignore_index)
         idx = valid.nonzero().squeeze(1)
-        yv = y[idx]
-        # rows (pixel, own class) of the (pixels * C, K) table: one flat gather of n x K values
-        logp = comp.reshape(-1, self.num_components).index_select(0, idx * self.num_classes + yv)
+        yv = y.index_select(0, idx)
+        # pixel i = b P + p of class c has its K log-densities at comp[b, c, :, p], flat (b C + c) K P + k P + p:
+        # one flat gather, into a (K, n) table whose transpose (a view) is the (n, K) one: the E-step works along
+        # the pixels, and its reductions over K then run across contiguous rows
+        first = (idx // P * C + yv) * (K * P) + idx % P
+        where = first + torch.arange(0, K * P, P, device=idx.device).unsqueeze(1)            # (K, n)
+        logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
         resp, component = self._e_step(logp, yv)
         assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=component)
         cache["assign"] = assign
@@ -487,20 +531,21 @@ class GMMHead(nn.Module):
             return features.new_zeros(())
         cache = self._cached(features)
         if component_logp is not None:
-            comp = component_logp.permute(0, 3, 4, 1, 2)
+            comp = component_logp
         elif cache is self._cache:
             comp = cache["comp"]
         else:
             with _frozen_batchnorm(self.embed):
-                comp = self.component_log_prob(self.embedding(features))
+                comp = self._maps(self._embedding_maps(features))[1]
         assign = self._assignments(cache, labels)
         if assign["idx"].numel() == 0:
             return comp.sum() * 0.0
-        logits = comp.reshape(-1, self.num_classes * self.num_components)
+        B, C, K, h, w = comp.shape
         # a target for every pixel (ignored ones -100): no (n, C*K) gather and scatter in the backward
-        target = torch.full((logits.shape[0],), -100, dtype=torch.long, device=logits.device)
-        target[assign["idx"]] = assign["labels"] * self.num_components + assign["component"]
-        return self.component_loss_weight * F.cross_entropy(logits, target, ignore_index=-100)
+        target = torch.full((B * h * w,), -100, dtype=torch.long, device=comp.device)
+        target.index_copy_(0, assign["idx"], assign["labels"] * K + assign["component"])
+        return self.component_loss_weight * F.cross_entropy(comp.reshape(B, C * K, h, w), target.view(B, h, w),
+                                                            ignore_index=-100)
 
     # ------------------------------------------------------------------ EM bookkeeping
     @torch.no_grad()
@@ -527,21 +572,21 @@ class GMMHead(nn.Module):
             _check_logits(logits, features.shape[0], self.num_classes)
         assign = self._assignments(cache, labels)
         idx, yv = assign["idx"], assign["labels"]
-        # only the pushed rows of x are read (at most C*K*max_per_component), not every valid pixel's
-        x, rows = cache["x"].reshape(-1, self.embed_dim), idx
-        h, w = cache["x"].shape[1:3]
+        # only the pushed pixels' embeddings are read (at most C*K*max_per_component), not every valid pixel's
+        x, rows = cache["x"], idx                                                           # (B, D, h, w) maps
+        h, w = x.shape[2:4]
         distributed = world_size() > 1
         if self.correct_only or distributed:
             # max(dim=1).indices: the same first maximal index as argmax(dim=1), ~5x faster over NCHW on a CPU
             pred = (cache["logits"] if logits is None else logits).max(dim=1).indices
-            correct = resize_labels(pred, (h, w)).reshape(-1)[idx] == yv
+            correct = resize_labels(pred, (h, w)).reshape(-1).index_select(0, idx) == yv
         else:
             correct = None                                  # not read: every valid pixel is pushed
         logp, resp, component = assign["logp"], assign["resp"], assign["component"]
         if distributed:
             wide = torch.promote_types(torch.float32, self.means.dtype)     # a float64 head gathers float64
-            packed = torch.cat([x[rows].to(wide), logp.to(wide), yv[:, None].to(wide), correct[:, None].to(wide)],
-                               dim=1)
+            packed = torch.cat([_pixel_rows(x, rows).to(wide), logp.to(wide), yv[:, None].to(wide),
+                                correct[:, None].to(wide)], dim=1)
             packed = all_gather_rows(packed)
             D, K = self.embed_dim, self.num_components
             x, rows, logp = packed[:, :D], None, packed[:, D:D + K]
@@ -557,21 +602,22 @@ class GMMHead(nn.Module):
 
     def _push(self, x: Tensor, rows: Tensor | None, labels: Tensor, resp: Tensor, component: Tensor,
               correct: Tensor | None) -> None:
-        """Push pixels into their rings; pixel ``i`` is ``x[rows[i]]`` (``x[i]`` when ``rows`` is None)."""
+        """Push pixels into their rings: pixel ``i`` is ``x[i]`` of rows ``x (n, D)`` when ``rows`` is None, else
+        pixel ``rows[i]`` (flat over ``B*h*w``) of embedding maps ``x (B, D, h, w)``."""
         group = labels * self.num_components + component                       # ring of every pixel
         keep = correct.nonzero().squeeze(1) if self.correct_only else None
         if keep is not None:
-            group = group[keep]
+            group = group.index_select(0, keep)
         # A ring takes at most memory_size rows per push: beyond that, pushing all would keep only the batch's
         # last rows (its last images, their bottom rows), so evenly spaced ones are kept instead.
         cap = self.memory_size if self.max_per_component is None else min(self.max_per_component, self.memory_size)
         chosen = select_evenly_spaced(group, self.num_classes * self.num_components,
                                       cap if group.numel() > cap else None)
-        sel = chosen if keep is None else keep[chosen]
-        group = group[chosen]
-        extras = () if self.memory_resp is None else ((self.memory_resp, resp[sel]),)
+        sel = chosen if keep is None else keep.index_select(0, chosen)
+        group = group.index_select(0, chosen)
+        extras = () if self.memory_resp is None else ((self.memory_resp, _select_rows(resp, sel)),)
         stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
-        values = x[sel] if rows is None else x[rows[sel]]
+        values = x.index_select(0, sel) if rows is None else _pixel_rows(x, rows.index_select(0, sel))
         ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats)
 
     @torch.no_grad()
@@ -646,9 +692,25 @@ class GMMHead(nn.Module):
         self.variances.copy_(torch.where(ok[..., None], new_vars, self.variances))
 
 
-def _argmax_last(t: Tensor) -> Tensor:
-    """``t.argmax(dim=-1)`` (first maximal index) through ``max``, which is faster over a short last dimension."""
-    return t.max(dim=-1).indices
+def _pixel_rows(maps: Tensor, index: Tensor) -> Tensor:
+    """Embeddings ``(S, D)`` of the pixels ``index (S,)`` (flat over ``B*h*w``) of maps ``(B, D, h, w)``: a gather
+    of rows from a channels-last view, or else one flat gather of ``S x D`` values (a channels-last copy of the
+    maps would move every pixel's)."""
+    D, P = maps.shape[1], maps.shape[2] * maps.shape[3]
+    rows = maps.permute(0, 2, 3, 1)
+    if rows.is_contiguous():
+        return rows.reshape(-1, D).index_select(0, index)
+    first = index // P * (D * P) + index % P
+    where = first.unsqueeze(1) + torch.arange(0, D * P, P, device=index.device)
+    return maps.reshape(-1).index_select(0, where.view(-1)).view(-1, D)
+
+
+def _select_rows(t: Tensor, index: Tensor) -> Tensor:
+    """``t.index_select(0, index)`` of a 2-D ``t``; for the transpose of a contiguous tensor (the E-step's ``(K, n)``
+    tables seen as ``(n, K)``) the gather runs along that tensor's rows, several times faster on a CPU."""
+    if t.dim() == 2 and t.T.is_contiguous() and not t.is_contiguous():
+        return t.T.index_select(1, index).T
+    return t.index_select(0, index)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ def group_counts(group: Tensor, num_groups: int) -> Tensor:
 def _sorted_ranks(group: Tensor, counts: Tensor) -> Tensor:
     """Rank of every row inside its group ``(N,)``, for group-sorted rows with per-group ``counts``."""
     first = torch.cumsum(counts, 0) - counts
-    return torch.arange(group.numel(), device=group.device) - first[group]
+    return torch.arange(group.numel(), device=group.device) - first.index_select(0, group)
 
 
 def _group_ranks(group: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
@@ -62,9 +62,7 @@ def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -
         table.scatter_(0, group.unsqueeze(0), 1)
         return counts, table.cumsum_(1).gather(0, group.unsqueeze(0)).squeeze(0).long() - 1
     order = torch.sort(group, stable=True).indices
-    ranks = torch.empty_like(group)
-    ranks[order] = _sorted_ranks(group[order], counts)
-    return counts, ranks
+    return counts, torch.empty_like(group).index_copy_(0, order, _sorted_ranks(group.index_select(0, order), counts))
 
 
 def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | None) -> Tensor:
@@ -93,14 +91,14 @@ def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | No
     # A row of rank r in a group of n rows, m = min(n, max_per_group) kept, is kept iff some j has
     # floor(j (n - 1) / (m - 1)) = r. The offsets rise by at least 1, so the only candidate is the smallest j
     # whose offset reaches r: j = ceil(r (m - 1) / (n - 1)). One mask over the sorted rows, one nonzero.
-    sorted_group = group[order]
+    sorted_group = group.index_select(0, order)
     counts, rank = _group_ranks(sorted_group, num_groups)
-    n = counts[sorted_group]
+    n = counts.index_select(0, sorted_group)
     m = n.clamp(max=max_per_group)
     span, steps = (n - 1).clamp(min=1), (m - 1).clamp(min=1)
     j = (rank * (m - 1) + span - 1) // span
     kept = torch.where(m > 1, (j * (n - 1)) // steps == rank, rank == 0)
-    return order[kept.nonzero().squeeze(1)]
+    return order.index_select(0, kept.nonzero().squeeze(1))
 
 
 def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
@@ -108,7 +106,7 @@ def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
     on every device (``index_add_`` uses atomics on CUDA, whose order, hence rounding, varies between runs)."""
     csum = torch.cat([rows.new_zeros(1, rows.shape[1]), rows.cumsum(0)])
     ends = torch.cumsum(counts, 0)
-    return csum[ends] - csum[ends - counts]
+    return csum.index_select(0, ends) - csum.index_select(0, ends - counts)
 
 
 @torch.no_grad()
@@ -139,13 +137,13 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
     if group.numel() == 0:
         return
     counts, ranks = _group_ranks(group, num_groups)
-    kept = (ranks >= counts[group] - size).nonzero().squeeze(1)      # the last `size` rows of each group
+    kept = (ranks >= counts.index_select(0, group) - size).nonzero().squeeze(1)  # the last `size` rows of a group
     every_row = kept.numel() == group.numel()                         # the usual case: no ring overflows
-    slot = group * size + (ptr[group] + ranks) % size
+    slot = group * size + (ptr.index_select(0, group) + ranks) % size
     if not every_row:
-        slot = slot[kept]
+        slot = slot.index_select(0, kept)
     flat = memory.view(num_groups * size, -1)
-    new = (values if every_row else values[kept]).to(memory.dtype)
+    new = (values if every_row else values.index_select(0, kept)).to(memory.dtype)
     if stats is not None:
         total, total_sq = stats
         old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
@@ -154,7 +152,7 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
         total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
     flat.index_copy_(0, slot, new)
     for buffer, rows in extras:
-        rows = rows if every_row else rows[kept]
+        rows = rows if every_row else rows.index_select(0, kept)
         buffer.view(num_groups * size, -1).index_copy_(0, slot, rows.reshape(kept.numel(), -1).to(buffer.dtype))
     ptr.copy_((ptr + counts) % size)
     count.copy_((count + counts).clamp(max=size))

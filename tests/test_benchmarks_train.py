@@ -114,13 +114,13 @@ def test_section_places_each_variants_e_step_in_the_phase_that_runs_it(monkeypat
     from gmmseg_core import mixture
 
     phase, seen = {"now": None}, set()
-    sinkhorn = mixture.sinkhorn
+    grouped_sinkhorn = mixture.grouped_sinkhorn
 
     def spy(*args, **kwargs):
         seen.add(phase["now"])
-        return sinkhorn(*args, **kwargs)
+        return grouped_sinkhorn(*args, **kwargs)
 
-    monkeypatch.setattr(mixture, "sinkhorn", spy)
+    monkeypatch.setattr(mixture, "grouped_sinkhorn", spy)
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
     for variant in ("paper", "official"):
         model = build_model("fcn", "gmm", num_classes=4, width=4,

@@ -994,3 +994,28 @@ def test_official_variant_follows_the_released_training_step_loop_by_loop():
                 order = torch.arange(len(kept)) + (int(head.memory_ptr[g]) - len(kept)) % M
                 torch.testing.assert_close(head.memory[g, order % M], torch.stack(kept), rtol=0, atol=1e-6)
     assert max(len(m) for m in memories) > M
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_the_gaussians_cached_terms_follow_every_change_of_the_means_and_variances(variant):
+    torch.manual_seed(0)
+    head = GMMHead(6, 3, embed_dim=4, num_components=2, variant=variant).eval()
+    f = torch.randn(2, 6, 3, 5)
+
+    def expected():
+        x = head.embedding(f).reshape(-1, 4)
+        comp = mixture.diag_gaussian_log_prob(x, head.means.reshape(-1, 4),
+                                              head.variances.reshape(-1, 4)).view(2, 3, 5, 3, 2)
+        scores = comp.amax(-1) if variant == "official" else torch.logsumexp(comp, -1) - math.log(2)
+        return scores.permute(0, 3, 1, 2)
+
+    torch.testing.assert_close(head.class_log_likelihood(f), expected())
+    head.means.mul_(0.5)                                 # in place, as the M-step and load_state_dict write
+    head.variances.add_(0.3)
+    torch.testing.assert_close(head.class_log_likelihood(f), expected())
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    state["means"] = torch.randn_like(state["means"])
+    head.load_state_dict(state)
+    torch.testing.assert_close(head.class_log_likelihood(f), expected())
+    head.means = torch.randn_like(head.means)              # a new tensor in place of the buffer
+    torch.testing.assert_close(head.class_log_likelihood(f), expected())

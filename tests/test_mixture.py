@@ -14,6 +14,7 @@ from gmmseg_core.mixture import (
     diag_gaussian_log_prob,
     estimate_diag_gaussian_parameters,
     estimate_grouped_diag_gaussian_parameters,
+    grouped_sinkhorn,
     sinkhorn,
 )
 
@@ -906,3 +907,60 @@ def test_sample_bic_aic_errors():
             criterion(np.zeros((0, 1)))
         with pytest.raises(ValueError, match="X has 2 features but the mixture was fitted with 1"):
             criterion(np.zeros((3, 2)))
+
+
+def _per_group_sinkhorn(scores, groups, num_groups, **kw):
+    """Reference for grouped_sinkhorn: sinkhorn on each group's rows alone."""
+    out = torch.zeros_like(scores)
+    for g in range(num_groups):
+        rows = (groups == g).nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = sinkhorn(scores[rows], **kw)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_iters", [1, 3, 10])
+def test_grouped_sinkhorn_equals_sinkhorn_on_each_group(dtype, n_iters):
+    g = torch.Generator().manual_seed(0)
+    sizes = [40, 0, 1, 7, 300]                     # an absent group, a group of one row
+    groups = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    groups = groups[torch.randperm(groups.numel(), generator=g)]
+    scores = (torch.randn(groups.numel(), 3, generator=g, dtype=dtype) * 0.3 - 0.5) / (1 + groups[:, None])
+    expected = _per_group_sinkhorn(scores, groups, len(sizes), epsilon=0.05, n_iters=n_iters)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    got = grouped_sinkhorn(scores, groups, len(sizes), epsilon=0.05, n_iters=n_iters)
+    torch.testing.assert_close(got, expected, **tol)
+    # the (K, N) layout, passed as its transpose, gives the same plan
+    torch.testing.assert_close(grouped_sinkhorn(scores.T.contiguous().T, groups, len(sizes), epsilon=0.05,
+                                                n_iters=n_iters), expected, **tol)
+
+
+def test_grouped_sinkhorn_solves_unusual_scores_as_sinkhorn_does():
+    # a NaN and an impossible column in one group; scores whose column sums underflow inside the iterations
+    # in another (the extreme float64 example above): both are solved by sinkhorn, padded and masked
+    extreme = torch.tensor([[-1.0062e41, 1.0959e39, 1.0794e39, float("-inf")],
+                            [-9.8234e40, 8.1891e38, 5.5087e38, 6.5895e38],
+                            [-9.9849e40, 8.9680e38, -1.3865e39, 4.5657e38]], dtype=torch.float64)
+    ordinary = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    odd = ordinary.clone()
+    odd[0, 1], odd[:, 3] = float("nan"), float("-inf")
+    for first in (extreme, odd):
+        scores = torch.cat([first, ordinary])
+        groups = torch.tensor([1] * first.shape[0] + [0] * 5)
+        expected = _per_group_sinkhorn(scores, groups, 2, epsilon=1e-3, n_iters=4)
+        torch.testing.assert_close(grouped_sinkhorn(scores, groups, 2, epsilon=1e-3, n_iters=4), expected)
+    finite = ordinary * 1e3                          # finite, but a column's mass underflows in float64
+    groups = torch.zeros(5, dtype=torch.long)
+    torch.testing.assert_close(grouped_sinkhorn(finite, groups, 1, epsilon=1e-3, n_iters=4),
+                               sinkhorn(finite, epsilon=1e-3, n_iters=4))
+
+
+def test_grouped_sinkhorn_without_rows_and_bad_groups():
+    assert grouped_sinkhorn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 2).shape == (0, 3)
+    with pytest.raises(ValueError, match=r"groups must be a long tensor of shape \(4,\), got torch.int32 \(4,\)"):
+        grouped_sinkhorn(torch.zeros(4, 3), torch.zeros(4, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match=r"groups must be a long tensor of shape \(4,\), got torch.int64 \(3,\)"):
+        grouped_sinkhorn(torch.zeros(4, 3), torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="epsilon must be a positive float, got 0"):
+        grouped_sinkhorn(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 2, epsilon=0)
