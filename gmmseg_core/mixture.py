@@ -38,6 +38,9 @@ With ``epsilon = 1`` and uniform weights this is the E-step of Sinkhorn EM (Mena
 ``max |S|`` reaches 20 nats that is at least 1, as soft as the EM posterior, not a hard assignment (the released
 code takes the argmax of the plan afterwards).
 
+:func:`grouped_sinkhorn` solves one such problem per group of rows (a segmentation head's classes) in one call,
+on the unpadded rows: a matrix product with the groups' one-hot matrix gives every group's column sums at once.
+
 Equal column masses are a property of the converged plan. A fixed, small number of iterations (GMMSeg: 3)
 balances components that overlap, but when the components are well separated (score gaps of many
 ``epsilon``) each iteration moves little mass and the columns stay near the unconstrained posterior's. Inside
