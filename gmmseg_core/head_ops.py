@@ -14,10 +14,10 @@ those about three times faster than ``exp_`` on a block (73,728 x 95 values on a
 
 At the cpu profile's sizes (a few thousand pixels) the cost is of another kind: every op costs microseconds
 whatever its size, and some take slow paths for a layout (a reduction or an arg-max over a short last or middle
-dimension, a norm over the channels of an NCHW map). The operations below avoid those paths, and they keep the
+dimension). The operations below avoid those paths, and they keep the
 class maps in the logits' NCHW layout so that no transpose is copied forward or backward.
 
-- :class:`L2Normalize`: ``F.normalize(x, dim=dim)``.
+- :class:`L2Normalize`: ``F.normalize(x, dim=-1)``.
 - :class:`ChannelLayerNorm`: ``F.layer_norm`` over dimension 1 of an NCHW map (the classes of the logits).
 - :func:`first_max`: ``torch.max(t, dim)`` by a running comparison over a short dimension.
 - :func:`gaussian_terms` and :class:`ComponentLogProbMaps`: the component log-densities as maps in the logits'
@@ -33,30 +33,28 @@ from gmmseg_core import mixture
 
 
 class L2Normalize(torch.autograd.Function):
-    """``x / max(||x||, eps)`` over dimension ``dim`` (default the last) with a three-op backward; ``eps = 1e-12``,
-    or the smallest normal number of a dtype where 1e-12 rounds to 0 (float16: a zero row would become 0 / 0 = NaN).
+    """``x / max(||x||, eps)`` over the last dimension with a three-op backward; ``eps = 1e-12``, or the smallest
+    normal number of a dtype where 1e-12 rounds to 0 (float16: a zero row would become 0 / 0 = NaN).
 
-    Same values as ``F.normalize(x, dim=dim)`` (which gives NaN for float16's zero rows); autograd's backward of
+    Same values as ``F.normalize(x, dim=-1)`` (which gives NaN for float16's zero rows); autograd's backward of
     that expression takes about five times as long (norm, clamp, division and their masks are differentiated one
-    by one). The norm and the dot product are sums of products, not ``linalg.vector_norm`` and
-    ``linalg.vecdot``: over the channels of an NCHW map those take a slow path on a CPU (about 20x the time of
-    the sum at the cpu profile's sizes), and over the last dimension they are no faster.
+    by one). The row-wise dot product goes through ``linalg.vecdot``; ``(grad * out).sum(-1)`` takes the same time
+    on torch 2.14 (73,728 x 64 on a CPU: 10-13 ms for the whole backward with either).
     """
 
     @staticmethod
-    def forward(ctx, x, dim=-1):
+    def forward(ctx, x):
         eps = max(1e-12, torch.finfo(x.dtype).tiny)
-        norm = (x * x).sum(dim, keepdim=True).sqrt_().clamp_min_(eps)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(eps)
         out = x / norm
-        ctx.dim = dim
         ctx.save_for_backward(out, norm)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         out, norm = ctx.saved_tensors
-        radial = (grad * out).sum(ctx.dim, keepdim=True)
-        return torch.addcmul(grad, out, radial, value=-1.0).div_(norm), None
+        radial = torch.linalg.vecdot(grad, out).unsqueeze(-1)
+        return torch.addcmul(grad, out, radial, value=-1.0).div_(norm)
 
 
 class ChannelLayerNorm(torch.autograd.Function):
@@ -131,43 +129,32 @@ def first_max(t, dim):
     return values, index
 
 
-def _is_rows(x):
-    """Whether ``x (B, D, P)`` is the transpose of contiguous ``(B, P, D)`` rows (channels-last embeddings)."""
-    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
-
-
 def gaussian_terms(means, variances):
     """The products' right-hand sides for :class:`ComponentLogProbMaps`, from means and variances ``(M, D)``.
 
     Returns ``shift (D,)`` (the mean of the means), ``lhs (M, 2D+1)`` = ``[mu / var, -1 / (2 var), const]`` with
-    ``mu`` the means minus ``shift``, and ``rhs_t (2D, M)`` = ``[mu / var, 1 / var]`` transposed. They depend on
+    ``mu`` the means minus ``shift``, and ``rhs (M, 2D)`` = ``[mu / var, 1 / var]``. They depend on
     the Gaussians only, so a head computes them once per M-step rather than once per forward.
     """
-    dim = means.shape[1]
-    shift = means.mean(0)
-    mc = means - shift
-    prec = variances.reciprocal()
-    mc_prec = mc * prec
-    const = -0.5 * (dim * mixture._LOG_2PI + variances.log().sum(1) + (mc * mc_prec).sum(1))
+    shift, mc_prec, prec, const = mixture._centred_terms(means, variances)
     lhs = torch.cat([mc_prec, -0.5 * prec, const.unsqueeze(1)], 1)
-    rhs_t = torch.cat([mc_prec, prec], 1).T.contiguous()
-    return shift, lhs, rhs_t
+    rhs = torch.cat([mc_prec, prec], 1)
+    return shift, lhs, rhs
 
 
 class ComponentLogProbMaps(torch.autograd.Function):
     """Component log-densities of every pixel as maps ``(B, C*K, P)``, and optionally their reduction over each
     class's ``K`` components ``(B, C, P)``: the maximum, or the log-sum-exp.
 
-    Inputs ``x (B, D, P)`` (the embeddings of ``P`` pixels per image: contiguous channels-first maps, or the
-    transpose of contiguous ``(B, P, D)`` rows; either is read, and its gradient written, in its own layout),
-    ``terms`` (:func:`gaussian_terms` of the means and variances ``(C*K, D)``), ``K`` and ``reduce`` (``"max"``,
-    ``"logsumexp"`` or None). Same values as ``diag_gaussian_log_prob(x.transpose(1, 2).reshape(-1, D), means,
-    variances)`` transposed per image to ``(B, C*K, P)``, and as its ``view(B, C, K, P).amax(2)`` or
+    Inputs ``x (B, P, D)`` (the embeddings of ``P`` pixels per image, as rows), ``terms`` (:func:`gaussian_terms`
+    of the means and variances ``(C*K, D)``), ``K`` and ``reduce`` (``"max"``, ``"logsumexp"`` or None). Same
+    values as ``diag_gaussian_log_prob(x.reshape(-1, D), means, variances)`` transposed per image to
+    ``(B, C*K, P)``, and as its ``view(B, C, K, P).amax(2)`` or
     ``torch.logsumexp(..., 2)``. That is the layout of the class logits ``(B, C, h, w)``: the reduction over the
     components yields them directly, over contiguous rows of pixels, and the component cross-entropy reads the
     maps as an ``(B, C*K, h, w)`` input. Computed per block of pixels as one ``(C*K, 2D+1) @ (2D+1, n)`` product
     of ``[mu / var, -1 / (2 var), const]`` with ``[x - s; (x - s)^2; 1]`` (``s`` the mean of the means, as in
-    :mod:`gmmseg_core.mixture`), whose right-hand side is stacked from the channels without a transpose.
+    :mod:`gmmseg_core.mixture`).
 
     Gradients flow to ``x`` only: the head's Gaussians are fitted by EM, not by gradients (``terms`` that require
     a gradient are an error). The gradient of the reduction is added to the maps' gradient block by block, inside
@@ -179,32 +166,26 @@ class ComponentLogProbMaps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, terms, num_components, reduce):
         ctx.set_materialize_grads(False)
-        shift, lhs, rhs_t = terms
+        shift, lhs, rhs = terms
         if any(t.requires_grad for t in terms):
             raise RuntimeError("ComponentLogProbMaps gives no gradient to the means and variances; use "
                                "mixture.diag_gaussian_log_prob for that")
         if reduce not in ("max", "logsumexp", None):
             raise ValueError(f"reduce must be 'max', 'logsumexp' or None, got {reduce!r}")
-        batch, dim, pixels = x.shape
-        rows = _is_rows(x)
+        batch, pixels, dim = x.shape
         comp = torch.empty(batch, lhs.shape[0], pixels, dtype=x.dtype, device=x.device)
         buf = None
         for b0, b1, p0, p1 in _pixel_blocks(batch, pixels, 2 * dim + 1, x.device):
-            if buf is None:                 # [x - s, (x - s)^2, 1] per pixel, in x's own layout
-                shape = (b1 - b0, p1 - p0, 2 * dim + 1) if rows else (b1 - b0, 2 * dim + 1, p1 - p0)
-                buf = torch.empty(shape, dtype=x.dtype, device=x.device)
-                (buf[..., 2 * dim] if rows else buf[:, 2 * dim]).fill_(1.0)    # the constant's, kept
-            if rows:                        # f: (b, 2D+1, n) views of the buffer either way
-                f = buf[: b1 - b0, : p1 - p0].transpose(1, 2)
-                torch.sub(x[b0:b1, :, p0:p1].transpose(1, 2), shift, out=f[:, :dim].transpose(1, 2))
-            else:
-                f = buf[: b1 - b0, :, : p1 - p0]
-                torch.sub(x[b0:b1, :, p0:p1], shift.unsqueeze(1), out=f[:, :dim])
-            torch.mul(f[:, :dim], f[:, :dim], out=f[:, dim:2 * dim])
+            if buf is None:                 # [x - s, (x - s)^2, 1] per pixel
+                buf = torch.empty(b1 - b0, p1 - p0, 2 * dim + 1, dtype=x.dtype, device=x.device)
+                buf[..., 2 * dim] = 1.0                                         # the constant's column, kept
+            f = buf[: b1 - b0, : p1 - p0]
+            centred = torch.sub(x[b0:b1, p0:p1], shift, out=f[..., :dim])
+            torch.mul(centred, centred, out=f[..., dim:2 * dim])
             if b1 - b0 == 1:
-                torch.mm(lhs, f[0], out=comp[b0, :, p0:p1])
+                torch.mm(lhs, f[0].T, out=comp[b0, :, p0:p1])
             else:
-                torch.matmul(lhs, f, out=comp[b0:b1])
+                torch.matmul(lhs, f.transpose(1, 2), out=comp[b0:b1])
         per_class = comp.view(batch, -1, num_components, pixels)
         scores = kept = None
         if reduce == "max":
@@ -216,19 +197,18 @@ class ComponentLogProbMaps(torch.autograd.Function):
             scores = (total.log() + top).squeeze(2)
             kept = kept.div_(total).view_as(comp)                               # kept: the component weights
         ctx.num_components, ctx.reduce = num_components, reduce
-        ctx.save_for_backward(x, shift, rhs_t, kept)
+        ctx.save_for_backward(x, shift, rhs, kept)
         return comp, scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_comp, grad_scores):
-        x, shift, rhs_t, kept = ctx.saved_tensors
+        x, shift, rhs, kept = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_comp is None and grad_scores is None):
             return None, None, None, None
-        batch, dim, pixels = x.shape
-        n_comp, K = rhs_t.shape[1], ctx.num_components
-        rows = _is_rows(x)
-        grad_x = torch.empty_like(x)                                            # x's strides, either layout
+        batch, pixels, dim = x.shape
+        n_comp, K = rhs.shape[0], ctx.num_components
+        grad_x = torch.empty_like(x)
         merge = grad_scores is not None
         buf = None
         for b0, b1, p0, p1 in _pixel_blocks(batch, pixels, max(2 * dim, n_comp), x.device):
@@ -253,13 +233,7 @@ class ComponentLogProbMaps(torch.autograd.Function):
                                       out=per_class)
             else:
                 g = grad_comp[b0:b1, :, p0:p1]
-            if rows:                        # as (b, n, D) rows, the layout of x and of its gradient
-                both = torch.matmul(g.transpose(1, 2), rhs_t.T)                 # (b, n, 2D)
-                centred = x[b0:b1, :, p0:p1].transpose(1, 2) - shift
-                torch.addcmul(both[..., :dim], centred, both[..., dim:], value=-1.0,
-                              out=grad_x[b0:b1, :, p0:p1].transpose(1, 2))
-            else:
-                both = torch.matmul(rhs_t, g)                                   # (b, 2D, n)
-                centred = x[b0:b1, :, p0:p1] - shift.unsqueeze(1)
-                torch.addcmul(both[:, :dim], centred, both[:, dim:], value=-1.0, out=grad_x[b0:b1, :, p0:p1])
+            both = torch.matmul(g.transpose(1, 2), rhs)                         # (b, n, 2D)
+            centred = x[b0:b1, p0:p1] - shift
+            torch.addcmul(both[..., :dim], centred, both[..., dim:], value=-1.0, out=grad_x[b0:b1, p0:p1])
         return grad_x, None, None, None

@@ -275,7 +275,7 @@ class GMMHead(nn.Module):
 
         self.embed = nn.Sequential(nn.Conv2d(in_channels, embed_dim, kernel_size=1, bias=False),
                                    nn.BatchNorm2d(embed_dim), nn.ReLU(inplace=True))
-        # Which side of the 1x1 convolution is copied to channels-last (see ``_embedding_maps``): the input when it
+        # Which side of the 1x1 convolution is copied to channels-last (see ``embedding``): the input when it
         # has no more channels than the embedding, else the output. The weight is stored the same way (identical
         # bytes for a 1x1 kernel): a channels-last weight would make the convolution of an NCHW input
         # channels-last, and a weight whose strides differ from its gradient's made DDP warn and copy every step.
@@ -317,10 +317,6 @@ class GMMHead(nn.Module):
     def embedding(self, features: Tensor) -> Tensor:
         """Unit-norm pixel embeddings ``(B, h, w, D)`` from features ``(B, Cf, h, w)``, contiguous, in float32
         or wider."""
-        return self._embedding_maps(features).permute(0, 2, 3, 1)
-
-    def _embedding_maps(self, features: Tensor) -> Tensor:
-        """:meth:`embedding` as maps ``(B, D, h, w)``: a channels-last view of its contiguous rows."""
         _check_features(features, self.embed[0].in_channels)
         # Every op after the convolution works on contiguous (pixels, D) rows: BatchNorm and ReLU on a
         # channels-last view, then the LayerNorm over D and the L2 normalisation (fused kernels over rows, at the
@@ -341,7 +337,8 @@ class GMMHead(nn.Module):
         norm = self.embed_norm
         rows = F.layer_norm(rows, norm.normalized_shape, norm.weight.to(rows.dtype), norm.bias.to(rows.dtype),
                             norm.eps)
-        return L2Normalize.apply(rows).permute(0, 3, 1, 2)
+        return L2Normalize.apply(rows)
+
     def _flat_gaussian_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Embeddings ``x (..., D)`` as rows ``(N, D)``, and the means and variances ``(C*K, D)``, in one dtype:
         float32, or wider for a wider head (autocast's half precision never reaches the log-densities)."""
@@ -372,18 +369,18 @@ class GMMHead(nn.Module):
 
     def _maps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Class scores ``(B, C, h, w)`` (the reduction over each class's components) and the component
-        log-densities ``(B, C, K, h, w)`` of embedding maps ``x (B, D, h, w)``, both contiguous."""
-        B, D, h, w = x.shape
+        log-densities ``(B, C, K, h, w)`` of embeddings ``x (B, h, w, D)``, both contiguous."""
+        B, h, w, D = x.shape
         C, K = self.num_classes, self.num_components
         dtype = torch.promote_types(torch.float32, self.means.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             if torch.is_grad_enabled() and (self.means.requires_grad or self.variances.requires_grad):
                 # an ablation that trains the Gaussians by gradient: the general differentiable log-density
-                flat, means, variances = self._flat_gaussian_inputs(x.permute(0, 2, 3, 1))
+                flat, means, variances = self._flat_gaussian_inputs(x)
                 comp = mixture.diag_gaussian_log_prob(flat, means, variances).view(B, h * w, C * K).transpose(1, 2)
                 scores = None
             else:
-                comp, scores = ComponentLogProbMaps.apply(x.flatten(2).to(dtype),
+                comp, scores = ComponentLogProbMaps.apply(x.reshape(B, h * w, D).to(dtype),
                                                           self._gaussian_terms(dtype), K, self.reduce)
                 scores = scores.view(B, C, h, w)
             comp = comp.reshape(B, C, K, h, w)
@@ -417,7 +414,7 @@ class GMMHead(nn.Module):
             ``log p(x|c)`` (paper), or that score normalised across classes when ``class_norm``.
         component_logp : Tensor (B, C, K, h, w), only if ``return_component_logp``
         """
-        x = self._embedding_maps(features)                        # (B, D, h, w)
+        x = self.embedding(features)                              # (B, h, w, D)
         scores, comp = self._maps(x)                              # (B, C, h, w), (B, C, K, h, w)
         logits = self._normalize_classes(scores)
         if self.training and torch.is_grad_enabled():
@@ -432,7 +429,7 @@ class GMMHead(nn.Module):
         With ``reduce="logsumexp"`` this is the mixture density with ``pi = 1/K``; with ``reduce="max"`` it is the
         largest component log-density (the released code's class score).
         """
-        scores, _ = self._maps(self._embedding_maps(features))
+        scores, _ = self._maps(self.embedding(features))
         return scores
 
     # ------------------------------------------------------------------ E-step and extra loss
@@ -442,7 +439,7 @@ class GMMHead(nn.Module):
         if cache is not None and cache["features"] is features:
             return cache
         with torch.no_grad(), _frozen_batchnorm(self.embed):
-            x = self._embedding_maps(features)
+            x = self.embedding(features)
             scores, comp = self._maps(x)
         return dict(features=features, x=x, comp=comp, logits=self._normalize_classes(scores))
 
@@ -491,8 +488,8 @@ class GMMHead(nn.Module):
             return cache["assign"]
         x, comp = cache["x"], cache["comp"].detach()
         _check_labels(labels, x.shape[0])
-        C, K, P = self.num_classes, self.num_components, x.shape[2] * x.shape[3]
-        y = resize_labels(labels.to(x.device), tuple(x.shape[2:4])).reshape(-1)
+        C, K, P = self.num_classes, self.num_components, x.shape[1] * x.shape[2]
+        y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
         valid = (y >= 0) & (y < C) & (y != self.ignore_index)
         idx = valid.nonzero().squeeze(1)
         yv = y.index_select(0, idx)
@@ -536,7 +533,7 @@ class GMMHead(nn.Module):
             comp = cache["comp"]
         else:
             with _frozen_batchnorm(self.embed):
-                comp = self._maps(self._embedding_maps(features))[1]
+                comp = self._maps(self.embedding(features))[1]
         assign = self._assignments(cache, labels)
         if assign["idx"].numel() == 0:
             return comp.sum() * 0.0
@@ -572,9 +569,9 @@ class GMMHead(nn.Module):
             _check_logits(logits, features.shape[0], self.num_classes)
         assign = self._assignments(cache, labels)
         idx, yv = assign["idx"], assign["labels"]
-        # only the pushed pixels' embeddings are read (at most C*K*max_per_component), not every valid pixel's
-        x, rows = cache["x"], idx                                                           # (B, D, h, w) maps
-        h, w = x.shape[2:4]
+        # only the pushed rows of x are read (at most C*K*max_per_component), not every valid pixel's
+        x, rows = cache["x"].reshape(-1, self.embed_dim), idx
+        h, w = cache["x"].shape[1:3]
         distributed = world_size() > 1
         if self.correct_only or distributed:
             # max(dim=1).indices: the same first maximal index as argmax(dim=1), ~5x faster over NCHW on a CPU
@@ -585,7 +582,7 @@ class GMMHead(nn.Module):
         logp, resp, component = assign["logp"], assign["resp"], assign["component"]
         if distributed:
             wide = torch.promote_types(torch.float32, self.means.dtype)     # a float64 head gathers float64
-            packed = torch.cat([_pixel_rows(x, rows).to(wide), logp.to(wide), yv[:, None].to(wide),
+            packed = torch.cat([x.index_select(0, rows).to(wide), logp.to(wide), yv[:, None].to(wide),
                                 correct[:, None].to(wide)], dim=1)
             packed = all_gather_rows(packed)
             D, K = self.embed_dim, self.num_components
@@ -602,8 +599,7 @@ class GMMHead(nn.Module):
 
     def _push(self, x: Tensor, rows: Tensor | None, labels: Tensor, resp: Tensor, component: Tensor,
               correct: Tensor | None) -> None:
-        """Push pixels into their rings: pixel ``i`` is ``x[i]`` of rows ``x (n, D)`` when ``rows`` is None, else
-        pixel ``rows[i]`` (flat over ``B*h*w``) of embedding maps ``x (B, D, h, w)``."""
+        """Push pixels into their rings; pixel ``i`` is ``x[rows[i]]`` (``x[i]`` when ``rows`` is None)."""
         group = labels * self.num_components + component                       # ring of every pixel
         keep = correct.nonzero().squeeze(1) if self.correct_only else None
         if keep is not None:
@@ -617,7 +613,7 @@ class GMMHead(nn.Module):
         group = group.index_select(0, chosen)
         extras = () if self.memory_resp is None else ((self.memory_resp, _select_rows(resp, sel)),)
         stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
-        values = x.index_select(0, sel) if rows is None else _pixel_rows(x, rows.index_select(0, sel))
+        values = x.index_select(0, sel if rows is None else rows.index_select(0, sel))
         ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats)
 
     @torch.no_grad()
@@ -690,19 +686,6 @@ class GMMHead(nn.Module):
         new_vars = self.variance_momentum * self.variances + (1 - self.variance_momentum) * var
         self.means.copy_(torch.where(ok[..., None], new_means, self.means))
         self.variances.copy_(torch.where(ok[..., None], new_vars, self.variances))
-
-
-def _pixel_rows(maps: Tensor, index: Tensor) -> Tensor:
-    """Embeddings ``(S, D)`` of the pixels ``index (S,)`` (flat over ``B*h*w``) of maps ``(B, D, h, w)``: a gather
-    of rows from a channels-last view, or else one flat gather of ``S x D`` values (a channels-last copy of the
-    maps would move every pixel's)."""
-    D, P = maps.shape[1], maps.shape[2] * maps.shape[3]
-    rows = maps.permute(0, 2, 3, 1)
-    if rows.is_contiguous():
-        return rows.reshape(-1, D).index_select(0, index)
-    first = index // P * (D * P) + index % P
-    where = first.unsqueeze(1) + torch.arange(0, D * P, P, device=index.device)
-    return maps.reshape(-1).index_select(0, where.view(-1)).view(-1, D)
 
 
 def _select_rows(t: Tensor, index: Tensor) -> Tensor:

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from gmmseg_core._checks import check_int, is_finite_real, is_int, is_real
+from gmmseg_core.memory import ranks_in_group
 
 __all__ = [
     "diag_gaussian_log_prob",
@@ -148,16 +149,23 @@ def diag_gaussian_log_prob(x, means, variances):
     return _log_prob_table(x, means, variances)
 
 
+def _centred_terms(means, variances):
+    """The expansion's terms of Gaussians ``(M, D)``: ``shift (D,)``, the mean of the means (the log-density is
+    shift invariant; centring keeps the expansion small), ``mu / var`` and ``1 / var (M, D)`` with ``mu`` the
+    centred means, and ``const (M,)``, everything that does not depend on ``x``."""
+    shift = means.mean(0)
+    mu = means - shift
+    precisions = variances.reciprocal()
+    mu_prec = mu * precisions
+    const = -0.5 * (means.shape[1] * _LOG_2PI + variances.log().sum(1) + (mu * mu_prec).sum(1))
+    return shift, mu_prec, precisions, const
+
+
 def _log_prob_table(x, means, variances):
     """Forward of :func:`diag_gaussian_log_prob` on validated inputs of one dtype, without autograd."""
     n_features = x.shape[1]
     dtype = x.dtype
-    shift = means.mean(0)  # (D,) the log-density is shift invariant; this keeps the expansion small
-    mu = means - shift
-    precisions = variances.reciprocal()
-    mu_prec = mu * precisions
-    # (M,) everything that does not depend on x
-    const = -0.5 * (n_features * _LOG_2PI + variances.log().sum(1) + (mu * mu_prec).sum(1))
+    shift, mu_prec, precisions, const = _centred_terms(means, variances)
     # Per block of rows, two (n, D+1) @ (D+1, M) products on one reused buffer. The trailing column of ones
     # carries the constant (cheaper than a broadcast bias) and survives the in-place squaring. Blocks keep
     # the buffer small: a fresh (N, D) temporary per call costs more in page faults than the products
@@ -216,40 +224,24 @@ class _DiagGaussianLogProb(torch.autograd.Function):
         return grad_x, grad_means, grad_variances
 
 
-def _grad_x_blocked(grad, x, shift, mc_prec, prec, add_to_block=None):
+def _grad_x_blocked(grad, x, shift, mc_prec, prec):
     """``grad @ (mc p) - (x - shift) * (grad @ p)`` ``(N, D)`` by blocks of rows on CPU.
 
     One product with the two right-hand sides side by side, ``(n, M) @ (M, 2D)``, then a fused multiply-add
     into the output; small reused buffers instead of four fresh ``(N, D)`` temporaries (page faults cost as
     much as the products on a CPU).
-
-    ``add_to_block(start, stop, block)``, when given, may add to the incoming gradient of rows
-    ``start:stop`` in place before the product: ``block`` is a copy of those rows of ``grad`` (zeros when
-    ``grad`` is None), so another gradient of the same table is merged while the block is in cache instead of
-    in a pass of its own. ``grad`` may then be None (``M = mc_prec.shape[0]`` columns).
     """
     n_samples, n_features = x.shape
-    n_comp = mc_prec.shape[0]
     rhs = torch.cat([mc_prec, prec], 1)  # (M, 2D)
-    block = _row_block(x, max(2 * n_features, n_comp if add_to_block is not None else 0))
+    block = _row_block(x, 2 * n_features)
     out = torch.empty_like(x)
     rows = min(block, n_samples)
     both = torch.empty(rows, 2 * n_features, dtype=x.dtype, device=x.device)
     centred = torch.empty(rows, n_features, dtype=x.dtype, device=x.device)
-    incoming = torch.empty(rows, n_comp, dtype=x.dtype, device=x.device) if add_to_block is not None else None
     for start in range(0, n_samples, block):
         stop = min(start + block, n_samples)
         b, c = both[: stop - start], centred[: stop - start]
-        if add_to_block is None:
-            g = grad[start:stop]
-        else:
-            g = incoming[: stop - start]
-            if grad is None:
-                g.zero_()
-            else:
-                g.copy_(grad[start:stop])
-            add_to_block(start, stop, g)
-        torch.mm(g, rhs, out=b)
+        torch.mm(grad[start:stop], rhs, out=b)
         torch.sub(x[start:stop], shift, out=c)
         torch.addcmul(b[:, :n_features], c, b[:, n_features:], value=-1.0, out=out[start:stop])
     return out
@@ -479,12 +471,10 @@ def _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters):
     n_rows, n_cols = log_scores.shape
     if n_rows == 0:
         return sinkhorn(log_scores, epsilon=epsilon, n_iters=n_iters)
-    counts = torch.bincount(groups, minlength=num_groups)
-    order = torch.sort(groups, stable=True).indices
-    rank = torch.empty_like(groups)
-    rank[order] = torch.arange(n_rows, device=groups.device) - (torch.cumsum(counts, 0) - counts)[groups[order]]
-    row = groups * int(counts.max()) + rank                    # row of the padded (G, largest, K) table
-    padded = log_scores.new_zeros(num_groups * int(counts.max()), n_cols).index_copy_(0, row, log_scores)
+    counts, rank = ranks_in_group(groups, num_groups)
+    width = int(counts.max())
+    row = groups * width + rank                                 # row of the padded (G, largest, K) table
+    padded = log_scores.new_zeros(num_groups * width, n_cols).index_copy_(0, row, log_scores)
     mask = torch.zeros(padded.shape[0], dtype=torch.bool, device=log_scores.device).index_fill_(0, row, True)
     q = sinkhorn(padded.view(num_groups, -1, n_cols), epsilon=epsilon, n_iters=n_iters,
                  mask=mask.view(num_groups, -1))
