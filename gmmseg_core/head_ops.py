@@ -27,6 +27,8 @@ class maps in the logits' NCHW layout so that no transpose is copied forward or 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gmmseg_core import mixture
@@ -118,14 +120,17 @@ def first_max(t, dim):
 
     For a short dimension (a few components) this is several times faster on a CPU than ``max``, whose search
     over a middle dimension, or over a last one of a few values, takes a slow path; each slice here is a large
-    map. A NaN gives a NaN maximum, as ``max`` does (its index may differ).
+    map. The index is updated by ``where`` on fresh tensors: an in-place ``masked_fill_`` into a zeroed index
+    took about three times as long on a CPU. A NaN gives a NaN maximum, as ``max`` does (its index may differ).
     """
-    values = t.select(dim, 0).clone()
-    index = torch.zeros(values.shape, dtype=torch.long, device=values.device)
+    values, index = t.select(dim, 0), None
     for k in range(1, t.shape[dim]):
         candidate = t.select(dim, k)
-        index.masked_fill_(candidate > values, k)          # strictly greater: ties keep the first index
-        torch.maximum(values, candidate, out=values)
+        greater = candidate > values                        # strictly greater: ties keep the first index
+        values = torch.maximum(values, candidate)
+        index = greater.long() if index is None else torch.where(greater, k, index)
+    if index is None:                                       # a single slice: itself, at index 0
+        return values.clone(), torch.zeros(values.shape, dtype=torch.long, device=values.device)
     return values, index
 
 
@@ -147,7 +152,9 @@ class ComponentLogProbMaps(torch.autograd.Function):
     class's ``K`` components ``(B, C, P)``: the maximum, or the log-sum-exp.
 
     Inputs ``x (B, P, D)`` (the embeddings of ``P`` pixels per image, as rows), ``terms`` (:func:`gaussian_terms`
-    of the means and variances ``(C*K, D)``), ``K`` and ``reduce`` (``"max"``, ``"logsumexp"`` or None). Same
+    of the means and variances ``(C*K, D)``), ``K``, ``reduce`` (``"max"``, ``"logsumexp"`` or None) and
+    optionally ``score_offset``, a constant added to the reduction (the head's ``-log K`` for a mixture with
+    uniform weights; added here, it costs neither a pass nor an autograd node). Same
     values as ``diag_gaussian_log_prob(x.reshape(-1, D), means, variances)`` transposed per image to
     ``(B, C*K, P)``, and as its ``view(B, C, K, P).amax(2)`` or
     ``torch.logsumexp(..., 2)``. That is the layout of the class logits ``(B, C, h, w)``: the reduction over the
@@ -164,7 +171,7 @@ class ComponentLogProbMaps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, terms, num_components, reduce):
+    def forward(ctx, x, terms, num_components, reduce, score_offset=0.0):
         ctx.set_materialize_grads(False)
         shift, lhs, rhs = terms
         if any(t.requires_grad for t in terms):
@@ -178,7 +185,7 @@ class ComponentLogProbMaps(torch.autograd.Function):
         for b0, b1, p0, p1 in _pixel_blocks(batch, pixels, 2 * dim + 1, x.device):
             if buf is None:                 # [x - s, (x - s)^2, 1] per pixel
                 buf = torch.empty(b1 - b0, p1 - p0, 2 * dim + 1, dtype=x.dtype, device=x.device)
-                buf[..., 2 * dim] = 1.0                                         # the constant's column, kept
+                buf.select(-1, 2 * dim).fill_(1.0)                                 # the constant's column, kept
             f = buf[: b1 - b0, : p1 - p0]
             centred = torch.sub(x[b0:b1, p0:p1], shift, out=f[..., :dim])
             torch.mul(centred, centred, out=f[..., dim:2 * dim])
@@ -191,11 +198,18 @@ class ComponentLogProbMaps(torch.autograd.Function):
         if reduce == "max":
             scores, kept = first_max(per_class, 2)                              # kept: the maxima's entries
         elif reduce == "logsumexp":
-            top = per_class.amax(dim=2, keepdim=True).nan_to_num_(0.0, 0.0, 0.0)  # 0 if not finite, as logsumexp
-            kept = (per_class - top).exp_()
+            top = per_class.amax(dim=2, keepdim=True)
+            # Exponents below log(tiny) are raised to it: their terms (at most tiny each, beside the largest
+            # one's 1) change no sum, and exp takes a path several times slower on a CPU where it underflows. The
+            # shift is 0 where the maximum is not finite (as logsumexp); adding back the maximum itself keeps a
+            # class whose components are all -inf at -inf.
+            shifted = torch.sub(per_class, top.nan_to_num(0.0, 0.0, 0.0))
+            kept = shifted.clamp_(min=math.log(torch.finfo(x.dtype).tiny)).exp_()
             total = kept.sum(dim=2, keepdim=True)
-            scores = (total.log() + top).squeeze(2)
+            scores = total.log().add_(top).squeeze(2)
             kept = kept.div_(total).view_as(comp)                               # kept: the component weights
+        if scores is not None and score_offset != 0.0:
+            scores = scores.add_(score_offset)                                  # a fresh tensor either way
         ctx.num_components, ctx.reduce = num_components, reduce
         ctx.save_for_backward(x, shift, rhs, kept)
         return comp, scores
@@ -205,7 +219,7 @@ class ComponentLogProbMaps(torch.autograd.Function):
     def backward(ctx, grad_comp, grad_scores):
         x, shift, rhs, kept = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_comp is None and grad_scores is None):
-            return None, None, None, None
+            return None, None, None, None, None
         batch, pixels, dim = x.shape
         n_comp, K = rhs.shape[0], ctx.num_components
         grad_x = torch.empty_like(x)
@@ -236,4 +250,4 @@ class ComponentLogProbMaps(torch.autograd.Function):
             both = torch.matmul(g.transpose(1, 2), rhs)                         # (b, n, 2D)
             centred = x[b0:b1, p0:p1] - shift
             torch.addcmul(both[..., :dim], centred, both[..., dim:], value=-1.0, out=grad_x[b0:b1, p0:p1])
-        return grad_x, None, None, None
+        return grad_x, None, None, None, None

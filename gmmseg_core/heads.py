@@ -139,15 +139,24 @@ def _autocast_enabled(device_type: str) -> bool:
         return bool(query()) if query is not None else False
 
 
+@contextmanager
+def _autocast_off(device_type: str):
+    """Autocast off on ``device_type`` for the block; entering ``torch.autocast`` only where it is on (the
+    context manager itself costs tens of microseconds, a step of the head at the cpu profile's sizes a few
+    milliseconds)."""
+    if not _autocast_enabled(device_type):
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
 def _without_autocast(method):
     """Run a head method with autocast off on the head's device: the EM bookkeeping stays in the Gaussians'
     precision when a caller wraps the whole training step in autocast."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        device_type = self.means.device.type
-        if not _autocast_enabled(device_type):
-            return method(self, *args, **kwargs)
-        with torch.autocast(device_type=device_type, enabled=False):
+        with _autocast_off(self.means.device.type):
             return method(self, *args, **kwargs)
     return wrapper
 
@@ -348,7 +357,7 @@ class GMMHead(nn.Module):
 
     def component_log_prob(self, x: Tensor) -> Tensor:
         """log N(x; mu_ck, diag var_ck) ``(..., C, K)`` of embeddings ``x (..., D)``, in float32."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             logp = mixture.diag_gaussian_log_prob(*self._flat_gaussian_inputs(x))
         return logp.reshape(*x.shape[:-1], self.num_classes, self.num_components)
 
@@ -373,22 +382,18 @@ class GMMHead(nn.Module):
         B, h, w, D = x.shape
         C, K = self.num_classes, self.num_components
         dtype = torch.promote_types(torch.float32, self.means.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        offset = -math.log(K) if self.reduce == "logsumexp" else 0.0     # the mixture's uniform weights 1/K
+        with _autocast_off(x.device.type):
             if torch.is_grad_enabled() and (self.means.requires_grad or self.variances.requires_grad):
                 # an ablation that trains the Gaussians by gradient: the general differentiable log-density
                 flat, means, variances = self._flat_gaussian_inputs(x)
                 comp = mixture.diag_gaussian_log_prob(flat, means, variances).view(B, h * w, C * K).transpose(1, 2)
-                scores = None
-            else:
-                comp, scores = ComponentLogProbMaps.apply(x.reshape(B, h * w, D).to(dtype),
-                                                          self._gaussian_terms(dtype), K, self.reduce)
-                scores = scores.view(B, C, h, w)
-            comp = comp.reshape(B, C, K, h, w)
-            if scores is None:
-                scores = comp.amax(dim=2) if self.reduce == "max" else torch.logsumexp(comp, dim=2)
-            if self.reduce == "logsumexp":
-                scores = scores - math.log(K)
-        return scores, comp
+                comp = comp.reshape(B, C, K, h, w)
+                scores = comp.amax(dim=2) if self.reduce == "max" else torch.logsumexp(comp, dim=2) + offset
+                return scores, comp
+            comp, scores = ComponentLogProbMaps.apply(x.reshape(B, h * w, D).to(dtype), self._gaussian_terms(dtype),
+                                                      K, self.reduce, offset)
+        return scores.view(B, C, h, w), comp.view(B, C, K, h, w)
 
     def _normalize_classes(self, scores: Tensor) -> Tensor:
         """The LayerNorm across the classes of scores ``(B, C, h, w)`` (``class_norm``), in the scores' dtype:
@@ -461,10 +466,15 @@ class GMMHead(nn.Module):
             as ``sinkhorn_iters`` iterations get: fully while they overlap, partly once they separate (see
             :mod:`gmmseg_core.mixture`).
         """
-        return self._e_step(logp, labels)[0]
+        resp, component = self._e_step(logp, labels)
+        if self.hard_assign:
+            # scatter rather than F.one_hot, which checks the index range on the host (a GPU synchronisation)
+            resp = torch.zeros_like(resp).scatter_(1, component.unsqueeze(1), 1.0)
+        return resp
 
     def _e_step(self, logp: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """``e_step``'s responsibilities ``(n, K)`` and each pixel's most responsible component ``(n,)``."""
+        """The E-step's plan ``(n, K)`` (``e_step``'s responsibilities before any one-hot) and each pixel's most
+        responsible component ``(n,)``: with ``hard_assign`` the memory needs the component only."""
         K = self.num_components
         if logp.numel() == 0:
             return logp.new_zeros(0, K), labels.new_zeros(0)
@@ -476,11 +486,7 @@ class GMMHead(nn.Module):
             scaled = logp / scale.clamp_min_(torch.finfo(logp.dtype).tiny).index_select(0, labels).unsqueeze(1)
             resp = mixture.grouped_sinkhorn(scaled, labels, self.num_classes, epsilon=self.sinkhorn_epsilon,
                                             n_iters=self.sinkhorn_iters)
-        component = first_max(resp, 1)[1]
-        if self.hard_assign:
-            # scatter rather than F.one_hot, which checks the index range on the host (a GPU synchronisation)
-            resp = torch.zeros_like(resp).scatter_(1, component.unsqueeze(1), 1.0)
-        return resp, component
+        return resp, first_max(resp, 1)[1]
 
     def _assignments(self, cache: dict, labels: Tensor) -> dict:
         """Valid pixels of the batch and their E-step (computed once per forward, shared by loss and update)."""
@@ -490,14 +496,16 @@ class GMMHead(nn.Module):
         _check_labels(labels, x.shape[0])
         C, K, P = self.num_classes, self.num_components, x.shape[1] * x.shape[2]
         y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
-        valid = (y >= 0) & (y < C) & (y != self.ignore_index)
+        valid = (y < C) & (y >= 0)
+        if 0 <= self.ignore_index < C:                      # otherwise the range already excludes it
+            valid &= y != self.ignore_index
         idx = valid.nonzero().squeeze(1)
         yv = y.index_select(0, idx)
-        # pixel i = b P + p of class c has its K log-densities at comp[b, c, :, p], flat (b C + c) K P + k P + p:
-        # one flat gather, into a (K, n) table whose transpose (a view) is the (n, K) one: the E-step works along
-        # the pixels, and its reductions over K then run across contiguous rows
-        first = (idx // P * C + yv) * (K * P) + idx % P
-        where = first + torch.arange(0, K * P, P, device=idx.device).unsqueeze(1)            # (K, n)
+        # pixel i = b P + p of class c has its K log-densities at comp[b, c, :, p], flat (b C + c) K P + k P + p
+        # = i + b (C K - 1) P + c K P + k P: one flat gather, into a (K, n) table whose transpose (a view) is the
+        # (n, K) one: the E-step works along the pixels, and its reductions over K then run across contiguous rows
+        first = torch.add(idx, yv, alpha=K * P).add_(idx // P, alpha=(C * K - 1) * P)
+        where = torch.arange(0, K * P, P, device=idx.device).unsqueeze(1) + first            # (K, n)
         logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
         resp, component = self._e_step(logp, yv)
         assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=component)
@@ -591,11 +599,11 @@ class GMMHead(nn.Module):
             resp, component = self._e_step(logp, yv)
         self._push(x, rows, yv, resp, component, correct)
         batch_classes = group_counts(yv, self.num_classes) > 0
-        self.seen |= batch_classes
+        self.seen.logical_or_(batch_classes)
         if int(self.num_updates) % self.update_interval == 0:
             self.m_step(batch_classes if self.m_step_scope == "batch" else self.seen.clone())
             self.seen.zero_()
-        self.num_updates += 1
+        self.num_updates.add_(1)
 
     def _push(self, x: Tensor, rows: Tensor | None, labels: Tensor, resp: Tensor, component: Tensor,
               correct: Tensor | None) -> None:
@@ -607,14 +615,13 @@ class GMMHead(nn.Module):
         # A ring takes at most memory_size rows per push: beyond that, pushing all would keep only the batch's
         # last rows (its last images, their bottom rows), so evenly spaced ones are kept instead.
         cap = self.memory_size if self.max_per_component is None else min(self.max_per_component, self.memory_size)
-        chosen = select_evenly_spaced(group, self.num_classes * self.num_components,
-                                      cap if group.numel() > cap else None)
+        chosen, group, counts, ranks = select_evenly_spaced(group, self.num_classes * self.num_components, cap,
+                                                            return_ranks=True)
         sel = chosen if keep is None else keep.index_select(0, chosen)
-        group = group.index_select(0, chosen)
         extras = () if self.memory_resp is None else ((self.memory_resp, _select_rows(resp, sel)),)
         stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
         values = x.index_select(0, sel if rows is None else rows.index_select(0, sel))
-        ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats)
+        ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats, counts, ranks)
 
     @torch.no_grad()
     def _apply(self, fn, recurse=True):

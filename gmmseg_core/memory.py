@@ -9,7 +9,7 @@ Functions
 group_counts(group, num_groups)                            rows per group (bincount without a GPU sync)
 ranks_in_group(group, num_groups)                          rank of every row among the rows of its group
 select_evenly_spaced(group, num_groups, max_per_group)   at most ``max_per_group`` rows per group
-ring_push(memory, ptr, count, values, group, extras=(), stats=None)  write rows into their group's ring
+ring_push(memory, ptr, count, values, group, ...)          write rows into their group's ring
 """
 
 from __future__ import annotations
@@ -28,6 +28,17 @@ def group_counts(group: Tensor, num_groups: int) -> Tensor:
     if group.device.type == "cpu":
         return torch.bincount(group, minlength=num_groups)
     return torch.zeros(num_groups, dtype=torch.long, device=group.device).index_add_(0, group, torch.ones_like(group))
+
+
+def _stable_order(group: Tensor, num_groups: int) -> Tensor:
+    """Indices that sort ``group`` stably. The keys are sorted in the narrowest integer type that holds every
+    group: radix-sorting one-byte keys is about five times as fast on a CPU as int64 ones (70,000 rows, 95
+    groups: 0.17 against 0.84 ms)."""
+    if num_groups <= 256:
+        group = group.to(torch.uint8)
+    elif num_groups <= 2 ** 31:
+        group = group.to(torch.int32)
+    return torch.sort(group, stable=True).indices
 
 
 def _sorted_ranks(group: Tensor, counts: Tensor) -> Tensor:
@@ -61,11 +72,11 @@ def ranks_in_group(group: Tensor, num_groups: int, dense_limit: int = 1 << 22) -
         table = torch.zeros(num_groups, group.numel(), dtype=torch.int32, device=group.device)
         table.scatter_(0, group.unsqueeze(0), 1)
         return counts, table.cumsum_(1).gather(0, group.unsqueeze(0)).squeeze(0).long() - 1
-    order = torch.sort(group, stable=True).indices
+    order = _stable_order(group, num_groups)
     return counts, torch.empty_like(group).index_copy_(0, order, _sorted_ranks(group.index_select(0, order), counts))
 
 
-def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | None) -> Tensor:
+def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | None, return_ranks: bool = False):
     """Choose at most ``max_per_group`` rows of each group, evenly spaced in the input order.
 
     For a group with ``n`` rows of which ``m = min(n, max_per_group)`` are kept, the kept ranks are
@@ -79,26 +90,39 @@ def select_evenly_spaced(group: Tensor, num_groups: int, max_per_group: int | No
     num_groups : int
     max_per_group : int or None
         None keeps every row.
+    return_ranks : bool
+        Also return what :func:`ring_push` needs to write the chosen rows: their groups, the count per group
+        and each one's rank among the chosen rows of its group (computed on the way).
 
     Returns
     -------
     LongTensor (S,)
         Indices into the rows, sorted by group, input order kept inside a group.
+    groups, counts, ranks : LongTensor (S,), (num_groups,), (S,)
+        Only with ``return_ranks``.
     """
-    order = torch.sort(group, stable=True).indices
-    if max_per_group is None or group.numel() == 0:
+    order = _stable_order(group, num_groups)
+    if not return_ranks and (max_per_group is None or group.numel() == 0):
         return order
-    # A row of rank r in a group of n rows, m = min(n, max_per_group) kept, is kept iff some j has
-    # floor(j (n - 1) / (m - 1)) = r. The offsets rise by at least 1, so the only candidate is the smallest j
-    # whose offset reaches r: j = ceil(r (m - 1) / (n - 1)). One mask over the sorted rows, one nonzero.
     sorted_group = group.index_select(0, order)
     counts, rank = _group_ranks(sorted_group, num_groups)
+    # on a CPU the host reads the largest count for free; elsewhere that would be a synchronisation
+    if (max_per_group is None or group.numel() == 0
+            or (group.device.type == "cpu" and int(counts.max()) <= max_per_group)):
+        return (order, sorted_group, counts, rank) if return_ranks else order
+    # A row of rank r in a group of n rows, m = min(n, max_per_group) kept, is kept iff some j has
+    # floor(j (n - 1) / (m - 1)) = r. The offsets rise by at least 1, so the only candidate is the smallest j
+    # whose offset reaches r: j = ceil(r (m - 1) / (n - 1)), which is then the row's rank among the kept ones.
+    # One mask over the sorted rows, one nonzero.
     n = counts.index_select(0, sorted_group)
     m = n.clamp(max=max_per_group)
     span, steps = (n - 1).clamp(min=1), (m - 1).clamp(min=1)
     j = (rank * (m - 1) + span - 1) // span
-    kept = torch.where(m > 1, (j * (n - 1)) // steps == rank, rank == 0)
-    return order.index_select(0, kept.nonzero().squeeze(1))
+    kept = torch.where(m > 1, (j * (n - 1)) // steps == rank, rank == 0).nonzero().squeeze(1)
+    if not return_ranks:
+        return order.index_select(0, kept)
+    return (order.index_select(0, kept), sorted_group.index_select(0, kept), counts.clamp(max=max_per_group),
+            j.index_select(0, kept))
 
 
 def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
@@ -111,7 +135,8 @@ def _segment_sums(rows: Tensor, counts: Tensor) -> Tensor:
 
 @torch.no_grad()
 def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group: Tensor,
-              extras: tuple[tuple[Tensor, Tensor], ...] = (), stats: tuple[Tensor, Tensor] | None = None) -> None:
+              extras: tuple[tuple[Tensor, Tensor], ...] = (), stats: tuple[Tensor, Tensor] | None = None,
+              counts: Tensor | None = None, ranks: Tensor | None = None) -> None:
     """Append rows to their group's FIFO ring buffer, in place.
 
     Rows of one group are written in order at ``ptr[g], ptr[g] + 1, ...`` (mod ``M``), overwriting the oldest
@@ -132,18 +157,22 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
         Running per-group sums of the rows and of their squares (float64), updated by the difference between
         the new rows and the rows they overwrite, so a group's mean and variance never need a pass over the
         memory. Unfilled rows must be zeros.
+    counts, ranks : LongTensor (G,), (S,), optional
+        Rows per group and each row's rank in its group, when the caller has them
+        (``select_evenly_spaced(..., return_ranks=True)``); computed here otherwise.
     """
     num_groups, size = memory.shape[:2]
     if group.numel() == 0:
         return
-    counts, ranks = _group_ranks(group, num_groups)
-    kept = (ranks >= counts.index_select(0, group) - size).nonzero().squeeze(1)  # the last `size` rows of a group
-    every_row = kept.numel() == group.numel()                         # the usual case: no ring overflows
+    if counts is None or ranks is None:
+        counts, ranks = _group_ranks(group, num_groups)
     slot = group * size + (ptr.index_select(0, group) + ranks) % size
-    if not every_row:
-        slot = slot.index_select(0, kept)
+    new = values.to(memory.dtype)
+    kept = None
+    if bool((counts > size).any()):                 # only the last `size` rows of such a group are written
+        kept = (ranks >= counts.index_select(0, group) - size).nonzero().squeeze(1)
+        slot, new = slot.index_select(0, kept), new.index_select(0, kept)
     flat = memory.view(num_groups * size, -1)
-    new = (values if every_row else values.index_select(0, kept)).to(memory.dtype)
     if stats is not None:
         total, total_sq = stats
         old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
@@ -152,7 +181,7 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
         total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
     flat.index_copy_(0, slot, new)
     for buffer, rows in extras:
-        rows = rows if every_row else rows.index_select(0, kept)
-        buffer.view(num_groups * size, -1).index_copy_(0, slot, rows.reshape(kept.numel(), -1).to(buffer.dtype))
+        rows = rows if kept is None else rows.index_select(0, kept)
+        buffer.view(num_groups * size, -1).index_copy_(0, slot, rows.reshape(slot.numel(), -1).to(buffer.dtype))
     ptr.copy_((ptr + counts) % size)
     count.copy_((count + counts).clamp(max=size))

@@ -433,36 +433,38 @@ def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
     if n_rows == 0 or n_cols == 0 or log_scores.dtype not in (torch.float32, torch.float64):
         return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
     with torch.no_grad():
-        if not bool(torch.isfinite(log_scores.sum())):          # a NaN or an infinity anywhere (or an overflow)
+        if not math.isfinite(float(log_scores.sum())):          # a NaN or an infinity anywhere (or an overflow)
             return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
-        dtype, device, tiny = log_scores.dtype, log_scores.device, torch.finfo(log_scores.dtype).tiny
+        dtype, device = log_scores.dtype, log_scores.device
         onehot = torch.zeros(num_groups, n_rows, dtype=dtype, device=device).scatter_(0, groups.unsqueeze(0), 1.0)
         counts = onehot.sum(1)                                                   # (G,)
-        present = counts > 0
+        absent = counts == 0
         s = log_scores.T.contiguous()       # (K, N); contiguous, or every later op inherits the transposed strides
         row_max = s.amax(0)                                                      # (N,)
         logits = (s - row_max).div_(epsilon)
         top = torch.full((num_groups,), float("-inf"), dtype=dtype, device=device)
         top.scatter_reduce_(0, groups, row_max, "amax")
-        # as sinkhorn: start from the raw scores, the row maxima coming back as the initial row duals. Every
-        # exponent is then <= 0 (the largest of a group exactly 0), so a plain sum serves for the first column
-        # step (sinkhorn's log-sum-exp) unless a column's sum underflows: with scores scaled to [-1, 1], as the
-        # GMM head scales them, epsilon = 0.05 keeps every exponent above -80, where float32 is still normal.
-        log_u = (row_max - top.index_select(0, groups)).div_(epsilon)
-        log_mass = (counts.clamp(min=1.0) / n_cols).log()                        # (G,)
-        col = (logits + log_u).exp_().mm(onehot.T)                               # (K, G)
-        if bool(((col < tiny) & present).any()):
-            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
-        log_v = torch.where(present, log_mass - col.log(), 0.0)
+        log_mass = (counts.clamp(min=1.0) / n_cols).log_()                       # (G,)
+        # As sinkhorn: start from the raw scores (the row maxima come back as the initial row duals), each group
+        # shifted by its largest score. Every exponent is then <= 0 (a group's largest exactly 0), so a plain sum
+        # serves for the first column step (sinkhorn's log-sum-exp) unless a column's sum underflows: with scores
+        # scaled to [-1, 1], as the GMM head scales them, epsilon = 0.05 keeps every exponent above -80, where
+        # float32 is still normal. Absent groups get column sums of 1: finite duals, multiplied by zeros.
+        col = (s - top.index_select(0, groups)).div_(epsilon).exp_().mm(onehot.T).masked_fill_(absent, 1.0)
+        lowest = col.amin()
+        log_v = log_mass - col.log_()                                            # (K, G)
         for it in range(n_iters):
             z = torch.addmm(logits, log_v, onehot)                               # (K, N): row's group's duals added
             plan = torch.softmax(z, dim=0)
             if it == n_iters - 1:
                 break
-            colsum = plan.mm(onehot.T)                                           # (K, G)
-            if bool(((colsum < tiny) & present).any()):
-                return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
-            log_v = torch.where(present, log_v + log_mass - colsum.log(), log_v)
+            colsum = plan.mm(onehot.T).masked_fill_(absent, 1.0)                 # (K, G)
+            lowest = torch.minimum(lowest, colsum.amin())
+            log_v = (log_v + log_mass).sub_(colsum.log_())
+        # One check for the whole run (one host synchronisation): a column sum that underflowed, at the start or
+        # in an iteration (NaN after it included), sends the groups to sinkhorn's exact log-domain steps.
+        if not float(lowest) >= torch.finfo(dtype).tiny:
+            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
         return plan.T
 
 

@@ -1,5 +1,7 @@
 """The GMM head's hand-written autograd operations against the plain torch expressions they replace."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,25 @@ def test_component_log_prob_maps_equal_log_prob_then_the_reduction(blocks, batch
     small = x[:2 * 3].reshape(2, 3, D).clone().requires_grad_()
     terms = gaussian_terms(means, variances)
     assert torch.autograd.gradcheck(lambda t: ComponentLogProbMaps.apply(t, terms, K, reduce), (small,))
+
+
+@pytest.mark.parametrize("reduce", ["max", "logsumexp"])
+def test_component_log_prob_maps_add_the_score_offset_and_handle_far_apart_components(reduce):
+    # float32 components over 87 nats apart: exp underflows for the far ones, which must change nothing
+    C, K, D = 2, 3, 4
+    x, means, variances = (t.float() for t in _gaussians(12, C, K, D))
+    means = means * 4.0
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    comp, scores = ComponentLogProbMaps.apply(xa.view(2, 6, D), gaussian_terms(means, variances), K, reduce,
+                                              -math.log(K))
+    ref = _as_maps(diag_gaussian_log_prob(xb, means.double(), variances.double()), 2).reshape(2, C, K, 6)
+    assert (ref.amax(2, keepdim=True) - ref).amax() > 100                   # below float32 exp's normal range
+    expected = (ref.amax(2) if reduce == "max" else torch.logsumexp(ref, 2)) - math.log(K)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-4)
+    g = torch.randn(scores.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (scores * g.float()).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_component_log_prob_maps_name_a_bad_reduction():

@@ -772,6 +772,30 @@ def test_select_evenly_spaced_keeps_input_order_within_groups_of_many_rows():
         assert select_evenly_spaced(groups, 5, cap).tolist() == expected, cap
 
 
+@pytest.mark.parametrize("num_groups", [5, 300])                    # one-byte sort keys, and int32 ones
+def test_select_evenly_spaced_returns_the_ranks_ring_push_would_compute(num_groups):
+    g = torch.Generator().manual_seed(6)
+    groups = torch.randint(0, 5, (300,), generator=g) * (num_groups // 5)
+    for cap in (None, 1, 7, 1000):
+        chosen, chosen_groups, counts, ranks = select_evenly_spaced(groups, num_groups, cap, return_ranks=True)
+        assert torch.equal(chosen, select_evenly_spaced(groups, num_groups, cap))
+        assert torch.equal(chosen_groups, groups[chosen])
+        expected_counts, expected_ranks = ranks_in_group(chosen_groups, num_groups)
+        assert torch.equal(counts, expected_counts) and torch.equal(ranks, expected_ranks), cap
+        # and ring_push writes the same rings with them as without
+        buffers = []
+        for given in (False, True):
+            memory = torch.zeros(num_groups, 4, 1)
+            ptr, count = torch.zeros(num_groups, dtype=torch.long), torch.zeros(num_groups, dtype=torch.long)
+            stats = (torch.zeros(num_groups, 1, dtype=torch.float64), torch.zeros(num_groups, 1, dtype=torch.float64))
+            values = chosen[:, None].float()
+            ring_push(memory, ptr, count, values, chosen_groups, stats=stats,
+                      **(dict(counts=counts, ranks=ranks) if given else {}))
+            buffers.append((memory, ptr, count, *stats))
+        for a, b in zip(*buffers):
+            assert torch.equal(a, b)
+
+
 def test_ring_push_writes_extras_with_their_rows_when_a_ring_overflows():
     G, M = 2, 3
     memory, ptr, count = torch.zeros(G, M, 1), torch.zeros(G, dtype=torch.long), torch.zeros(G, dtype=torch.long)
