@@ -166,8 +166,9 @@ class ComponentLogProbMaps(torch.autograd.Function):
     Gradients flow to ``x`` only: the head's Gaussians are fitted by EM, not by gradients (``terms`` that require
     a gradient are an error). The gradient of the reduction is added to the maps' gradient block by block, inside
     the product's backward, rather than in a dense sum: a maximum's to its first maximal entry (as ``torch.max``
-    picks it), a log-sum-exp's through the component weights ``exp(comp - lse)`` kept from the forward (one
-    product instead of autograd's recomputed exponentials).
+    picks it), a log-sum-exp's through the component weights ``exp(comp - lse)``, kept from the forward as the
+    exponentials and their per-class totals (one product instead of autograd's recomputed exponentials, and no pass
+    over the maps to normalise them).
     """
 
     @staticmethod
@@ -194,7 +195,7 @@ class ComponentLogProbMaps(torch.autograd.Function):
             else:
                 torch.matmul(lhs, f.transpose(1, 2), out=comp[b0:b1])
         per_class = comp.view(batch, -1, num_components, pixels)
-        scores = kept = None
+        scores = kept = total = None
         if reduce == "max":
             scores, kept = first_max(per_class, 2)                              # kept: the maxima's entries
         elif reduce == "logsumexp":
@@ -207,17 +208,17 @@ class ComponentLogProbMaps(torch.autograd.Function):
             kept = shifted.clamp_(min=math.log(torch.finfo(x.dtype).tiny)).exp_()
             total = kept.sum(dim=2, keepdim=True)
             scores = total.log().add_(top).squeeze(2)
-            kept = kept.div_(total).view_as(comp)                               # kept: the component weights
+            kept = kept.view_as(comp)       # kept: the component weights times their class's total (see backward)
         if scores is not None and score_offset != 0.0:
             scores = scores.add_(score_offset)                                  # a fresh tensor either way
         ctx.num_components, ctx.reduce = num_components, reduce
-        ctx.save_for_backward(x, shift, rhs, kept)
+        ctx.save_for_backward(x, shift, rhs, kept, total)
         return comp, scores
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_comp, grad_scores):
-        x, shift, rhs, kept = ctx.saved_tensors
+        x, shift, rhs, kept, total = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_comp is None and grad_scores is None):
             return None, None, None, None, None
         batch, pixels, dim = x.shape
@@ -239,6 +240,8 @@ class ComponentLogProbMaps(torch.autograd.Function):
                         g.copy_(grad_comp[b0:b1, :, p0:p1])
                     per_class.scatter_add_(2, kept[b0:b1, :, p0:p1].unsqueeze(2), upstream)
                 else:
+                    # the weights exp(comp - lse) are kept / total: the small upstream is divided instead
+                    upstream = upstream / total[b0:b1, :, :, p0:p1]
                     weights = kept[b0:b1, :, p0:p1].view_as(per_class)
                     if grad_comp is None:
                         torch.mul(weights, upstream, out=per_class)

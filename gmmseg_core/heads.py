@@ -490,7 +490,7 @@ class GMMHead(nn.Module):
 
     def _assignments(self, cache: dict, labels: Tensor) -> dict:
         """Valid pixels of the batch and their E-step (computed once per forward, shared by loss and update)."""
-        if "assign" in cache:
+        if "assign" in cache and cache["assign"]["source"] is labels:
             return cache["assign"]
         x, comp = cache["x"], cache["comp"].detach()
         _check_labels(labels, x.shape[0])
@@ -508,7 +508,7 @@ class GMMHead(nn.Module):
         where = torch.arange(0, K * P, P, device=idx.device).unsqueeze(1) + first            # (K, n)
         logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
         resp, component = self._e_step(logp, yv)
-        assign = dict(y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=component)
+        assign = dict(source=labels, y=y, idx=idx, labels=yv, logp=logp, resp=resp, component=component)
         cache["assign"] = assign
         return assign
 

@@ -176,9 +176,9 @@ def ring_push(memory: Tensor, ptr: Tensor, count: Tensor, values: Tensor, group:
     if stats is not None:
         total, total_sq = stats
         old, fresh = flat.index_select(0, slot).to(total.dtype), new.to(total.dtype)
-        kept_counts = counts.clamp(max=size)
-        total += _segment_sums(fresh - old, kept_counts)
-        total_sq += _segment_sums(fresh * fresh - old * old, kept_counts)
+        change = _segment_sums(torch.cat([fresh - old, fresh * fresh - old * old], 1), counts.clamp(max=size))
+        total += change[:, :total.shape[1]]
+        total_sq += change[:, total.shape[1]:]
     flat.index_copy_(0, slot, new)
     for buffer, rows in extras:
         rows = rows if kept is None else rows.index_select(0, kept)

@@ -1043,3 +1043,20 @@ def test_the_gaussians_cached_terms_follow_every_change_of_the_means_and_varianc
     torch.testing.assert_close(head.class_log_likelihood(f), expected())
     head.means = torch.randn_like(head.means)              # a new tensor in place of the buffer
     torch.testing.assert_close(head.class_log_likelihood(f), expected())
+
+
+def test_update_with_other_labels_than_the_loss_runs_its_own_e_step():
+    f, labels = _batch(seed=5)
+    other = labels.roll(1, dims=2)
+    memories = []
+    for loss_labels in (labels, None):
+        torch.manual_seed(0)
+        head = _head(variant="official", update_interval=1).train()
+        _randomise(head)
+        head(f)
+        if loss_labels is not None:
+            head.extra_loss(f, loss_labels)             # its E-step is kept for an update with these labels
+        head.update(f, other)
+        memories.append((head.memory.clone(), head.memory_count.clone(), head.means.clone()))
+    for a, b in zip(*memories):
+        assert torch.equal(a, b)
