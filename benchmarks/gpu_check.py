@@ -261,7 +261,7 @@ def check_full_step(device, quick):
                 per[name]["step_peak_gib"] = (torch.cuda.max_memory_allocated(dev) - held) / 2**30
         out[arch] = {name: dict(step_ms=1000 * r["step_s"], update_ms=1000 * r["update_s"], overhead=r["overhead"],
                                 overhead_quartiles=r["overhead_quartiles"],
-                                extra_phase_ms={k: 1000 * v for k, v in r.get("extra_phase_s", {}).items()},
+                                extra_phase_ms={phase: 1000 * s for phase, s in r.get("extra_phase_s", {}).items()},
                                 **({"step_peak_gib": r["step_peak_gib"]} if "step_peak_gib" in r else {}))
                      for name, r in per.items()}
         del steps
