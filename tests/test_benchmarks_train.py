@@ -72,11 +72,11 @@ def _result(step_ms, update_ms, softmax_ms):
     return {"step_s": step_ms / 1000, "update_s": update_ms / 1000, "overhead": step_ms / softmax_ms - 1}
 
 
-def _format(results):
+def _format(results, repeated=None):
     args = argparse.Namespace(
         device="cpu", batch_size=2, image_size=(32, 32), widths=[4], quick=True, profile="cpu", profile_width=4,
         embed_dim=4, num_components=2, update_interval=5, threads=1, reps=10, warmup=1)
-    return bench_train_step.format_results(results, args)
+    return bench_train_step.format_results(results, args, repeated)
 
 
 def _row(text, name):
@@ -148,7 +148,7 @@ def test_machine_line_holds_the_load_before_the_run(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (load["now"],) * 3)
     monkeypatch.setattr(bench_train_step, "run", measured)
     monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append((name, body)))
-    assert bench_train_step.main(["--archs", "fcn", "--widths", "8"]) == 0
+    assert bench_train_step.main(["--archs", "fcn", "--widths", "8", "--repeats", "0"]) == 0
     (name, body), = written
     assert name == "bench_train_step" and "load average at the start 0.3 (" in body and "6.5" not in body
 
@@ -178,11 +178,17 @@ def test_runs_with_other_settings_keep_the_recorded_section_and_name_their_gpu(m
                      "gmm official": _result(44.0, 2.0, 40.0)}})
     monkeypatch.setattr(results_module, "write_section", lambda name, body, *a: written.append((name, body)))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    repeats = []
+    monkeypatch.setattr(bench_train_step, "repeat_in_fresh_processes", lambda n, threads, archs, width, *sizes: (
+        repeats.append((n, width)) or {"fcn": {"gmm paper": [0.1] * n, "gmm official": [0.12] * n}}))
     try:
-        for argv in (["--threads", "2"], ["--threads", "2", "--device", "cuda", "--profile", "gpu"], []):
+        for argv in (["--threads", "2", "--repeats", "0"], ["--threads", "2", "--device", "cuda", "--profile", "gpu"],
+                     []):
             assert bench_train_step.main(["--archs", "fcn", "--widths", "8", *argv]) == 0
     finally:
         torch.set_num_threads(threads)
+    assert repeats == [(5, 64), (5, 8)]                       # the profile's width, 5 runs by default
+    assert "Run to run" not in written[0][1] and "| fcn | gmm official | +12.0%" in written[2][1]
     assert [name for name, _ in written] == ["bench_train_step (2 threads)",
                                              "bench_train_step (cuda, gpu profile, 2 threads)", "bench_train_step"]
     from gmmseg_core._machine import cpu_description
@@ -203,3 +209,25 @@ def test_run_all_runs_each_benchmark_and_reports_failures(monkeypatch, capsys):
     assert calls == [["-m", "benchmarks.bench_data", "--quick"], ["-m", "benchmarks.bench_loglik", "--quick"]]
     assert "failed: ['bench_loglik']" in capsys.readouterr().err
     assert run_all.main(["--only", "bench_nothing"]) == 2 and len(calls) == 2
+
+
+def test_run_to_run_table_decides_the_profile_width_on_the_median_over_runs():
+    # the main run says 14% and 16%; over five runs the medians are 16% and 14%
+    per = {"softmax": _result(40.0, 0.0, 40.0), "gmm paper": _result(45.6, 2.0, 40.0),
+           "gmm official": _result(46.4, 1.0, 40.0)}
+    repeated = {"fcn": {"gmm paper": [0.16, 0.12, 0.18, 0.16, 0.15], "gmm official": [0.14, 0.2, 0.13, 0.14, 0.1]}}
+    text = _format({("fcn", 4): per}, repeated)
+    assert ("| fcn | gmm paper | +16.0%, +12.0%, +18.0%, +16.0%, +15.0% | +16.0% | +12.0 to +18.0% | **no** |"
+            in text)
+    assert "| fcn | gmm official | +14.0%, +20.0%, +13.0%, +14.0%, +10.0% | +14.0% | +10.0 to +20.0% | yes |" in text
+    assert "target missed at every width measured" in text
+    assert "Run to run" not in _format({("fcn", 4): per}) and "target met at width 4" not in _format({("fcn", 4): per})
+    repeated["fcn"]["gmm paper"] = [0.1] * 5
+    assert "target met at width 4 (median over 5 runs)." in _format({("fcn", 4): per}, repeated)
+
+
+def test_repeats_run_in_fresh_processes():
+    sizes = ((32, 32), 2, 4, 2, 1, 2, 1, "cpu")         # image size, batch, D, K, M-step interval, reps, warm-up
+    repeated = bench_train_step.repeat_in_fresh_processes(2, 1, ["fcn"], 4, *sizes)
+    assert set(repeated) == {"fcn"} and set(repeated["fcn"]) == {"gmm paper", "gmm official"}
+    assert all(len(values) == 2 and all(v > -1 for v in values) for values in repeated["fcn"].values())

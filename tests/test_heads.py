@@ -772,6 +772,29 @@ def test_select_evenly_spaced_keeps_input_order_within_groups_of_many_rows():
         assert select_evenly_spaced(groups, 5, cap).tolist() == expected, cap
 
 
+@pytest.mark.parametrize("cap", [1, 2, 5])
+@pytest.mark.parametrize("absent_groups", [0, 40])
+def test_select_evenly_spaced_at_group_sizes_around_the_cap(cap, absent_groups):
+    # groups of 0, 1, 2, cap - 1, cap, cap + 1 and 3 cap + 2 rows, shuffled. Without absent groups the cap is
+    # small beside the rows (the released head: 20 per component among a batch's pixels); with 40 more groups
+    # their caps add up to more than the rows
+    sizes = [0, 1, 2, max(cap - 1, 0), cap, cap + 1, 3 * cap + 2]
+    groups = torch.cat([torch.full((n,), g, dtype=torch.long) for g, n in enumerate(sizes)])
+    groups = groups[torch.randperm(groups.numel(), generator=torch.Generator().manual_seed(cap))]
+    num_groups = len(sizes) + absent_groups
+    chosen, chosen_groups, counts, ranks = select_evenly_spaced(groups, num_groups, cap, return_ranks=True)
+    expected, expected_ranks = [], []
+    for g, n in enumerate(sizes):
+        members = (groups == g).nonzero().squeeze(1)
+        m = min(n, cap)
+        expected += members[torch.linspace(0, max(n - 1, 0), m).long()].tolist()
+        expected_ranks += list(range(m))
+    assert chosen.tolist() == expected
+    assert torch.equal(chosen, select_evenly_spaced(groups, num_groups, cap))
+    assert torch.equal(chosen_groups, groups[chosen]) and ranks.tolist() == expected_ranks
+    assert counts.tolist() == [min(n, cap) for n in sizes] + [0] * absent_groups
+
+
 @pytest.mark.parametrize("num_groups", [5, 300])                    # one-byte sort keys, and int32 ones
 def test_select_evenly_spaced_returns_the_ranks_ring_push_would_compute(num_groups):
     g = torch.Generator().manual_seed(6)
