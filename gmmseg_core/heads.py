@@ -386,9 +386,7 @@ class GMMHead(nn.Module):
         with _autocast_off(x.device.type):
             if torch.is_grad_enabled() and (self.means.requires_grad or self.variances.requires_grad):
                 # an ablation that trains the Gaussians by gradient: the general differentiable log-density
-                flat, means, variances = self._flat_gaussian_inputs(x)
-                comp = mixture.diag_gaussian_log_prob(flat, means, variances).view(B, h * w, C * K).transpose(1, 2)
-                comp = comp.reshape(B, C, K, h, w)
+                comp = self.component_log_prob(x).permute(0, 3, 4, 1, 2).contiguous()       # (B, C, K, h, w)
                 scores = comp.amax(dim=2) if self.reduce == "max" else torch.logsumexp(comp, dim=2) + offset
                 return scores, comp
             comp, scores = ComponentLogProbMaps.apply(x.reshape(B, h * w, D).to(dtype), self._gaussian_terms(dtype),
