@@ -19,7 +19,8 @@ class maps in the logits' NCHW layout so that no transpose is copied forward or 
 
 - :class:`L2Normalize`: ``F.normalize(x, dim=-1)``.
 - :class:`ChannelLayerNorm`: ``F.layer_norm`` over dimension 1 of an NCHW map (the classes of the logits).
-- :func:`first_max`: ``torch.max(t, dim)`` by a running comparison over a short dimension.
+- :func:`~gmmseg_core.mixture.first_max` (defined there, for its Sinkhorn E-step): ``torch.max(t, dim)`` by a
+  running comparison over a short dimension.
 - :func:`gaussian_terms` and :class:`ComponentLogProbMaps`: the component log-densities as maps in the logits'
   layout, and their reduction over each class's components (the paper's log-sum-exp or the released head's
   maximum), with one backward for both.
@@ -32,6 +33,7 @@ import math
 import torch
 
 from gmmseg_core import mixture
+from gmmseg_core.mixture import first_max
 
 
 class L2Normalize(torch.autograd.Function):
@@ -112,26 +114,6 @@ def _pixel_blocks(batch, pixels, row_elements, device):
     for b in range(batch):
         for p0 in range(0, pixels, rows):
             yield b, b + 1, p0, min(p0 + rows, pixels)
-
-
-def first_max(t, dim):
-    """``t.max(dim)``: the maxima and the first index of each, by a running comparison over the slices along
-    ``dim``.
-
-    For a short dimension (a few components) this is several times faster on a CPU than ``max``, whose search
-    over a middle dimension, or over a last one of a few values, takes a slow path; each slice here is a large
-    map. The index is updated by ``where`` on fresh tensors: an in-place ``masked_fill_`` into a zeroed index
-    took about three times as long on a CPU. A NaN gives a NaN maximum, as ``max`` does (its index may differ).
-    """
-    values, index = t.select(dim, 0), None
-    for k in range(1, t.shape[dim]):
-        candidate = t.select(dim, k)
-        greater = candidate > values                        # strictly greater: ties keep the first index
-        values = torch.maximum(values, candidate)
-        index = greater.long() if index is None else torch.where(greater, k, index)
-    if index is None:                                       # a single slice: itself, at index 0
-        return values.clone(), torch.zeros(values.shape, dtype=torch.long, device=values.device)
-    return values, index
 
 
 def gaussian_terms(means, variances):

@@ -247,6 +247,26 @@ def _grad_x_blocked(grad, x, shift, mc_prec, prec):
     return out
 
 
+def first_max(t, dim):
+    """``t.max(dim)``: the maxima and the first index of each, by a running comparison over the slices along
+    ``dim``.
+
+    For a short dimension (a few components) this is several times faster on a CPU than ``max``, whose search
+    over a middle dimension, or over a last one of a few values, takes a slow path; each slice here is a large
+    map. The index is updated by ``where`` on fresh tensors: an in-place ``masked_fill_`` into a zeroed index
+    took about three times as long on a CPU. A NaN gives a NaN maximum, as ``max`` does (its index may differ).
+    """
+    values, index = t.select(dim, 0), None
+    for k in range(1, t.shape[dim]):
+        candidate = t.select(dim, k)
+        greater = candidate > values                        # strictly greater: ties keep the first index
+        values = torch.maximum(values, candidate)
+        index = greater.long() if index is None else torch.where(greater, k, index)
+    if index is None:                                       # a single slice: itself, at index 0
+        return values.clone(), torch.zeros(values.shape, dtype=torch.long, device=values.device)
+    return values, index
+
+
 def _floor(dtype):
     # Far below any meaningful log-score yet finite after adding three of them together.
     return torch.finfo(dtype).min / 16
@@ -391,7 +411,7 @@ def sinkhorn(log_scores, epsilon=0.05, n_iters=3, tol=None, hard=False, mask=Non
     return (q, errors) if return_errors else q
 
 
-def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
+def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3, assign=False):
     r"""One Sinkhorn problem per group of rows, all solved at once: row ``i`` of the result is the row of
     ``sinkhorn(log_scores[groups == groups[i]], epsilon, n_iters)`` that belongs to it.
 
@@ -411,14 +431,18 @@ def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
     num_groups : int
     epsilon, n_iters
         As for :func:`sinkhorn`.
+    assign : bool
+        Return every row's most responsible column instead of the plan (a hard assignment, as the released
+        GMMSeg code takes after its Sinkhorn steps). It is read from the last iteration's log-domain scores,
+        before the row normalisation that would not change their order, which that normalisation then skips.
 
     Returns
     -------
-    Tensor, shape (N, K)
+    Tensor, shape (N, K), or LongTensor (N,) with ``assign``
         Rows sum to 1; within each group the columns sum to ``n_g / K`` as far as ``n_iters`` iterations get.
         The transpose (a view) of a contiguous ``(K, N)`` tensor, unless the groups were solved by
         :func:`sinkhorn`. Passing ``log_scores`` in the same layout (``t.T`` for a contiguous ``(K, N)``
-        tensor ``t``) spares the copy into it.
+        tensor ``t``) spares the copy into it. With ``assign``, the first column of largest mass per row.
     """
     _check_tensor("log_scores", log_scores, 2)
     _check_tensor("groups", groups, 1)
@@ -431,10 +455,10 @@ def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
     n_iters = check_int("n_iters", n_iters)
     n_rows, n_cols = log_scores.shape
     if n_rows == 0 or n_cols == 0 or log_scores.dtype not in (torch.float32, torch.float64):
-        return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
+        return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters, assign)
     with torch.no_grad():
         if not math.isfinite(float(log_scores.sum())):          # a NaN or an infinity anywhere (or an overflow)
-            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
+            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters, assign)
         dtype, device = log_scores.dtype, log_scores.device
         onehot = torch.zeros(num_groups, n_rows, dtype=dtype, device=device).scatter_(0, groups.unsqueeze(0), 1.0)
         counts = onehot.sum(1)                                                   # (G,)
@@ -455,6 +479,8 @@ def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
         log_v = log_mass - col.log_()                                            # (K, G)
         for it in range(n_iters):
             z = torch.addmm(logits, log_v, onehot)                               # (K, N): row's group's duals added
+            if it == n_iters - 1 and assign:
+                break
             plan = torch.softmax(z, dim=0)
             if it == n_iters - 1:
                 break
@@ -464,12 +490,15 @@ def grouped_sinkhorn(log_scores, groups, num_groups, epsilon=0.05, n_iters=3):
         # One check for the whole run (one host synchronisation): a column sum that underflowed, at the start or
         # in an iteration (NaN after it included), sends the groups to sinkhorn's exact log-domain steps.
         if not float(lowest) >= torch.finfo(dtype).tiny:
-            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
-        return plan.T
+            return _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters, assign)
+        return first_max(z, 0)[1] if assign else plan.T
 
 
-def _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters):
+def _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters, assign=False):
     """:func:`grouped_sinkhorn` by :func:`sinkhorn` on the groups padded to the largest one and masked."""
+    if assign:
+        plan = _padded_grouped_sinkhorn(log_scores, groups, num_groups, epsilon, n_iters)
+        return first_max(plan, 1)[1]
     n_rows, n_cols = log_scores.shape
     if n_rows == 0:
         return sinkhorn(log_scores, epsilon=epsilon, n_iters=n_iters)

@@ -943,6 +943,22 @@ def test_correct_only_reads_the_given_logits():
     assert int(head.memory_count.sum()) == int((labels != 255).sum())
 
 
+@pytest.mark.parametrize("size", [(8, 12), (7, 9)])         # twice the feature size (a view), and not a multiple
+def test_correct_only_pushes_the_pixels_whose_nearest_logits_argmax_is_their_label(size):
+    head = _head(variant="official", max_per_component=None, memory_size=64).eval()
+    _randomise(head)
+    f, labels = _batch(seed=7)
+    (h, w), (H, W) = f.shape[-2:], size
+    logits = torch.randn(labels.shape[0], C, H, W, generator=torch.Generator().manual_seed(2))
+    i, j = ((labels[0] != 0) & (labels[0] != 255)).nonzero()[0].tolist()
+    logits[0, :, i * H // h, j * W // w] = 1.0          # that pixel's source: a tie between all classes
+    head.update(f, labels, logits)
+    pred = F.interpolate(logits, size=(h, w), mode="nearest").argmax(1)
+    correct = (pred == labels) & (labels != 255)
+    assert not correct[0, i, j]                 # argmax takes class 0; the tie with its own class counts here
+    assert 0 < int(head.memory_count.sum()) == int(correct.sum()) + 1
+
+
 def test_paper_m_step_updates_a_component_with_less_than_one_unit_of_mass():
     head = _head(variant="paper", mean_momentum=0.0, memory_size=4)
     with torch.no_grad():

@@ -956,6 +956,26 @@ def test_grouped_sinkhorn_solves_unusual_scores_as_sinkhorn_does():
                                sinkhorn(finite, epsilon=1e-3, n_iters=4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_sinkhorn_assignment_is_the_plans_first_argmax(dtype):
+    g = torch.Generator().manual_seed(3)
+    groups = torch.randint(0, 4, (500,), generator=g)
+    scores = torch.rand(500, 5, generator=g, dtype=dtype) * 2 - 1
+    for n_iters in (1, 3):
+        plan = grouped_sinkhorn(scores, groups, 4, epsilon=0.05, n_iters=n_iters)
+        got = grouped_sinkhorn(scores, groups, 4, epsilon=0.05, n_iters=n_iters, assign=True)
+        assert got.dtype == torch.long and torch.equal(got, plan.max(dim=1).indices)
+    # the padded path (a NaN in one group) and no rows at all
+    odd = scores.clone()
+    odd[0, 0] = float("nan")
+    plan = grouped_sinkhorn(odd, groups, 4, epsilon=0.05, n_iters=3)
+    got = grouped_sinkhorn(odd, groups, 4, epsilon=0.05, n_iters=3, assign=True)
+    rows = groups != groups[0]
+    assert torch.equal(got[rows], plan[rows].max(dim=1).indices)
+    none = grouped_sinkhorn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 2, assign=True)
+    assert none.shape == (0,) and none.dtype == torch.long
+
+
 def test_grouped_sinkhorn_without_rows_and_bad_groups():
     assert grouped_sinkhorn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 2).shape == (0, 3)
     with pytest.raises(ValueError, match=r"groups must be a long tensor of shape \(4,\), got torch.int32 \(4,\)"):
