@@ -500,10 +500,10 @@ class GMMHead(nn.Module):
         idx = valid.nonzero().squeeze(1)
         yv = y.index_select(0, idx)
         image = idx // P
-        # pixel i = b P + p of class c has its K log-densities at comp[b, c, :, p], flat (b C + c) K P + k P + p
-        # = i + b (C K - 1) P + c K P + k P: one flat gather, into a (K, n) table whose transpose (a view) is the
-        # (n, K) one: the E-step works along the pixels, and its reductions over K then run across contiguous rows
-        first = torch.add(idx, yv, alpha=K * P).add_(image, alpha=(C * K - 1) * P)
+        # pixel i of class c has its K log-densities at comp[b, c, :, p], K P apart from its class's first: one flat
+        # gather, into a (K, n) table whose transpose (a view) is the (n, K) one: the E-step works along the
+        # pixels, and its reductions over K then run across contiguous rows
+        first = _own_class_flat_index(idx, yv, image, C, K, P)
         where = torch.arange(0, K * P, P, device=idx.device).unsqueeze(1) + first            # (K, n)
         logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
         resp, component = self._e_step(logp, yv)
@@ -718,11 +718,19 @@ def _own_class_on_top(logits: Tensor, assign: dict, size: tuple[int, int]) -> Te
     41 against 23 µs).
     """
     logits = _nearest_maps(logits, size)
-    C, P = logits.shape[1], size[0] * size[1]
     idx = assign["idx"]
     top = logits.amax(1).reshape(-1).index_select(0, idx)
-    own = torch.add(idx, assign["labels"], alpha=P).add_(assign["image"], alpha=(C - 1) * P)
+    own = _own_class_flat_index(idx, assign["labels"], assign["image"], logits.shape[1], 1, size[0] * size[1])
     return logits.reshape(-1).index_select(0, own) >= top
+
+
+def _own_class_flat_index(idx: Tensor, labels: Tensor, image: Tensor, num_classes: int, per_class: int,
+                          pixels: int) -> Tensor:
+    """Flat positions ``(n,)``, in maps ``(B, num_classes * per_class, pixels)``, of the first of ``per_class``
+    channels of each pixel's own class: pixel ``i = b P + p`` (``b = image``) of class ``c`` (``labels``) is at
+    ``(b C K + c K) P + p = i + c K P + b (C K - 1) P``, with ``C = num_classes``, ``K = per_class``."""
+    K = per_class
+    return torch.add(idx, labels, alpha=K * pixels).add_(image, alpha=(num_classes * K - 1) * pixels)
 
 
 def _select_rows(t: Tensor, index: Tensor) -> Tensor:
