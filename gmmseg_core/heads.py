@@ -67,6 +67,11 @@ rare class, more), but once a batch brings a ring more than ``memory_size`` rows
 spaced part of the latest batch only, and each M-step sees that batch alone. For large batches, raise
 ``memory_size`` or set ``max_per_component`` to keep a history.
 
+On a CPU the bookkeeping between the forward and the M-step (gathering each labelled pixel's own-class
+log-densities, the E-step, filing the pixels into their rings) runs as compiled loops
+(:mod:`gmmseg_core.cpu_kernels`), which do what the torch code here does for other devices, in a fraction of the
+time at the cpu profile's sizes.
+
 Distributed training: ``update`` gathers the labelled pixels of all processes (embeddings, labels,
 correctness, own-class log-densities) and runs the E-step, push and M-step on their union, so every process
 keeps identical parameters without broadcasting them (the released code runs Sinkhorn per GPU and then
@@ -85,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmmseg_core import mixture
+from gmmseg_core import cpu_kernels, mixture
 from gmmseg_core._checks import check_int, is_finite_real, is_real
 from gmmseg_core.distributed import all_gather_rows, world_size
 from gmmseg_core.head_ops import (
@@ -478,6 +483,11 @@ class GMMHead(nn.Module):
             resp = torch.softmax(logp.T, dim=0).T          # over K, along rows of pixels when logp is a (K, n).T
         else:
             # each class's scores divided by their largest magnitude (the released code's scale-free epsilon)
+            if cpu_kernels.available(logp):
+                solved = cpu_kernels.grouped_sinkhorn(logp, labels, self.num_classes, self.sinkhorn_epsilon,
+                                                      self.sinkhorn_iters, scale=True, assign=hard)
+                if solved is not None:                      # None: a score or a column mass the kernel declines
+                    return solved
             scale = logp.new_zeros(self.num_classes).scatter_reduce_(0, labels, logp.abs().amax(1), "amax")
             scaled = logp / scale.clamp_min_(torch.finfo(logp.dtype).tiny).index_select(0, labels).unsqueeze(1)
             resp = mixture.grouped_sinkhorn(scaled, labels, self.num_classes, epsilon=self.sinkhorn_epsilon,
@@ -493,21 +503,25 @@ class GMMHead(nn.Module):
         x, comp = cache["x"], cache["comp"].detach()
         _check_labels(labels, x.shape[0])
         C, K, P = self.num_classes, self.num_components, x.shape[1] * x.shape[2]
-        y = resize_labels(labels.to(x.device), tuple(x.shape[1:3])).reshape(-1)
-        valid = (y < C) & (y >= 0)
-        if 0 <= self.ignore_index < C:                      # otherwise the range already excludes it
-            valid &= y != self.ignore_index
-        idx = valid.nonzero().squeeze(1)
-        yv = y.index_select(0, idx)
-        image = idx // P
-        # pixel i of class c has its K log-densities at comp[b, c, :, p], K P apart from its class's first: one flat
-        # gather, into a (K, n) table whose transpose (a view) is the (n, K) one: the E-step works along the
-        # pixels, and its reductions over K then run across contiguous rows
-        first = _own_class_flat_index(idx, yv, image, C, K, P)
-        where = torch.arange(0, K * P, P, device=idx.device).unsqueeze(1) + first            # (K, n)
-        logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
+        y = resize_labels(labels.to(x.device), tuple(x.shape[1:3]))                  # (B, h, w)
+        if cpu_kernels.available(comp, y):
+            idx, yv, image, logp = cpu_kernels.own_class_table(comp, y, self.ignore_index)
+        else:
+            y = y.reshape(-1)
+            valid = (y < C) & (y >= 0)
+            if 0 <= self.ignore_index < C:                  # otherwise the range already excludes it
+                valid &= y != self.ignore_index
+            idx = valid.nonzero().squeeze(1)
+            yv = y.index_select(0, idx)
+            image = idx // P
+            # pixel i of class c has its K log-densities at comp[b, c, :, p], K P apart from its class's first: one
+            # flat gather, into a (K, n) table whose transpose (a view) is the (n, K) one: the E-step works along
+            # the pixels, and its reductions over K then run across contiguous rows
+            first = _own_class_flat_index(idx, yv, image, C, K, P)
+            where = torch.arange(0, K * P, P, device=idx.device).unsqueeze(1) + first        # (K, n)
+            logp = comp.reshape(-1).index_select(0, where.view(-1)).view(K, -1).T
         resp, component = self._e_step(logp, yv)
-        assign = dict(source=labels, y=y, idx=idx, image=image, labels=yv, logp=logp, resp=resp,
+        assign = dict(source=labels, idx=idx, image=image, labels=yv, logp=logp, resp=resp,
                       component=component)
         cache["assign"] = assign
         return assign
@@ -606,18 +620,24 @@ class GMMHead(nn.Module):
     def _push(self, x: Tensor, rows: Tensor | None, labels: Tensor, resp: Tensor | None, component: Tensor,
               correct: Tensor | None) -> None:
         """Push pixels into their rings; pixel ``i`` is ``x[rows[i]]`` (``x[i]`` when ``rows`` is None)."""
+        # A ring takes at most memory_size rows per push: beyond that, pushing all would keep only the batch's
+        # last rows (its last images, their bottom rows), so evenly spaced ones are kept instead.
+        cap = self.memory_size if self.max_per_component is None else min(self.max_per_component, self.memory_size)
+        stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
+        if cpu_kernels.available(x, self.memory, *(() if resp is None else (resp,))):
+            cpu_kernels.push_evenly_spaced(self.memory, self.memory_ptr, self.memory_count, x, rows, labels,
+                                           component, self.num_components, correct if self.correct_only else None,
+                                           cap, resp if self.memory_resp is not None else None, self.memory_resp,
+                                           stats)
+            return
         group = labels * self.num_components + component                       # ring of every pixel
         keep = correct.nonzero().squeeze(1) if self.correct_only else None
         if keep is not None:
             group = group.index_select(0, keep)
-        # A ring takes at most memory_size rows per push: beyond that, pushing all would keep only the batch's
-        # last rows (its last images, their bottom rows), so evenly spaced ones are kept instead.
-        cap = self.memory_size if self.max_per_component is None else min(self.max_per_component, self.memory_size)
         chosen, group, counts, ranks = select_evenly_spaced(group, self.num_classes * self.num_components, cap,
                                                             return_ranks=True)
         sel = chosen if keep is None else keep.index_select(0, chosen)
         extras = () if self.memory_resp is None else ((self.memory_resp, _select_rows(resp, sel)),)
-        stats = None if self.memory_sum is None else (self.memory_sum, self.memory_sumsq)
         values = x.index_select(0, sel if rows is None else rows.index_select(0, sel))
         ring_push(self.memory, self.memory_ptr, self.memory_count, values, group, extras, stats, counts, ranks)
 

@@ -111,16 +111,16 @@ def test_verdict_marks_a_target_inside_the_range_over_cycles():
 
 
 def test_section_places_each_variants_e_step_in_the_phase_that_runs_it(monkeypatch):
-    from gmmseg_core import mixture
+    from gmmseg_core.heads import GMMHead
 
     phase, seen = {"now": None}, set()
-    grouped_sinkhorn = mixture.grouped_sinkhorn
+    e_step = GMMHead._e_step
 
-    def spy(*args, **kwargs):
+    def spy(self, *args, **kwargs):
         seen.add(phase["now"])
-        return grouped_sinkhorn(*args, **kwargs)
+        return e_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(mixture, "grouped_sinkhorn", spy)
+    monkeypatch.setattr(GMMHead, "_e_step", spy)
     images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
     for variant in ("paper", "official"):
         model = build_model("fcn", "gmm", num_classes=4, width=4,

@@ -213,6 +213,7 @@ def test_extra_loss_is_weighted_component_cross_entropy():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("em", ["sinkhorn", "classic"])
 def test_batched_e_step_equals_per_class_loop(hard, em):
@@ -310,6 +311,7 @@ def test_a_ring_given_more_rows_than_it_holds_keeps_evenly_spaced_ones():
     assert head.memory_count.tolist() == [4]
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_correct_only_and_max_per_component():
     head = _head(variant="official", max_per_component=2, memory_size=32).eval()
     _randomise(head)
@@ -333,6 +335,7 @@ def test_correct_only_and_max_per_component():
     assert int(head2.memory_count.sum()) == int((labels != 255).sum())
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_update_moves_means_to_class_clusters(variant):
     torch.manual_seed(0)
@@ -355,6 +358,7 @@ def test_update_moves_means_to_class_clusters(variant):
         assert float(gap) < 0.05, (cluster, float(gap))
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("variant", ["paper", "official"])
 def test_state_dict_round_trip_resumes_identically(variant):
     a = _head(variant=variant, update_interval=2, mean_momentum=0.5, memory_size=8)
@@ -831,6 +835,7 @@ def test_ring_push_writes_extras_with_their_rows_when_a_ring_overflows():
     assert sorted(memory[0, :, 0].tolist()) == [2.0, 3.0, 4.0]
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_labels_outside_the_classes_are_skipped_like_ignore_index():
     f, labels = _batch(seed=3)
     odd = labels.clone()
@@ -849,6 +854,7 @@ def test_labels_outside_the_classes_are_skipped_like_ignore_index():
         assert torch.equal(getattr(heads[0], name), getattr(heads[1], name)), name
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_a_class_index_as_ignore_index_never_enters_the_memory():
     f, labels = _batch(seed=4)
     head = _head(ignore_index=1, update_interval=1).eval()
@@ -873,6 +879,7 @@ def test_m_step_runs_every_interval_on_the_classes_of_its_scope(scope, third):
     assert changed == [[False, False, True], [False, False, False], third]
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_a_cap_above_the_memory_size_still_keeps_evenly_spaced_rows():
     head = GMMHead(CF, 1, embed_dim=D, num_components=1, variant="paper", memory_size=4,
                    max_per_component=8).eval()
@@ -913,6 +920,7 @@ def test_refreshed_ring_sums_read_only_the_filled_rows():
         torch.testing.assert_close(head.memory_sumsq[ring], rows.square().sum(0))
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_every_pixel_is_filed_under_its_class_and_most_responsible_component():
     head = _head(variant="paper", memory_size=32).eval()
     _randomise(head)
@@ -931,6 +939,7 @@ def test_every_pixel_is_filed_under_its_class_and_most_responsible_component():
     assert int(head.memory_count.sum()) == int((y != 255).sum())
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_correct_only_reads_the_given_logits():
     # logits that predict every label exactly (at twice the feature resolution): every labelled pixel is correct
     head = _head(variant="official", max_per_component=None, memory_size=64).eval()
@@ -943,6 +952,7 @@ def test_correct_only_reads_the_given_logits():
     assert int(head.memory_count.sum()) == int((labels != 255).sum())
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("size", [(8, 12), (7, 9)])         # twice the feature size (a view), and not a multiple
 def test_correct_only_pushes_the_pixels_whose_nearest_logits_argmax_is_their_label(size):
     head = _head(variant="official", max_per_component=None, memory_size=64).eval()
@@ -1019,6 +1029,7 @@ def _released_step(x, labels_small, pred, logp, memories, cap=20):
     return labels_small.unique().tolist()
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_official_variant_follows_the_released_training_step_loop_by_loop():
     torch.manual_seed(0)
     Cn, Kn, M = 3, 3, 6                                               # small rings: they wrap within 5 steps
@@ -1084,6 +1095,7 @@ def test_the_gaussians_cached_terms_follow_every_change_of_the_means_and_varianc
     torch.testing.assert_close(head.class_log_likelihood(f), expected())
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_update_with_other_labels_than_the_loss_runs_its_own_e_step():
     f, labels = _batch(seed=5)
     other = labels.roll(1, dims=2)

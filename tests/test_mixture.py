@@ -919,6 +919,7 @@ def _per_group_sinkhorn(scores, groups, num_groups, **kw):
     return out
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n_iters", [1, 3, 10])
 def test_grouped_sinkhorn_equals_sinkhorn_on_each_group(dtype, n_iters):
@@ -936,6 +937,7 @@ def test_grouped_sinkhorn_equals_sinkhorn_on_each_group(dtype, n_iters):
                                                 n_iters=n_iters), expected, **tol)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_grouped_sinkhorn_solves_unusual_scores_as_sinkhorn_does():
     # a NaN and an impossible column in one group; scores whose column sums underflow inside the iterations
     # in another (the extreme float64 example above): both are solved by sinkhorn, padded and masked
@@ -956,6 +958,7 @@ def test_grouped_sinkhorn_solves_unusual_scores_as_sinkhorn_does():
                                sinkhorn(finite, epsilon=1e-3, n_iters=4))
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_grouped_sinkhorn_assignment_is_the_plans_first_argmax(dtype):
     g = torch.Generator().manual_seed(3)
@@ -976,6 +979,7 @@ def test_grouped_sinkhorn_assignment_is_the_plans_first_argmax(dtype):
     assert none.shape == (0,) and none.dtype == torch.long
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_grouped_sinkhorn_without_rows_and_bad_groups():
     assert grouped_sinkhorn(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 2).shape == (0, 3)
     with pytest.raises(ValueError, match=r"groups must be a long tensor of shape \(4,\), got torch.int32 \(4,\)"):
