@@ -173,6 +173,7 @@ def run_path(path, cfg, device, steps, warmup=WARMUP):
     def timeit(fn):
         return _timeit(fn, device, steps, warmup)
 
+    from gmmseg_core import cpu_kernels
     from gmmseg_core.heads import GMMHead
     from gmmseg_core.mixture import diag_gaussian_log_prob
 
@@ -208,6 +209,7 @@ def run_path(path, cfg, device, steps, warmup=WARMUP):
                 head.memory[g] = F.normalize(torch.randn(M, D, device=device), dim=-1)
             head.memory_count.fill_(M)
             head.refresh_memory_statistics()
+        cpu_kernels.available(x)      # on a CPU this loads numba (a library, as torch is) before the mark
         setup_peak, setup_rss = _maxrss_bytes(), _mark_rss()
         out["loglik_fwd_s"] = timeit(lambda: diag_gaussian_log_prob(x, head.means.view(-1, D),
                                                                      head.variances.view(-1, D)))
